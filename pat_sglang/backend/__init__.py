@@ -1,0 +1,1 @@
+"""The SGLang adapter (registration, radix paths, attention backend). Only this package imports sglang."""

@@ -1,0 +1,97 @@
+"""LSE merge: combine each request's fp32 partials (O, LSE) into its output row, in one launch.
+
+Request ``merge_req[i]`` owns partial slots ``merge_indices[merge_indptr[i]:merge_indptr[i + 1]]`` (a CSR list); the
+result is ``sum_j exp(lse_j - lse) * o_j`` with ``lse = logsumexp_j lse_j``, written in the output's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pat_sglang.kernels.common import padded_head_dim
+
+
+@triton.jit
+def _merge_kernel(
+    partial_o_ptr,
+    partial_lse_ptr,
+    merge_req_ptr,
+    merge_indptr_ptr,
+    merge_indices_ptr,
+    out_ptr,
+    stride_po_p,
+    stride_po_h,
+    stride_plse_p,
+    stride_out_b,
+    stride_out_h,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    i = tl.program_id(0)
+    head = tl.program_id(1)
+    req = tl.load(merge_req_ptr + i).to(tl.int64)
+    begin = tl.load(merge_indptr_ptr + i)
+    end = tl.load(merge_indptr_ptr + i + 1)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for j in range(begin, end):
+        slot = tl.load(merge_indices_ptr + j).to(tl.int64)
+        lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head)
+        o = tl.load(partial_o_ptr + slot * stride_po_p + head * stride_po_h + dims, mask=dim_mask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        scale_old = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        denom = denom * scale_old + w
+        acc = acc * scale_old + w * o
+        m = m_new
+    out = acc / denom
+    tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def merge_partials(
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    merge_req: torch.Tensor,
+    merge_indptr: torch.Tensor,
+    merge_indices: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    num_merge_reqs: int,
+) -> None:
+    """Merge partials into ``out`` for the first ``num_merge_reqs`` entries of ``merge_req``.
+
+    Args:
+        partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]`` (natural log).
+        merge_req: int32 ``[>= num_merge_reqs]`` output rows; merge_indptr: int32 ``[num_merge_reqs + 1]``;
+        merge_indices: int32 partial slots.
+        out: ``[B, Hq, D]``, any float dtype; rows not listed are left untouched.
+    """
+    if num_merge_reqs == 0:
+        return
+    if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
+        raise ValueError("partial_o and partial_lse must be float32")
+    if partial_o.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("partial_o and out must be contiguous in their last dimension")
+    num_heads, head_dim = out.shape[1], out.shape[2]
+    _merge_kernel[(num_merge_reqs, num_heads)](
+        partial_o,
+        partial_lse,
+        merge_req,
+        merge_indptr,
+        merge_indices,
+        out,
+        partial_o.stride(0),
+        partial_o.stride(1),
+        partial_lse.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=padded_head_dim(head_dim),
+        num_warps=4 if head_dim >= 128 else 2,
+    )

@@ -1,0 +1,245 @@
+"""Pack attention: one program per (work item, KV head) reads a KV slot range once for every query row of a pack.
+
+A *work item* is a pack of up to ``BLOCK_M`` query rows (``num_reqs`` requests x the ``G`` q heads of one KV-head
+group) over ``kv_len`` KV positions that start at ``kv_start`` in the flat ``kv_indices`` array (token slots, oldest
+first). Row ``r`` of the pack is request ``entry_req[entry_start + r // G]`` at q head ``kv_head * G + r % G``.
+
+Each item writes, per request entry, either an fp32 partial (O, LSE) to workspace slot ``entry_dest`` (``>= 0``) or,
+when that request's whole KV lies in this one item, the final output row ``-entry_dest - 1`` in the output dtype.
+Partials are combined later by :mod:`pat_sglang.kernels.merge`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pat_sglang.kernels.common import interpreting, padded_head_dim
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One Triton specialization of the pack kernel (the *multi-tile* in PAT)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        if self.block_m not in (16, 32, 64, 128):
+            raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {self.block_m}")
+        if self.block_n not in (16, 32, 64, 128):
+            raise ValueError(f"block_n must be one of 16, 32, 64, 128, got {self.block_n}")
+
+
+@triton.jit
+def _pack_attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kv_indices_ptr,
+    item_kv_start_ptr,
+    item_kv_len_ptr,
+    item_entry_start_ptr,
+    item_num_reqs_ptr,
+    entry_req_ptr,
+    entry_dest_ptr,
+    out_ptr,
+    partial_o_ptr,
+    partial_lse_ptr,
+    item_offset,
+    sm_scale_log2,
+    stride_q_b,
+    stride_q_h,
+    stride_k_s,
+    stride_k_h,
+    stride_v_s,
+    stride_v_h,
+    stride_out_b,
+    stride_out_h,
+    stride_po_p,
+    stride_po_h,
+    stride_plse_p,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    item = tl.program_id(0) + item_offset
+    kv_head = tl.program_id(1)
+
+    kv_start = tl.load(item_kv_start_ptr + item).to(tl.int64)
+    kv_len = tl.load(item_kv_len_ptr + item)
+    entry_start = tl.load(item_entry_start_ptr + item)
+    num_rows = tl.load(item_num_reqs_ptr + item) * GROUP
+
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    entry = entry_start + rows // GROUP
+    req = tl.load(entry_req_ptr + entry, mask=row_mask, other=0).to(tl.int64)
+    head = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + req[:, None] * stride_q_b + head[:, None] * stride_q_h + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    for n0 in range(0, kv_len, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < kv_len
+        slot = tl.load(kv_indices_ptr + kv_start + cols, mask=col_mask, other=0).to(tl.int64)
+        kv_mask = col_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + slot[:, None] * stride_k_s + kv_head * stride_k_h + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_v_s + kv_head * stride_v_h + dims[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        # Scores in the log2 domain: exp2 is the hardware instruction, sm_scale_log2 = sm_scale * log2(e).
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log LSE, as FlashInfer's merge_state expects
+
+    dest = tl.load(entry_dest_ptr + entry, mask=row_mask, other=0).to(tl.int64)
+    is_partial = row_mask & (dest >= 0)
+    is_direct = row_mask & (dest < 0)
+    part = tl.where(is_partial, dest, 0)
+    tl.store(
+        partial_o_ptr + part[:, None] * stride_po_p + head[:, None] * stride_po_h + dims[None, :],
+        out,
+        mask=is_partial[:, None] & dim_mask[None, :],
+    )
+    tl.store(partial_lse_ptr + part * stride_plse_p + head, lse, mask=is_partial)
+    out_row = tl.where(is_direct, -dest - 1, 0)
+    tl.store(
+        out_ptr + out_row[:, None] * stride_out_b + head[:, None] * stride_out_h + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=is_direct[:, None] & dim_mask[None, :],
+    )
+
+
+@dataclass(frozen=True)
+class PackItems:
+    """Device views of a plan's work items and entries (int32, flat). Built by the planner, read by the kernel."""
+
+    item_kv_start: torch.Tensor
+    item_kv_len: torch.Tensor
+    item_entry_start: torch.Tensor
+    item_num_reqs: torch.Tensor
+    entry_req: torch.Tensor
+    entry_dest: torch.Tensor
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(t.stride())}")
+
+
+def pack_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indices: torch.Tensor,
+    items: PackItems,
+    out: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    *,
+    config: TileConfig,
+    item_offset: int,
+    num_items: int,
+    sm_scale: float,
+) -> None:
+    """Launch the pack kernel for items ``[item_offset, item_offset + num_items)``, all planned for ``config``.
+
+    Args:
+        q: ``[B, Hq, D]`` fp16/bf16/fp32.
+        k_buffer, v_buffer: ``[num_slots, Hkv, D]``, same dtype as ``q``.
+        kv_indices: int32 ``[nnz]`` token slots.
+        items: the plan's work-item arrays (int32, on q's device).
+        out: ``[B, Hq, D]`` in q's dtype; rows whose entry is direct are written here.
+        partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
+        config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
+    """
+    if num_items == 0:
+        return
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    group = q.shape[1] // num_kv_heads
+    if group * num_kv_heads != q.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({num_kv_heads})")
+    for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
+        _check_last_dim_contiguous(name, t)
+    if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
+        raise ValueError("partial_o and partial_lse must be float32")
+    # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (num_items, num_kv_heads)
+    _pack_attn_kernel[grid](
+        q,
+        k_buffer,
+        v_buffer,
+        kv_indices,
+        items.item_kv_start,
+        items.item_kv_len,
+        items.item_entry_start,
+        items.item_num_reqs,
+        items.entry_req,
+        items.entry_dest,
+        out,
+        partial_o,
+        partial_lse,
+        item_offset,
+        sm_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        out.stride(0),
+        out.stride(1),
+        partial_o.stride(0),
+        partial_o.stride(1),
+        partial_lse.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=padded_head_dim(head_dim),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        UPCAST=upcast,
+        DOT_PRECISION=dot_precision,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,33 @@
+"""Tile choice per pack (multi-tile): BLOCK_M covers the pack's rows, BLOCK_N fits the head and the KV length."""
+
+from __future__ import annotations
+
+from pat_sglang.kernels.common import padded_head_dim
+from pat_sglang.kernels.pack_attention import TileConfig
+
+BLOCK_M_CHOICES = (16, 32, 64, 128)
+
+# (BLOCK_N, num_warps, num_stages) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The narrow-pack
+# entries follow the H200 probe in DESIGN.md (16x32, 2 warps: 98.6% of copy bandwidth on private tails); wide packs
+# keep BLOCK_N at 64 so a 128-row fp32 accumulator and a K/V stage fit the register file and shared memory.
+_TILES_D128 = {16: (32, 2, 2), 32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 8, 2)}
+_TILES_D256 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 8, 1)}
+
+
+def block_m_for_rows(rows: int) -> int:
+    """The smallest BLOCK_M in {16, 32, 64, 128} that holds ``rows`` query rows."""
+    for m in BLOCK_M_CHOICES:
+        if rows <= m:
+            return m
+    raise ValueError(f"a pack has {rows} rows; at most {BLOCK_M_CHOICES[-1]} fit one tile")
+
+
+def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
+    """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads."""
+    block_m = block_m_for_rows(rows)
+    table = _TILES_D256 if padded_head_dim(head_dim) > 128 else _TILES_D128
+    block_n, num_warps, num_stages = table[block_m]
+    # Short ranges: no point in a KV tile much wider than the range itself.
+    while block_n > 16 and block_n >= 2 * kv_len:
+        block_n //= 2
+    return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,309 @@
+"""``PatDecodeWrapper``: FlashInfer-style ``plan()`` once per decode step, ``run()`` once per layer.
+
+``plan`` does the host work (forest, packing, tiles, KV splits) and one host-to-device copy of the plan's int32
+arrays. ``run`` checks its inputs against the plan using tensor metadata only and launches one pack kernel per tile
+config in use (on persistent side streams, fork/join by events, so it also works inside CUDA-graph capture) and one
+merge kernel. It never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pat_sglang.kernels import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    PackItems,
+    default_sm_scale,
+    merge_partials,
+    pack_attention,
+)
+from pat_sglang.packing import (
+    ByteModel,
+    PatPlan,
+    Policy,
+    PrefixPath,
+    build_plan,
+    check_forest_slots,
+    forest_from_paths,
+    forest_from_slots,
+    pack_forest,
+)
+
+# Side streams for tile-config launches; more configs than this share them round-robin.
+NUM_SIDE_STREAMS = 4
+# Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
+CPU_NUM_SMS = 4
+
+
+class PatDecodeWrapper:
+    """Prefix-aware decode attention over a paged KV cache.
+
+    Args:
+        num_qo_heads: query heads ``Hq``; num_kv_heads: KV heads ``Hkv`` (must divide ``Hq``).
+        head_dim: one of 64, 80, 96, 128, 256.
+        page_size: KV slots come in aligned runs of this many tokens (``kv_indices`` always holds token slots).
+        device: where ``run`` computes.
+        num_sms: SMs to fill with KV splits; defaults to the device's count.
+        policy: merge-or-split policy (``Policy.AUTO`` picks by modelled bytes; the others exist for benchmarks).
+    """
+
+    def __init__(
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        page_size: int = 1,
+        device: torch.device | str = "cuda",
+        num_sms: int | None = None,
+        policy: Policy = Policy.AUTO,
+    ) -> None:
+        if num_kv_heads <= 0 or num_qo_heads <= 0:
+            raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if num_qo_heads // num_kv_heads > 128:
+            raise ValueError(f"num_qo_heads / num_kv_heads must be at most 128, got {num_qo_heads // num_kv_heads}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.page_size = page_size
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if num_sms is None:
+            is_cuda = self.device.type == "cuda"
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else CPU_NUM_SMS
+        self.num_sms = num_sms
+        self.policy = Policy(policy)
+        self._plan: PatPlan | None = None
+        self._items: PackItems | None = None
+        self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._kv_indices: torch.Tensor | None = None
+        self._partial_o = torch.empty(0, num_qo_heads, head_dim, dtype=torch.float32, device=self.device)
+        self._partial_lse = torch.empty(0, num_qo_heads, dtype=torch.float32, device=self.device)
+        self._streams: list[torch.cuda.Stream] = []
+
+    @property
+    def plan_info(self) -> PatPlan:
+        """The current plan (host arrays and modelled bytes), for reports and tests."""
+        if self._plan is None:
+            raise RuntimeError("plan() has not been called")
+        return self._plan
+
+    def plan(
+        self,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        *,
+        prefix_paths: Sequence[PrefixPath] | None = None,
+        kv_data_type: torch.dtype = torch.bfloat16,
+    ) -> None:
+        """Plan one decode step.
+
+        Args:
+            kv_indptr: int32/int64 ``[B + 1]``; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``. Best on
+                the CPU: a device tensor is copied to the host (a sync).
+            kv_indices: int32 ``[nnz]`` token slots, oldest first, on the wrapper's device or the CPU. Needed on the
+                host only when ``prefix_paths`` is None (then a device tensor is copied to the host).
+            prefix_paths: per request ``[(node_id, num_tokens), ...]`` from the root; None derives the sharing from
+                equal leading slots.
+            kv_data_type: dtype of the KV cache, for the byte model only.
+        """
+        if not isinstance(kv_indptr, torch.Tensor) or kv_indptr.dim() != 1 or kv_indptr.dtype not in (
+            torch.int32,
+            torch.int64,
+        ):
+            raise ValueError("kv_indptr must be a 1-D int32 or int64 tensor")
+        if kv_indptr.numel() < 2:
+            raise ValueError("kv_indptr: the batch is empty (need at least one request)")
+        if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 1 or kv_indices.dtype != torch.int32:
+            raise ValueError("kv_indices must be a 1-D int32 tensor")
+        if kv_indices.device.type != "cpu" and kv_indices.device != self.device:
+            raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
+        indptr = kv_indptr.cpu().numpy().astype(np.int64)
+        if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+            raise ValueError("kv_indptr must start at 0 and never decrease")
+        if indptr[-1] > kv_indices.numel():
+            raise ValueError(f"kv_indptr ends at {int(indptr[-1])} but kv_indices has {kv_indices.numel()} entries")
+
+        host_indices = None
+        if prefix_paths is None or kv_indices.device.type == "cpu":
+            host_indices = kv_indices.cpu().numpy()
+        if host_indices is not None and self.page_size > 1:
+            _check_page_runs(indptr, host_indices, self.page_size)
+        if prefix_paths is None:
+            forest = forest_from_slots(indptr, host_indices)
+        else:
+            forest = forest_from_paths(indptr, prefix_paths)
+            if host_indices is not None:
+                check_forest_slots(forest, indptr, host_indices)
+
+        model = ByteModel.for_heads(
+            head_dim=self.head_dim,
+            group_size=self.num_qo_heads // self.num_kv_heads,
+            kv_dtype_bytes=torch.empty(0, dtype=kv_data_type).element_size(),
+        )
+        packing = pack_forest(forest, model, self.policy)
+        plan = build_plan(
+            packing,
+            indptr,
+            num_qo_heads=self.num_qo_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            num_sms=self.num_sms,
+            page_size=self.page_size,
+            unique_kv_tokens=forest.unique_kv_tokens(),
+        )
+        self._upload(plan)
+        self._kv_indices = kv_indices.to(self.device, non_blocking=True)
+
+    def _upload(self, plan: PatPlan) -> None:
+        flat, offsets = plan.flat_int32()
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(self.device, non_blocking=True)
+        view = {name: buf[o : o + n] for name, (o, n) in offsets.items()}
+        self._items = PackItems(
+            item_kv_start=view["item_kv_start"],
+            item_kv_len=view["item_kv_len"],
+            item_entry_start=view["item_entry_start"],
+            item_num_reqs=view["item_num_reqs"],
+            entry_req=view["entry_req"],
+            entry_dest=view["entry_dest"],
+        )
+        self._merge = (view["merge_req"], view["merge_indptr"], view["merge_indices"])
+        if plan.num_partials > self._partial_o.shape[0]:
+            n = plan.num_partials
+            self._partial_o = torch.empty(n, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
+            self._partial_lse = torch.empty(n, self.num_qo_heads, dtype=torch.float32, device=self.device)
+        self._plan = plan
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        *,
+        sm_scale: float | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decode attention for the planned batch.
+
+        Args:
+            q: ``[B, Hq, D]`` fp16/bf16/fp32 on the wrapper's device.
+            k_buffer, v_buffer: ``[num_slots, Hkv, D]``, q's dtype and device (SGLang's per-layer pool buffers).
+            sm_scale: softmax scale; defaults to ``1 / sqrt(D)``.
+            out: optional ``[B, Hq, D]`` in q's dtype to write into.
+        Returns:
+            ``[B, Hq, D]`` in q's dtype.
+        """
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("run() called before plan()")
+        self._check_run_inputs(q, k_buffer, v_buffer, out)
+        scale = default_sm_scale(self.head_dim) if sm_scale is None else float(sm_scale)
+        if out is None:
+            out = torch.empty_like(q)
+        assert self._items is not None and self._merge is not None and self._kv_indices is not None
+
+        def launch(i: int) -> None:
+            lc = plan.launches[i]
+            pack_attention(
+                q,
+                k_buffer,
+                v_buffer,
+                self._kv_indices,
+                self._items,
+                out,
+                self._partial_o,
+                self._partial_lse,
+                config=lc.config,
+                item_offset=lc.item_offset,
+                num_items=lc.num_items,
+                sm_scale=scale,
+            )
+
+        if self.device.type == "cuda" and len(plan.launches) > 1:
+            self._fork_join(launch, len(plan.launches))
+        else:
+            for i in range(len(plan.launches)):
+                launch(i)
+        merge_partials(
+            self._partial_o,
+            self._partial_lse,
+            *self._merge,
+            out,
+            num_merge_reqs=plan.num_merge_reqs,
+        )
+        return out
+
+    def _fork_join(self, launch, count: int) -> None:
+        """Run ``launch(i)`` for each tile config on side streams forked from and joined back into the current one."""
+        main = torch.cuda.current_stream(self.device)
+        if not self._streams:
+            self._streams = [torch.cuda.Stream(self.device) for _ in range(NUM_SIDE_STREAMS)]
+        fork = torch.cuda.Event()
+        fork.record(main)
+        used = self._streams[: min(count, len(self._streams))]
+        for s in used:
+            s.wait_event(fork)
+        for i in range(count):
+            with torch.cuda.stream(used[i % len(used)]):
+                launch(i)
+        for s in used:
+            done = torch.cuda.Event()
+            done.record(s)
+            main.wait_event(done)
+
+    def _check_run_inputs(
+        self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor | None
+    ) -> None:
+        plan = self._plan
+        assert plan is not None
+        expect_q = (plan.num_reqs, self.num_qo_heads, self.head_dim)
+        if q.dim() != 3 or tuple(q.shape) != expect_q:
+            raise ValueError(f"q must have shape {list(expect_q)} (batch, q heads, head_dim), got {list(q.shape)}")
+        if q.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+        for name, buf in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
+            if buf.dim() != 3 or buf.shape[1] != self.num_kv_heads or buf.shape[2] != self.head_dim:
+                raise ValueError(
+                    f"{name} must have shape [num_slots, {self.num_kv_heads}, {self.head_dim}], got {list(buf.shape)}"
+                )
+            if buf.dtype != q.dtype:
+                raise ValueError(f"{name} dtype {buf.dtype} differs from q's {q.dtype}")
+            if buf.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dimension")
+        if k_buffer.shape[0] != v_buffer.shape[0]:
+            raise ValueError(f"k_buffer and v_buffer hold different slot counts: {k_buffer.shape[0]}, {v_buffer.shape[0]}")
+        for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer)) + ((("out", out),) if out is not None else ()):
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}; the wrapper computes on {self.device}")
+        if q.stride(-1) != 1:
+            raise ValueError("q must be contiguous in its last dimension")
+        if out is not None and (tuple(out.shape) != expect_q or out.dtype != q.dtype or out.stride(-1) != 1):
+            raise ValueError(f"out must be a {list(expect_q)} tensor of q's dtype, contiguous in its last dimension")
+
+
+def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) -> None:
+    """Raise unless each request's slots come in aligned runs of ``page_size`` (page-aligned starts, consecutive)."""
+    lens = np.diff(indptr)
+    nnz = int(indptr[-1])
+    pos = np.arange(nnz) - np.repeat(indptr[:-1], lens)  # token position inside its request's row
+    slots = indices[:nnz].astype(np.int64)
+    base = slots - pos % page_size  # the slot of the first token of the page, if the run is consecutive
+    first = np.arange(nnz) - pos % page_size
+    bad = np.flatnonzero((base != base[first]) | (base % page_size != 0))
+    if len(bad):
+        req = int(np.searchsorted(indptr, bad[0], side="right") - 1)
+        raise ValueError(f"kv_indices: request {req}'s slots are not aligned runs of page_size={page_size}")
