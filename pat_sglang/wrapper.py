@@ -32,6 +32,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
+from pat_sglang.packing.plan import MIN_SPLIT_TOKENS
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -49,6 +50,7 @@ class PatDecodeWrapper:
         device: where ``run`` computes.
         num_sms: SMs to fill with KV splits; defaults to the device's count.
         policy: merge-or-split policy (``Policy.AUTO`` picks by modelled bytes; the others exist for benchmarks).
+        shortest_split: shortest KV piece a split makes (a tuning knob; tests lower it to split tiny batches).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class PatDecodeWrapper:
         device: torch.device | str = "cuda",
         num_sms: int | None = None,
         policy: Policy = Policy.AUTO,
+        shortest_split: int = MIN_SPLIT_TOKENS,
     ) -> None:
         if num_kv_heads <= 0 or num_qo_heads <= 0:
             raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
@@ -84,6 +87,9 @@ class PatDecodeWrapper:
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else CPU_NUM_SMS
         self.num_sms = num_sms
         self.policy = Policy(policy)
+        if shortest_split < 1:
+            raise ValueError(f"shortest_split must be >= 1, got {shortest_split}")
+        self.shortest_split = shortest_split
         self._plan: PatPlan | None = None
         self._items: PackItems | None = None
         self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -118,9 +124,14 @@ class PatDecodeWrapper:
                 equal leading slots.
             kv_data_type: dtype of the KV cache, for the byte model only.
         """
-        if not isinstance(kv_indptr, torch.Tensor) or kv_indptr.dim() != 1 or kv_indptr.dtype not in (
-            torch.int32,
-            torch.int64,
+        if (
+            not isinstance(kv_indptr, torch.Tensor)
+            or kv_indptr.dim() != 1
+            or kv_indptr.dtype
+            not in (
+                torch.int32,
+                torch.int64,
+            )
         ):
             raise ValueError("kv_indptr must be a 1-D int32 or int64 tensor")
         if kv_indptr.numel() < 2:
@@ -162,6 +173,7 @@ class PatDecodeWrapper:
             num_sms=self.num_sms,
             page_size=self.page_size,
             unique_kv_tokens=forest.unique_kv_tokens(),
+            shortest_split=self.shortest_split,
         )
         self._upload(plan)
         self._kv_indices = kv_indices.to(self.device, non_blocking=True)
@@ -285,8 +297,9 @@ class PatDecodeWrapper:
             if buf.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dimension")
         if k_buffer.shape[0] != v_buffer.shape[0]:
-            raise ValueError(f"k_buffer and v_buffer hold different slot counts: {k_buffer.shape[0]}, {v_buffer.shape[0]}")
-        for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer)) + ((("out", out),) if out is not None else ()):
+            raise ValueError(f"k_buffer has {k_buffer.shape[0]} slots but v_buffer has {v_buffer.shape[0]}")
+        named = [("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer)] + ([("out", out)] if out is not None else [])
+        for name, t in named:
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the wrapper computes on {self.device}")
         if q.stride(-1) != 1:

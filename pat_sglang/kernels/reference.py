@@ -36,10 +36,13 @@ def decode_attention_reference(
     kv_indices: torch.Tensor,
     sm_scale: float | None = None,
 ) -> torch.Tensor:
-    """Plain per-request decode attention in fp32: request ``i`` attends slots ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
+    """Plain per-request decode attention in fp32, ignoring any sharing.
+
+    Request ``i`` attends slots ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
 
     Args:
-        q: ``[B, Hq, D]``; k_buffer, v_buffer: ``[num_slots, Hkv, D]``; kv_indptr int ``[B + 1]``; kv_indices int ``[nnz]``.
+        q: ``[B, Hq, D]``; k_buffer, v_buffer: ``[num_slots, Hkv, D]``.
+        kv_indptr: int ``[B + 1]``; kv_indices: int ``[nnz]``.
     Returns:
         fp32 ``[B, Hq, D]``.
     """
@@ -56,7 +59,10 @@ def decode_attention_reference(
 
 
 def merge_reference(partial_o: torch.Tensor, partial_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exp merge of ``n`` partials: ``partial_o`` ``[n, H, D]``, ``partial_lse`` ``[n, H]`` -> (``[H, D]``, ``[H]``)."""
+    """Log-sum-exp merge of ``n`` partials.
+
+    ``partial_o`` ``[n, H, D]`` and ``partial_lse`` ``[n, H]`` -> (o ``[H, D]``, lse ``[H]``), fp32.
+    """
     lse = torch.logsumexp(partial_lse.float(), dim=0)
     weights = torch.exp(partial_lse.float() - lse)
     return torch.einsum("nh,nhd->hd", weights, partial_o.float()), lse

@@ -80,9 +80,7 @@ class Packing:
     @cached_property
     def kv_bytes(self) -> int:
         per_pack = self.model.reqs_per_pack
-        return sum(
-            -(-len(g.reqs) // per_pack) * (g.end - g.start) * self.model.kv_bytes_per_token for g in self.groups
-        )
+        return sum(-(-len(g.reqs) // per_pack) * (g.end - g.start) * self.model.kv_bytes_per_token for g in self.groups)
 
     @cached_property
     def partial_bytes(self) -> int:

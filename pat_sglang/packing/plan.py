@@ -13,11 +13,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
-from pat_sglang.packing.packs import Packing
+from pat_sglang.packing.packs import ByteModel, Packing
 from pat_sglang.packing.tiles import choose_tile
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
+# A split's partials (fp32 O and LSE of its rows, written and read) may cost at most this share of its KV bytes.
+MAX_SPLIT_PARTIAL_SHARE = 0.25
 MAX_SPLITS = 64
 # Programs to aim for per SM: two resident CTAs hide one another's tail.
 CTAS_PER_SM = 2
@@ -90,12 +92,18 @@ class PatPlan:
 assert {f.name for f in fields(PatPlan)} >= set(PatPlan.ARRAY_FIELDS)
 
 
-def split_count(cost: float, piece_cost: float, kv_len: int) -> int:
-    """KV splits for one pack: enough pieces of ``piece_cost`` each, none shorter than MIN_SPLIT_TOKENS."""
+def split_count(cost: float, piece_cost: float, kv_len: int, min_tokens: int) -> int:
+    """KV splits for one pack: enough pieces of ``piece_cost`` each, none shorter than ``min_tokens``."""
     if piece_cost <= 0:
         return 1
     want = int(np.ceil(cost / piece_cost))
-    return max(1, min(want, kv_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    return max(1, min(want, kv_len // min_tokens, MAX_SPLITS))
+
+
+def min_split_tokens(rows: int, model: ByteModel, shortest: int = MIN_SPLIT_TOKENS) -> int:
+    """Shortest KV piece whose rows' partial traffic stays within MAX_SPLIT_PARTIAL_SHARE of its KV bytes."""
+    floor = rows * model.partial_bytes_per_row / (MAX_SPLIT_PARTIAL_SHARE * model.kv_bytes_per_token)
+    return max(shortest, int(np.ceil(floor)))
 
 
 def build_plan(
@@ -108,8 +116,12 @@ def build_plan(
     num_sms: int,
     page_size: int = 1,
     unique_kv_tokens: int,
+    shortest_split: int = MIN_SPLIT_TOKENS,
 ) -> PatPlan:
-    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits."""
+    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits.
+
+    ``shortest_split`` is the shortest KV piece a split may make (tests lower it to exercise splits at tiny sizes).
+    """
     group = num_qo_heads // num_kv_heads
     per_pack = packing.model.reqs_per_pack
     starts = kv_indptr[:-1].astype(np.int64)
@@ -132,7 +144,9 @@ def build_plan(
     align = max(page_size, 16)
     items: list[tuple[TileConfig, int, int, int]] = []  # (config, kv_start, kv_len, pack)
     for p in range(len(lens)):
-        n = split_count(float(cost[p]), piece_cost, int(lens[p]))
+        n = split_count(
+            float(cost[p]), piece_cost, int(lens[p]), min_split_tokens(int(rows[p]), packing.model, shortest_split)
+        )
         size = -(-int(lens[p]) // n)
         size = -(-size // align) * align
         for s in range(0, int(lens[p]), size):

@@ -1,0 +1,142 @@
+"""The pack-attention and merge kernels against the fp32 references, driven with hand-built work items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, assert_close, random_kv, random_q
+
+from pat_sglang.kernels import (
+    PackItems,
+    TileConfig,
+    attention_reference,
+    default_sm_scale,
+    merge_partials,
+    merge_reference,
+    pack_attention,
+)
+
+
+def _items(kv_start, kv_len, entry_start, num_reqs, entry_req, entry_dest) -> PackItems:
+    as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
+    return PackItems(
+        item_kv_start=as_t(kv_start),
+        item_kv_len=as_t(kv_len),
+        item_entry_start=as_t(entry_start),
+        item_num_reqs=as_t(num_reqs),
+        entry_req=as_t(entry_req),
+        entry_dest=as_t(entry_dest),
+    )
+
+
+def _workspace(num_partials: int, num_heads: int, head_dim: int):
+    # Filled with NaN so that a slot the kernel forgot to write cannot pass for a result.
+    o = torch.full((num_partials, num_heads, head_dim), float("nan"), device=DEVICE)
+    lse = torch.full((num_partials, num_heads), float("nan"), device=DEVICE)
+    return o, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("kv_len", [1, 17, 97])
+def test_one_pack_shared_range(dtype, head_dim, group, kv_len):
+    """Three requests read one shared, non-contiguous slot range in one pack; each writes its output directly."""
+    num_kv_heads, batch = 2, 3
+    num_heads = num_kv_heads * group
+    if batch * group > 32:
+        pytest.skip("covered by test_wide_pack")
+    rng = np.random.default_rng(kv_len)
+    slots = torch.tensor(rng.permutation(4 * kv_len + 8)[:kv_len], dtype=torch.int32, device=DEVICE)
+    k, v = random_kv(4 * kv_len + 8, num_kv_heads, head_dim, dtype)
+    q = random_q(batch, num_heads, head_dim, dtype)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(1, num_heads, head_dim)
+    items = _items([0], [kv_len], [0], [batch], [2, 0, 1], [-3, -1, -2])
+    cfg = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+    scale = default_sm_scale(head_dim)
+    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=1, sm_scale=scale)
+    ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_wide_pack(dtype, block_m):
+    """A pack that fills most of a BLOCK_M tile (GQA 8), written as partials with their LSE."""
+    num_kv_heads, group, head_dim, kv_len = 1, 8, 64, 40
+    batch = block_m // group - (1 if block_m > 16 else 0)
+    k, v = random_kv(kv_len, num_kv_heads, head_dim, dtype)
+    q = random_q(batch, group, head_dim, dtype)
+    slots = torch.arange(kv_len - 1, -1, -1, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(batch, group, head_dim)
+    items = _items([0], [kv_len], [0], [batch], list(range(batch)), list(range(batch)))
+    cfg = TileConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
+    scale = 0.3
+    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=1, sm_scale=scale)
+    ref_o, ref_lse = attention_reference(q, k[slots.long()], v[slots.long()], scale)
+    assert_close(po, ref_o, dtype)
+    torch.testing.assert_close(plse, ref_lse, atol=1e-3, rtol=1e-3)
+    assert torch.isnan(out).all(), "a partial-only pack must not touch the output"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split_at", [1, 17, 50])
+def test_merge_identity(dtype, split_at):
+    """attn([A; B]) == merge(attn(A), attn(B)): two items over the halves of one range, then the merge kernel."""
+    num_kv_heads, group, head_dim, kv_len, batch = 2, 4, 64, 67, 2
+    k, v = random_kv(kv_len, num_kv_heads, head_dim, dtype)
+    q = random_q(batch, num_kv_heads * group, head_dim, dtype)
+    slots = torch.randperm(kv_len, generator=torch.Generator().manual_seed(3)).to(torch.int32).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(4, num_kv_heads * group, head_dim)
+    # Item 0 covers [0, split_at), item 1 [split_at, kv_len); request r's partials are slots r and 2 + r.
+    items = _items([0, split_at], [split_at, kv_len - split_at], [0, 2], [2, 2], [0, 1, 0, 1], [0, 1, 2, 3])
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    scale = default_sm_scale(head_dim)
+    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=2, sm_scale=scale)
+    as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
+    merge_partials(po, plse, as_t([0, 1]), as_t([0, 2, 4]), as_t([0, 2, 1, 3]), out, num_merge_reqs=2)
+    ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_partials", [1, 2, 5])
+def test_merge_kernel_vs_reference(dtype, num_partials):
+    heads, head_dim = 4, 80
+    g = torch.Generator().manual_seed(num_partials)
+    po = torch.randn(num_partials + 1, heads, head_dim, generator=g).to(DEVICE)
+    plse = (10 * torch.randn(num_partials + 1, heads, generator=g)).to(DEVICE)  # very uneven weights
+    out = torch.full((2, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    order = list(range(num_partials, 0, -1))  # partial slots 1..n, listed backwards
+    as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
+    merge_partials(po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), out, num_merge_reqs=1)
+    ref, _ = merge_reference(po[1:], plse[1:])
+    assert_close(out[1], ref, dtype)
+    assert torch.isnan(out[0].float()).all(), "rows not in the merge list stay untouched"
+
+
+def test_item_offset_launches_only_its_items():
+    """A launch covers items [item_offset, item_offset + num_items) and nothing else."""
+    dtype, head_dim = torch.float16, 64
+    k, v = random_kv(32, 1, head_dim, dtype)
+    q = random_q(2, 1, head_dim, dtype)
+    slots = torch.arange(32, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(1, 1, head_dim)
+    items = _items([0, 16], [16, 16], [0, 1], [1, 1], [0, 1], [-1, -2])
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=1, num_items=1, sm_scale=0.125)
+    ref, _ = attention_reference(q[1:], k[16:], v[16:], 0.125)
+    assert_close(out[1:], ref, dtype)
+    assert torch.isnan(out[0].float()).all()
+
+
+def test_tile_config_rejects_bad_blocks():
+    with pytest.raises(ValueError, match="block_m"):
+        TileConfig(block_m=48, block_n=32, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="block_n"):
+        TileConfig(block_m=16, block_n=8, num_warps=4, num_stages=2)

@@ -1,0 +1,229 @@
+"""Planner invariants as property tests (hypothesis), plus the workload forests of shared/WORKLOADS.md."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from forests import random_forests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pat_sglang.packing import (
+    ByteModel,
+    Policy,
+    build_plan,
+    choose_tile,
+    forest_from_paths,
+    forest_from_slots,
+    pack_forest,
+)
+from pat_sglang.packing.plan import MAX_SPLIT_PARTIAL_SHARE
+from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
+
+HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
+
+
+def _model(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> ByteModel:
+    return ByteModel.for_heads(head_dim=head_dim, group_size=num_qo_heads // num_kv_heads, kv_dtype_bytes=2)
+
+
+def _check_plan_covers_every_pair_once(plan, indptr: np.ndarray, indices: np.ndarray) -> None:
+    """Every (request, KV slot) pair is attended exactly once; destinations and the merge list agree."""
+    seen = Counter()
+    items_of_req = Counter()
+    for it in range(plan.num_items):
+        s, n = int(plan.item_kv_start[it]), int(plan.item_kv_len[it])
+        assert n >= 1
+        e0, ne = int(plan.item_entry_start[it]), int(plan.item_num_reqs[it])
+        reqs = plan.entry_req[e0 : e0 + ne].tolist()
+        assert len(set(reqs)) == ne, "a request appears twice in one pack"
+        assert ne * plan.num_qo_heads // plan.num_kv_heads <= 128
+        for r in reqs:
+            items_of_req[r] += 1
+            for slot in indices[s : s + n].tolist():
+                seen[(r, slot)] += 1
+    expected = Counter((i, slot) for i in range(len(indptr) - 1) for slot in indices[indptr[i] : indptr[i + 1]])
+    assert seen == expected
+
+    # Launch ranges tile the items, one config each, and every item fits its tile.
+    pos = 0
+    for lc in plan.launches:
+        assert lc.item_offset == pos and lc.num_items > 0
+        rows = plan.item_num_reqs[pos : pos + lc.num_items] * (plan.num_qo_heads // plan.num_kv_heads)
+        assert rows.max() <= lc.config.block_m
+        pos += lc.num_items
+    assert pos == plan.num_items
+
+    # Direct writes exactly for requests in one item; the rest list each of their partial slots once.
+    dest, req = plan.entry_dest, plan.entry_req
+    for r, count in items_of_req.items():
+        mine = dest[req == r]
+        assert (mine < 0).all() if count == 1 else (mine >= 0).all()
+        if count == 1:
+            assert mine[0] == -(r + 1)
+    assert sorted(plan.merge_indices.tolist()) == list(range(plan.num_partials))
+    for i, r in enumerate(plan.merge_req.tolist()):
+        listed = plan.merge_indices[plan.merge_indptr[i] : plan.merge_indptr[i + 1]]
+        assert sorted(listed.tolist()) == sorted(dest[req == r].tolist())
+        assert len(listed) >= 2
+
+
+def _plan(forest, indptr, heads, *, policy=Policy.AUTO, num_sms=4, shortest_split=4, page_size=1):
+    hq, hkv = heads
+    packing = pack_forest(forest, _model(hq, hkv), policy)
+    return build_plan(
+        packing,
+        indptr,
+        num_qo_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=128,
+        num_sms=num_sms,
+        page_size=page_size,
+        unique_kv_tokens=forest.unique_kv_tokens(),
+        shortest_split=shortest_split,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(rf=random_forests(), heads=st.sampled_from(HEADS), num_sms=st.integers(1, 64), with_paths=st.booleans())
+def test_every_pair_attended_exactly_once(rf, heads, num_sms, with_paths):
+    indptr, indices, _ = rf.layout()
+    forest = forest_from_paths(indptr, rf.prefix_paths) if with_paths else forest_from_slots(indptr, indices)
+    plan = _plan(forest, indptr, heads, num_sms=num_sms)
+    _check_plan_covers_every_pair_once(plan, indptr, indices)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rf=random_forests(page_size=4), heads=st.sampled_from(HEADS))
+def test_splits_stay_page_aligned(rf, heads):
+    indptr, indices, _ = rf.layout(page_size=4)
+    forest = forest_from_paths(indptr, rf.prefix_paths)
+    plan = _plan(forest, indptr, heads, num_sms=64, page_size=4)
+    _check_plan_covers_every_pair_once(plan, indptr, indices)
+    starts = plan.item_kv_start.astype(np.int64)
+    # Every item starts a page: its first slot is page-aligned.
+    assert (indices[starts] % 4 == 0).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(rf=random_forests(max_reqs=16, max_len=200), heads=st.sampled_from(HEADS))
+def test_chosen_packing_never_costs_more_than_no_sharing_or_all_split(rf, heads):
+    indptr, _, _ = rf.layout()
+    forest = forest_from_paths(indptr, rf.prefix_paths)
+    model = _model(*heads)
+    chosen = pack_forest(forest, model, Policy.AUTO).modelled_bytes
+    assert chosen <= pack_forest(forest, model, Policy.MERGE).modelled_bytes
+    assert chosen <= pack_forest(forest, model, Policy.SPLIT).modelled_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(rf=random_forests())
+def test_derived_forest_matches_explicit_paths(rf):
+    """With every shared node on shared slots, deriving the forest from slots finds the same sharing."""
+    indptr, indices, _ = rf.layout()
+    a, b = forest_from_paths(indptr, rf.prefix_paths), forest_from_slots(indptr, indices)
+    assert a.unique_kv_tokens() == b.unique_kv_tokens()
+    assert (a.path_end == b.path_end).all()
+    segments = lambda f: sorted(
+        (int(o), int(n), tuple(m)) for o, n, m in zip(f.node_offset, f.node_length, f.node_members)
+    )
+    assert segments(a) == segments(b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rf=random_forests(max_len=100), heads=st.sampled_from(HEADS), num_sms=st.integers(1, 256))
+def test_split_partials_stay_within_their_share(rf, heads, num_sms):
+    indptr, _, _ = rf.layout()
+    forest = forest_from_paths(indptr, rf.prefix_paths)
+    hq, hkv = heads
+    model = _model(hq, hkv)
+    packing = pack_forest(forest, model)
+    plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=1)
+    extra = plan.modelled_partial_bytes - packing.partial_bytes * hkv
+    assert extra <= MAX_SPLIT_PARTIAL_SHARE * plan.modelled_kv_bytes + 1e-9 + _direct_loss(packing, plan, model) * hkv
+
+
+def _direct_loss(packing, plan, model) -> int:
+    """Partials a split adds to requests that had one partial before (their direct write becomes two partials)."""
+    before = packing.partials_per_req
+    after = np.bincount(plan.entry_req, minlength=len(before))
+    lost = (before == 1) & (after >= 2)
+    return int(lost.sum()) * model.group_size * model.partial_bytes_per_row
+
+
+@pytest.mark.parametrize("name", SHARING_WORKLOADS)
+@pytest.mark.parametrize("heads", [(32, 8), (28, 4)], ids=["llama3-8b", "qwen2.5-7b"])
+def test_workload_plans_beat_both_extremes_and_cover_everything(name, heads):
+    """On the documented forests: no worse than all-split and all-merge, and strictly better than no sharing."""
+    wl = make_workload(name, seed=0)
+    layout = wl.materialize()
+    forest = forest_from_paths(layout.kv_indptr, wl.prefix_paths)
+    model = _model(*heads)
+    chosen = pack_forest(forest, model).modelled_bytes
+    no_sharing = pack_forest(forest, model, Policy.MERGE).modelled_bytes
+    assert chosen <= min(no_sharing, pack_forest(forest, model, Policy.SPLIT).modelled_bytes)
+    assert chosen < 0.8 * no_sharing
+    assert forest.unique_kv_tokens() == wl.unique_kv_tokens()
+    plan = _plan(forest, layout.kv_indptr, heads, num_sms=132, shortest_split=256)
+    _check_plan_covers_every_pair_once(plan, layout.kv_indptr, layout.kv_indices)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workloads_are_seeded_and_documented(name):
+    a, b = make_workload(name, seed=3), make_workload(name, seed=3)
+    assert (a.seq_lens == b.seq_lens).all() and a.prefix_paths == b.prefix_paths
+    assert a.unique_kv_tokens() <= a.request_kv_tokens()
+    defaults = {
+        "system_prompt": 128,
+        "multi_agent": 128,
+        "parallel_sampling": 128,
+        "tree_of_thought": 64,
+        "no_sharing": 64,
+        "single_long": 1,
+    }
+    if name in defaults:
+        assert a.batch_size == defaults[name]
+
+
+def test_single_long_is_split_to_fill_the_device():
+    wl = make_workload("single_long")
+    layout = wl.materialize()
+    forest = forest_from_paths(layout.kv_indptr, wl.prefix_paths)
+    plan = _plan(forest, layout.kv_indptr, (32, 8), num_sms=132, shortest_split=256)
+    assert plan.num_items * 8 >= 132
+    assert plan.num_merge_reqs == 1
+
+
+def test_no_sharing_writes_outputs_directly():
+    wl = make_workload("no_sharing")
+    layout = wl.materialize()
+    forest = forest_from_paths(layout.kv_indptr, wl.prefix_paths)
+    plan = _plan(forest, layout.kv_indptr, (32, 8), num_sms=1, shortest_split=256)
+    assert plan.num_partials == 0 and plan.num_merge_reqs == 0
+    assert plan.modelled_kv_bytes == wl.request_kv_tokens() * 2 * 128 * 2 * 8
+
+
+@pytest.mark.parametrize(
+    ("rows", "head_dim", "block_m"), [(1, 128, 16), (16, 128, 16), (17, 64, 32), (64, 256, 64), (65, 80, 128)]
+)
+def test_tile_covers_rows(rows, head_dim, block_m):
+    cfg = choose_tile(rows, head_dim, kv_len=4096)
+    assert cfg.block_m == block_m
+    with pytest.raises(ValueError, match="rows"):
+        choose_tile(129, head_dim, kv_len=16)
+
+
+def test_paths_validation_names_prefix_paths():
+    indptr = np.array([0, 10, 20])
+    with pytest.raises(ValueError, match=r"prefix_paths\[1\].*covers 12 tokens"):
+        forest_from_paths(indptr, [[("a", 5)], [("a", 5), ("b", 7)]])
+    with pytest.raises(ValueError, match=r"prefix_paths\[1\].*different parent or length"):
+        forest_from_paths(indptr, [[("a", 5)], [("a", 6)]])
+    with pytest.raises(ValueError, match=r"prefix_paths\[0\]"):
+        forest_from_paths(indptr, [[("a",)], []])
+    with pytest.raises(ValueError, match="prefix_paths: has 1 paths for 2 requests"):
+        forest_from_paths(indptr, [[]])
+    with pytest.raises(ValueError, match="kv_indptr: request 1 has 0"):
+        forest_from_paths(np.array([0, 10, 10]), [[], []])

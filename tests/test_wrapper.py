@@ -1,0 +1,204 @@
+"""PatDecodeWrapper against the fp32 reference on random forests and workloads, and every bad input it rejects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, random_kv, random_q
+from forests import random_forests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pat_sglang import PatDecodeWrapper, Policy
+from pat_sglang.kernels import decode_attention_reference
+from pat_sglang.packing.workloads import WORKLOADS, make_workload
+
+
+def _run(rf_or_layout, num_qo_heads, num_kv_heads, head_dim, dtype, *, paths, page_size=1, seed=0, **kw):
+    indptr, indices, num_slots = rf_or_layout
+    k, v = random_kv(num_slots, num_kv_heads, head_dim, dtype, seed=seed)
+    q = random_q(len(indptr) - 1, num_qo_heads, head_dim, dtype, seed=seed + 1)
+    w = PatDecodeWrapper(num_qo_heads, num_kv_heads, head_dim, page_size=page_size, device=DEVICE, **kw)
+    indptr_t = torch.from_numpy(indptr)
+    indices_t = torch.from_numpy(indices).to(DEVICE)
+    w.plan(indptr_t, indices_t, prefix_paths=paths, kv_data_type=dtype)
+    out = w.run(q, k, v)
+    ref = decode_attention_reference(q, k, v, indptr_t.to(DEVICE), indices_t)
+    return w, out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_paths", [True, False], ids=["paths", "derived"])
+@pytest.mark.parametrize("page_size", [1, 16])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_forests_match_reference(dtype, with_paths, page_size, data):
+    rf = data.draw(random_forests(max_reqs=6, max_nodes=5, max_len=48, page_size=page_size))
+    num_kv_heads, group = data.draw(st.sampled_from([(1, 1), (2, 4), (1, 8)]))
+    head_dim = data.draw(st.sampled_from([64, 80]))
+    layout = rf.layout(page_size=page_size, seed=data.draw(st.integers(0, 99)))
+    paths = rf.prefix_paths if with_paths else None
+    w, out, ref = _run(
+        layout, num_kv_heads * group, num_kv_heads, head_dim, dtype, paths=paths, page_size=page_size, shortest_split=16
+    )
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_shared_prefix_none_partial_whole(dtype, head_dim, group):
+    """Three batches: nothing shared, a partial prefix shared, and two requests whose whole rows are identical."""
+    rows = {
+        "none": [[0, 1, 2], [3, 4, 5, 6, 7]],
+        "partial": [[9, 3, 5, 0, 1, 2, 4], [9, 3, 5, 0, 8], [9, 3, 6]],
+        "whole": [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], list(range(5, 22))],
+    }
+    for batch in rows.values():
+        indptr = np.cumsum([0] + [len(r) for r in batch]).astype(np.int32)
+        indices = np.asarray(sum(batch, []), dtype=np.int32)
+        _, out, ref = _run((indptr, indices, 22), 2 * group, 2, head_dim, dtype, paths=None, shortest_split=4)
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_workloads_match_reference(name, page_size):
+    """Every workload of shared/WORKLOADS.md, scaled down on the CPU, through the planner's chosen packs."""
+    scale = 1.0 if ON_GPU else 1 / 64
+    small = {
+        "system_prompt": {"batch": 16},
+        "no_sharing": {"batch": 8},
+        "multi_agent": {"per_role": 4},
+        "rag": {"docs": 4},
+        "parallel_sampling": {"prompts": 4},
+    }
+    params = {} if ON_GPU else small.get(name, {})
+    wl = make_workload(name, seed=1, scale=scale, page_size=page_size, **params)
+    layout = wl.materialize(page_size=page_size, seed=2)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    w, out, ref = _run(
+        (layout.kv_indptr, layout.kv_indices, layout.num_slots),
+        8,
+        2,
+        64,
+        dtype,
+        paths=wl.prefix_paths,
+        page_size=page_size,
+        shortest_split=16 if not ON_GPU else 256,
+    )
+    assert_close(out, ref, dtype)
+    assert w.plan_info.unique_kv_tokens == wl.unique_kv_tokens()
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_every_policy_is_exact(policy):
+    wl = make_workload("tree_of_thought", seed=4, scale=1 / 64)
+    layout = wl.materialize()
+    _, out, ref = _run(
+        (layout.kv_indptr, layout.kv_indices, layout.num_slots),
+        4,
+        1,
+        64,
+        torch.float32,
+        paths=wl.prefix_paths,
+        policy=policy,
+        shortest_split=8,
+    )
+    assert_close(out, ref, torch.float32)
+
+
+def test_replan_and_reuse_across_layers():
+    """One plan serves several layers (different KV buffers); a new plan replaces it, growing the workspace."""
+    dtype = torch.float16
+    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8)
+    for step, name in enumerate(["system_prompt", "rag"]):
+        wl = make_workload(name, seed=step, scale=1 / 64, **({"batch": 6} if name == "system_prompt" else {"docs": 2}))
+        lay = wl.materialize(seed=step)
+        indptr, indices = torch.from_numpy(lay.kv_indptr), torch.from_numpy(lay.kv_indices).to(DEVICE)
+        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+        q = random_q(wl.batch_size, 8, 64, dtype, seed=step)
+        for layer in range(2):
+            k, v = random_kv(lay.num_slots, 2, 64, dtype, seed=10 * step + layer)
+            out = torch.empty_like(q)
+            assert w.run(q, k, v, sm_scale=0.2, out=out) is out
+            assert_close(out, decode_attention_reference(q, k, v, indptr.to(DEVICE), indices, 0.2), dtype)
+
+
+class TestBadInput:
+    def _planned(self, **kw):
+        w = PatDecodeWrapper(8, 2, 64, device=DEVICE, **kw)
+        w.plan(torch.tensor([0, 3, 5], dtype=torch.int32), torch.arange(5, dtype=torch.int32).to(DEVICE))
+        return w
+
+    @pytest.mark.parametrize(
+        ("args", "kwargs", "match"),
+        [
+            ((8, 3, 64), {}, "num_qo_heads.*multiple of num_kv_heads"),
+            ((8, 0, 64), {}, "num_kv_heads"),
+            ((8, 2, 72), {}, "head_dim must be one of"),
+            ((8, 2, 512), {}, "head_dim must be one of"),
+            ((8, 2, 64), {"page_size": 0}, "page_size"),
+            ((8, 2, 64), {"shortest_split": 0}, "shortest_split"),
+        ],
+    )
+    def test_constructor(self, args, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            PatDecodeWrapper(*args, device=DEVICE, **kwargs)
+
+    def test_plan_inputs(self):
+        w = PatDecodeWrapper(8, 2, 64, device=DEVICE)
+        idx = torch.arange(5, dtype=torch.int32)
+        with pytest.raises(ValueError, match="kv_indptr: the batch is empty"):
+            w.plan(torch.tensor([0], dtype=torch.int32), idx)
+        with pytest.raises(ValueError, match="kv_indptr must be a 1-D int32 or int64"):
+            w.plan(torch.tensor([0.0, 5.0]), idx)
+        with pytest.raises(ValueError, match="kv_indices must be a 1-D int32"):
+            w.plan(torch.tensor([0, 5]), idx.long())
+        with pytest.raises(ValueError, match="kv_indptr ends at 9"):
+            w.plan(torch.tensor([0, 9]), idx)
+        with pytest.raises(ValueError, match="kv_indptr must start at 0 and never decrease"):
+            w.plan(torch.tensor([0, 4, 2]), idx)
+        with pytest.raises(ValueError, match="kv_indptr: request 1 has 0 KV tokens"):
+            w.plan(torch.tensor([0, 5, 5]), idx)
+        with pytest.raises(ValueError, match=r"prefix_paths\[0\]: the path covers 6 tokens"):
+            w.plan(torch.tensor([0, 5]), idx, prefix_paths=[[("root", 6)]])
+        with pytest.raises(ValueError, match="prefix_paths: requests \\[0, 1\\] share a node"):
+            w.plan(
+                torch.tensor([0, 2, 4]),
+                torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                prefix_paths=[[("root", 2)], [("root", 2)]],
+            )
+        paged = PatDecodeWrapper(8, 2, 64, page_size=4, device=DEVICE)
+        with pytest.raises(ValueError, match="kv_indices: request 1's slots are not aligned runs of page_size=4"):
+            paged.plan(torch.tensor([0, 4, 7]), torch.tensor([4, 5, 6, 7, 9, 10, 11], dtype=torch.int32))
+
+    def test_run_before_plan(self):
+        w = PatDecodeWrapper(8, 2, 64, device=DEVICE)
+        q = torch.zeros(2, 8, 64, device=DEVICE)
+        with pytest.raises(RuntimeError, match="before plan"):
+            w.run(q, q, q)
+
+    def test_run_inputs(self):
+        w = self._planned()
+        q = random_q(2, 8, 64, torch.float16)
+        k, v = random_kv(5, 2, 64, torch.float16)
+        with pytest.raises(ValueError, match=r"q must have shape \[2, 8, 64\]"):
+            w.run(q[:1], k, v)
+        with pytest.raises(ValueError, match="q dtype must be one of"):
+            w.run(q.to(torch.float64), k, v)
+        with pytest.raises(ValueError, match="k_buffer must have shape"):
+            w.run(q, k[:, :1], v)
+        with pytest.raises(ValueError, match="v_buffer dtype"):
+            w.run(q, k, v.float())
+        with pytest.raises(ValueError, match="v_buffer must be contiguous"):
+            w.run(q, k, v.transpose(1, 2).contiguous().transpose(1, 2))
+        with pytest.raises(ValueError, match="k_buffer has 5 slots but v_buffer has 4"):
+            w.run(q, k, v[:4])
+        with pytest.raises(ValueError, match="out must be"):
+            w.run(q, k, v, out=torch.empty(2, 8, 64, device=DEVICE))
+        if ON_GPU:
+            with pytest.raises(ValueError, match="q is on cpu"):
+                w.run(q.cpu(), k, v)
