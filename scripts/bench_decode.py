@@ -66,6 +66,7 @@ class Row:
     floor_us: float
     binding_floor: str
     pat_plan_us: float
+    pat_eager_us: float = float("nan")
     us: dict[str, float] = field(default_factory=dict)
     max_err: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
@@ -92,6 +93,20 @@ def time_us(fn: Callable[[], object], device: torch.device, *, warmup_ms: int, r
         fn()
         samples.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(samples)
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture ``fn`` in a CUDA graph (as SGLang runs decode) and return its replay: launch overhead excluded."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def measure_ceilings(device: torch.device) -> tuple[float, float]:
@@ -353,10 +368,20 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
             row.notes[name] = f"skipped: {e}"
 
     ref = decode_attention_reference(case.q, case.k, case.v, case.kv_indptr, case.kv_indices) if args.refcheck else None
+    timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     for name, fn in fns.items():
         if ref is not None:
             row.max_err[name] = float((fn().float() - ref).abs().max())
-        row.us[name] = time_us(fn, case.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        if args.graph and case.device.type == "cuda":
+            try:
+                row.us[name] = time_us(graphed(fn), case.device, **timing)
+            except Exception as e:  # noqa: BLE001 - report eager time, and say why
+                row.notes[name] = f"eager timing: graph capture failed ({type(e).__name__}: {e})"[:200]
+                row.us[name] = time_us(fn, case.device, **timing)
+        else:
+            row.us[name] = time_us(fn, case.device, **timing)
+    if args.graph and case.device.type == "cuda":
+        row.pat_eager_us = time_us(fns["pat"], case.device, **timing)
     return row
 
 
@@ -382,13 +407,13 @@ def fmt(x: float, spec: str = ".1f") -> str:
 
 def table(rows: list[Row], backends: list[str]) -> str:
     head = ["workload", "heads", "B", "uniq MB", "floor us", "bound"] + [f"{b} us" for b in backends]
-    head += [f"x{b}" for b in backends if b != "pat"] + ["pat eff", "plan us"]
+    head += [f"x{b}" for b in backends if b != "pat"] + ["pat eff", "plan us", "eager us"]
     lines = [head]
     for r in rows:
         line = [r.workload, r.heads, str(r.batch), fmt(r.unique_kv_bytes / 1e6), fmt(r.floor_us), r.binding_floor]
         line += [fmt(r.us.get(b, float("nan"))) for b in backends]
         line += [fmt(r.speedup(b), ".2f") for b in backends if b != "pat"]
-        line += [fmt(100 * r.efficiency, ".0f") + "%", fmt(r.pat_plan_us, ".0f")]
+        line += [fmt(100 * r.efficiency, ".0f") + "%", fmt(r.pat_plan_us, ".0f"), fmt(r.pat_eager_us)]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
@@ -459,6 +484,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--warmup-ms", type=int, default=100)
     p.add_argument("--rep-ms", type=int, default=500)
     p.add_argument("--plan-reps", type=int, default=20)
+    p.add_argument(
+        "--graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time CUDA-graph replays (as SGLang decodes); pat's eager time is reported beside",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=ROOT / "out", help="folder for bench_decode.{csv,json,png}")
     args = p.parse_args(argv)
