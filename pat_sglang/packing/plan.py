@@ -21,7 +21,7 @@ MIN_SPLIT_TOKENS = 256
 # A split's partials (fp32 O and LSE of its rows, written and read) may cost at most this share of its KV bytes.
 MAX_SPLIT_PARTIAL_SHARE = 0.25
 MAX_SPLITS = 64
-# Programs to aim for per SM: the H200 tile sweep reached full copy bandwidth from 4 per SM (512 CTAs) on.
+# Programs to aim for per SM: the H200 tile sweep (scripts/tune_tiles.py) reached full copy bandwidth from 4 per SM.
 CTAS_PER_SM = 4
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
