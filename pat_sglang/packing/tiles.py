@@ -8,9 +8,10 @@ from pat_sglang.kernels.pack_attention import TileConfig
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 
 # (BLOCK_N, num_warps, num_stages) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The D<=128 table is
-# the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29, docs/runs/tune_tiles_d128.json): 4.2-4.3
-# TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32), 3.5 on 16-request packs (64), 295 TFLOP/s on
-# 128-row packs. The D=256 entries keep a K/V stage and the accumulator inside shared memory and registers.
+# the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29; docs/runs/tune_tiles_d128-0db0183.json):
+# 4.2-4.3 TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32), 3.5 on 16-request packs (64) and
+# 295 TFLOP/s on 128-row packs. The D=256 entries keep a K/V stage and the accumulator within shared memory and
+# registers (not yet swept).
 _TILES_D128 = {16: (64, 4, 3), 32: (64, 2, 2), 64: (64, 4, 3), 128: (64, 4, 2)}
 _TILES_D256 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 8, 1)}
 
