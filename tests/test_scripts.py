@@ -1,0 +1,56 @@
+"""CPU smoke runs of the benchmark scripts at tiny sizes, so that they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_decode  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py"])
+def test_help(script):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout
+
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    rows = bench_decode.main(
+        [
+            "--workload",
+            "system_prompt",
+            "tree_of_thought",
+            "--heads",
+            "4/2/64",
+            "--batch",
+            "3",
+            "--scale",
+            "0.004",
+            "--dtype",
+            "fp16",
+            "--refcheck",
+            "--plan-reps",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert [r.workload for r in rows] == ["system_prompt", "tree_of_thought"]
+    for r in rows:
+        assert r.max_err["pat"] < 5e-3
+        assert r.us["pat"] > 0 and r.unique_kv_tokens < r.request_kv_tokens
+        assert "skipped" in r.notes["flashinfer"]
+    records = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert records[0]["workload"] == "system_prompt" and "git_sha" in records[0]
+    assert (tmp_path / "bench_decode.csv").read_text().count("\n") == 3
+    assert "system_prompt" in capsys.readouterr().out
