@@ -51,6 +51,12 @@ class PatDecodeWrapper:
         num_sms: SMs to fill with KV splits; defaults to the device's count.
         policy: merge-or-split policy (``Policy.AUTO`` picks by modelled bytes; the others exist for benchmarks).
         shortest_split: shortest KV piece a split makes (a tuning knob; tests lower it to split tiny batches).
+        use_cuda_graph: plan into fixed device buffers and launch a fixed sequence of fixed-size grids, so that a
+            ``run`` captured in a CUDA graph replays every later plan (FlashInfer's ``use_cuda_graph``). Needs
+            ``max_batch_size`` and ``max_num_kv_tokens``; a plan that does not fit raises ValueError.
+        max_batch_size: largest batch a graph-mode plan takes.
+        max_num_kv_tokens: largest ``len(kv_indices)`` a graph-mode plan takes.
+        max_partials_per_request: graph-mode workspace per request (KV splits are cut to fit).
     """
 
     def __init__(
@@ -64,6 +70,10 @@ class PatDecodeWrapper:
         num_sms: int | None = None,
         policy: Policy = Policy.AUTO,
         shortest_split: int = MIN_SPLIT_TOKENS,
+        use_cuda_graph: bool = False,
+        max_batch_size: int | None = None,
+        max_num_kv_tokens: int | None = None,
+        max_partials_per_request: int = 16,
     ) -> None:
         if num_kv_heads <= 0 or num_qo_heads <= 0:
             raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
@@ -97,6 +107,21 @@ class PatDecodeWrapper:
         self._partial_o = torch.empty(0, num_qo_heads, head_dim, dtype=torch.float32, device=self.device)
         self._partial_lse = torch.empty(0, num_qo_heads, dtype=torch.float32, device=self.device)
         self._streams: list[torch.cuda.Stream] = []
+        self._launch_info: torch.Tensor | None = None
+        self._num_merge: torch.Tensor | None = None
+
+        self.use_cuda_graph = use_cuda_graph
+        self._graph: _GraphBuffers | None = None
+        if use_cuda_graph:
+            if not max_batch_size or max_batch_size < 1:
+                raise ValueError(f"max_batch_size must be a positive int with use_cuda_graph, got {max_batch_size!r}")
+            if not max_num_kv_tokens or max_num_kv_tokens < 1:
+                raise ValueError(
+                    f"max_num_kv_tokens must be a positive int with use_cuda_graph, got {max_num_kv_tokens!r}"
+                )
+            if max_partials_per_request < 2:
+                raise ValueError(f"max_partials_per_request must be >= 2, got {max_partials_per_request}")
+            self._graph = _GraphBuffers(self, max_batch_size, max_num_kv_tokens, max_partials_per_request)
 
     @property
     def plan_info(self) -> PatPlan:
@@ -118,8 +143,8 @@ class PatDecodeWrapper:
         Args:
             kv_indptr: int32/int64 ``[B + 1]``; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``. Best on
                 the CPU: a device tensor is copied to the host (a sync).
-            kv_indices: int32 ``[nnz]`` token slots, oldest first, on the wrapper's device or the CPU. Needed on the
-                host only when ``prefix_paths`` is None (then a device tensor is copied to the host).
+            kv_indices: int32 (or int64) ``[nnz]`` token slots, oldest first, on the wrapper's device or the CPU.
+                Needed on the host only when ``prefix_paths`` is None (then a device tensor is copied to the host).
             prefix_paths: per request ``[(node_id, num_tokens), ...]`` from the root; None derives the sharing from
                 equal leading slots.
             kv_data_type: dtype of the KV cache, for the byte model only.
@@ -136,8 +161,12 @@ class PatDecodeWrapper:
             raise ValueError("kv_indptr must be a 1-D int32 or int64 tensor")
         if kv_indptr.numel() < 2:
             raise ValueError("kv_indptr: the batch is empty (need at least one request)")
-        if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 1 or kv_indices.dtype != torch.int32:
-            raise ValueError("kv_indices must be a 1-D int32 tensor")
+        if (
+            not isinstance(kv_indices, torch.Tensor)
+            or kv_indices.dim() != 1
+            or kv_indices.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError("kv_indices must be a 1-D int32 or int64 tensor")
         if kv_indices.device.type != "cpu" and kv_indices.device != self.device:
             raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
         indptr = kv_indptr.cpu().numpy().astype(np.int64)
@@ -174,7 +203,12 @@ class PatDecodeWrapper:
             page_size=self.page_size,
             unique_kv_tokens=forest.unique_kv_tokens(),
             shortest_split=self.shortest_split,
+            fixed_configs=self._graph.configs if self._graph else None,
+            capacity=self._graph.capacity if self._graph else None,
         )
+        if self._graph is not None:
+            self._graph.upload(plan, kv_indices, int(indptr[-1]))
+            return
         self._upload(plan)
         self._kv_indices = kv_indices.to(self.device, non_blocking=True)
 
@@ -194,6 +228,8 @@ class PatDecodeWrapper:
             entry_dest=view["entry_dest"],
         )
         self._merge = (view["merge_req"], view["merge_indptr"], view["merge_indices"])
+        self._launch_info = view["launch_info"]
+        self._num_merge = view["num_merge"]
         if plan.num_partials > self._partial_o.shape[0]:
             n = plan.num_partials
             self._partial_o = torch.empty(n, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
@@ -228,6 +264,8 @@ class PatDecodeWrapper:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None
 
+        graph = self._graph
+
         def launch(i: int) -> None:
             lc = plan.launches[i]
             pack_attention(
@@ -239,9 +277,9 @@ class PatDecodeWrapper:
                 out,
                 self._partial_o,
                 self._partial_lse,
+                self._launch_info[2 * i : 2 * i + 2],
                 config=lc.config,
-                item_offset=lc.item_offset,
-                num_items=lc.num_items,
+                num_programs=graph.num_programs if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
             )
 
@@ -254,8 +292,9 @@ class PatDecodeWrapper:
             self._partial_o,
             self._partial_lse,
             *self._merge,
+            self._num_merge,
             out,
-            num_merge_reqs=plan.num_merge_reqs,
+            num_programs=graph.max_batch_size if graph else plan.num_merge_reqs,
         )
         return out
 
@@ -320,3 +359,85 @@ def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) ->
     if len(bad):
         req = int(np.searchsorted(indptr, bad[0], side="right") - 1)
         raise ValueError(f"kv_indices: request {req}'s slots are not aligned runs of page_size={page_size}")
+
+
+class _GraphBuffers:
+    """CUDA-graph mode: fixed device buffers that every plan is copied into, and the fixed launch sequence.
+
+    The plan's int32 arrays go to fixed offsets of one buffer (one host-to-device copy), ``kv_indices`` into a fixed
+    buffer (one device copy), and partials into a fixed workspace, so the pointers a captured graph holds stay valid.
+    """
+
+    def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
+        from pat_sglang.packing.plan import CTAS_PER_SM, PlanCapacity
+        from pat_sglang.packing.tiles import BLOCK_M_CHOICES, choose_tile
+
+        self.max_batch_size = max_batch_size
+        group = w.num_qo_heads // w.num_kv_heads
+        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N.
+        block_ms = sorted({choose_tile(r * group, w.head_dim, 1 << 20).block_m for r in range(1, 128 // group + 1)})
+        assert set(block_ms) <= set(BLOCK_M_CHOICES)
+        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in reversed(block_ms))
+        max_partials = max_batch_size * partials_per_req
+        self.capacity = PlanCapacity(
+            max_items=max_partials + max_batch_size,
+            max_entries=max_partials + max_batch_size,
+            max_partials=max_partials,
+            max_merge_reqs=max_batch_size,
+        )
+        # A persistent grid per config: programs stride over that config's (item, KV head) pairs.
+        self.num_programs = CTAS_PER_SM * w.num_sms
+        cap = self.capacity
+        self.sizes = {
+            "item_kv_start": cap.max_items,
+            "item_kv_len": cap.max_items,
+            "item_entry_start": cap.max_items,
+            "item_num_reqs": cap.max_items,
+            "entry_req": cap.max_entries,
+            "entry_dest": cap.max_entries,
+            "merge_req": cap.max_merge_reqs,
+            "merge_indptr": cap.max_merge_reqs + 1,
+            "merge_indices": cap.max_partials,
+            "launch_info": 2 * len(self.configs),
+            "num_merge": 1,
+        }
+        assert set(self.sizes) == set(PatPlan.ARRAY_FIELDS)
+        self.offsets, pos = {}, 0
+        for name in PatPlan.ARRAY_FIELDS:
+            self.offsets[name] = pos
+            pos += self.sizes[name]
+        self.buffer = torch.zeros(pos, dtype=torch.int32, device=w.device)
+        view = {name: self.buffer[o : o + self.sizes[name]] for name, o in self.offsets.items()}
+        self.max_num_kv_tokens = max_num_kv_tokens
+        self.kv_indices = torch.zeros(max_num_kv_tokens, dtype=torch.int32, device=w.device)
+        w._items = PackItems(
+            item_kv_start=view["item_kv_start"],
+            item_kv_len=view["item_kv_len"],
+            item_entry_start=view["item_entry_start"],
+            item_num_reqs=view["item_num_reqs"],
+            entry_req=view["entry_req"],
+            entry_dest=view["entry_dest"],
+        )
+        w._merge = (view["merge_req"], view["merge_indptr"], view["merge_indices"])
+        w._launch_info = view["launch_info"]
+        w._num_merge = view["num_merge"]
+        w._kv_indices = self.kv_indices
+        w._partial_o = torch.zeros(max_partials, w.num_qo_heads, w.head_dim, dtype=torch.float32, device=w.device)
+        w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
+        self.wrapper = w
+
+    def upload(self, plan: PatPlan, kv_indices: torch.Tensor, nnz: int) -> None:
+        if nnz > self.max_num_kv_tokens:
+            raise ValueError(f"kv_indices: {nnz} KV tokens exceed max_num_kv_tokens={self.max_num_kv_tokens}")
+        if plan.num_reqs > self.max_batch_size:
+            raise ValueError(f"kv_indptr: batch of {plan.num_reqs} exceeds max_batch_size={self.max_batch_size}")
+        host = np.zeros(len(self.buffer), dtype=np.int32)
+        for name in PatPlan.ARRAY_FIELDS:
+            a = getattr(plan, name)
+            host[self.offsets[name] : self.offsets[name] + len(a)] = a
+        staged = torch.from_numpy(host)
+        if self.buffer.is_cuda:
+            staged = staged.pin_memory()
+        self.buffer.copy_(staged, non_blocking=True)
+        self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
+        self.wrapper._plan = plan

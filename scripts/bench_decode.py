@@ -339,9 +339,11 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
         notes=case.notes,
     )
 
-    pat = PatDecodeWrapper(
-        case.num_qo_heads, case.num_kv_heads, case.head_dim, page_size=case.page_size, device=case.device
-    )
+    # Under --graph, pat runs as a server would: graph mode (fixed buffers and grids, any later plan replays).
+    graph_mode = args.graph and case.device.type == "cuda"
+    heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
+    sizes = dict(max_batch_size=case.batch, max_num_kv_tokens=int(case.kv_indptr_np[-1])) if graph_mode else {}
+    pat = PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, **sizes)
     indptr_cpu = torch.from_numpy(case.kv_indptr_np)
     plan = lambda: pat.plan(indptr_cpu, case.kv_indices, prefix_paths=wl.prefix_paths, kv_data_type=case.dtype)
     plan()
@@ -380,8 +382,10 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
                 row.us[name] = time_us(fn, case.device, **timing)
         else:
             row.us[name] = time_us(fn, case.device, **timing)
-    if args.graph and case.device.type == "cuda":
-        row.pat_eager_us = time_us(fns["pat"], case.device, **timing)
+    if graph_mode:
+        eager = PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device)
+        eager.plan(indptr_cpu, case.kv_indices, prefix_paths=wl.prefix_paths, kv_data_type=case.dtype)
+        row.pat_eager_us = time_us(lambda: eager.run(case.q, case.k, case.v), case.device, **timing)
     return row
 
 

@@ -30,6 +30,10 @@ def _items(kv_start, kv_len, entry_start, num_reqs, entry_req, entry_dest) -> Pa
     )
 
 
+def _launch(first: int, count: int) -> torch.Tensor:
+    return torch.tensor([first, count], dtype=torch.int32, device=DEVICE)
+
+
 def _workspace(num_partials: int, num_heads: int, head_dim: int):
     # Filled with NaN so that a slot the kernel forgot to write cannot pass for a result.
     o = torch.full((num_partials, num_heads, head_dim), float("nan"), device=DEVICE)
@@ -56,7 +60,9 @@ def test_one_pack_shared_range(dtype, head_dim, group, kv_len):
     items = _items([0], [kv_len], [0], [batch], [2, 0, 1], [-3, -1, -2])
     cfg = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
     scale = default_sm_scale(head_dim)
-    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=1, sm_scale=scale)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
+    )
     ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(out, ref, dtype)
 
@@ -75,7 +81,9 @@ def test_wide_pack(dtype, block_m):
     items = _items([0], [kv_len], [0], [batch], list(range(batch)), list(range(batch)))
     cfg = TileConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
     scale = 0.3
-    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=1, sm_scale=scale)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
+    )
     ref_o, ref_lse = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(po, ref_o, dtype)
     torch.testing.assert_close(plse, ref_lse, atol=1e-3, rtol=1e-3)
@@ -96,9 +104,11 @@ def test_merge_identity(dtype, split_at):
     items = _items([0, split_at], [split_at, kv_len - split_at], [0, 2], [2, 2], [0, 1, 0, 1], [0, 1, 2, 3])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
     scale = default_sm_scale(head_dim)
-    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=0, num_items=2, sm_scale=scale)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 2), config=cfg, num_programs=2 * k.shape[1], sm_scale=scale
+    )
     as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
-    merge_partials(po, plse, as_t([0, 1]), as_t([0, 2, 4]), as_t([0, 2, 1, 3]), out, num_merge_reqs=2)
+    merge_partials(po, plse, as_t([0, 1]), as_t([0, 2, 4]), as_t([0, 2, 1, 3]), as_t([2]), out, num_programs=2)
     ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(out, ref, dtype)
 
@@ -113,14 +123,15 @@ def test_merge_kernel_vs_reference(dtype, num_partials):
     out = torch.full((2, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
     order = list(range(num_partials, 0, -1))  # partial slots 1..n, listed backwards
     as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
-    merge_partials(po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), out, num_merge_reqs=1)
+    # Three programs for one request: the two past the device-side count must exit without writing.
+    merge_partials(po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), as_t([1]), out, num_programs=3)
     ref, _ = merge_reference(po[1:], plse[1:])
     assert_close(out[1], ref, dtype)
     assert torch.isnan(out[0].float()).all(), "rows not in the merge list stay untouched"
 
 
-def test_item_offset_launches_only_its_items():
-    """A launch covers items [item_offset, item_offset + num_items) and nothing else."""
+def test_launch_covers_only_its_items():
+    """A launch covers items [first, first + count) of launch_info and nothing else."""
     dtype, head_dim = torch.float16, 64
     k, v = random_kv(32, 1, head_dim, dtype)
     q = random_q(2, 1, head_dim, dtype)
@@ -129,7 +140,7 @@ def test_item_offset_launches_only_its_items():
     po, plse = _workspace(1, 1, head_dim)
     items = _items([0, 16], [16, 16], [0, 1], [1, 1], [0, 1], [-1, -2])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
-    pack_attention(q, k, v, slots, items, out, po, plse, config=cfg, item_offset=1, num_items=1, sm_scale=0.125)
+    pack_attention(q, k, v, slots, items, out, po, plse, _launch(1, 1), config=cfg, num_programs=1, sm_scale=0.125)
     ref, _ = attention_reference(q[1:], k[16:], v[16:], 0.125)
     assert_close(out[1:], ref, dtype)
     assert torch.isnan(out[0].float()).all()
@@ -140,3 +151,22 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=48, block_n=32, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="block_n"):
         TileConfig(block_m=16, block_n=8, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("num_programs", [1, 3, 64])
+def test_persistent_grid_strides_over_all_work(num_programs):
+    """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids)."""
+    dtype, head_dim, num_kv_heads, group = torch.float16, 64, 2, 2
+    k, v = random_kv(60, num_kv_heads, head_dim, dtype)
+    q = random_q(3, num_kv_heads * group, head_dim, dtype)
+    slots = torch.arange(60, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(1, num_kv_heads * group, head_dim)
+    items = _items([0, 20, 40], [20, 20, 20], [0, 1, 2], [1, 1, 1], [0, 1, 2], [-1, -2, -3])
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 3), config=cfg, num_programs=num_programs, sm_scale=0.1
+    )
+    for r in range(3):
+        ref, _ = attention_reference(q[r : r + 1], k[20 * r : 20 * r + 20], v[20 * r : 20 * r + 20], 0.1)
+        assert_close(out[r : r + 1], ref, dtype)

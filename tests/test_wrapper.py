@@ -155,8 +155,8 @@ class TestBadInput:
             w.plan(torch.tensor([0], dtype=torch.int32), idx)
         with pytest.raises(ValueError, match="kv_indptr must be a 1-D int32 or int64"):
             w.plan(torch.tensor([0.0, 5.0]), idx)
-        with pytest.raises(ValueError, match="kv_indices must be a 1-D int32"):
-            w.plan(torch.tensor([0, 5]), idx.long())
+        with pytest.raises(ValueError, match="kv_indices must be a 1-D int32 or int64"):
+            w.plan(torch.tensor([0, 5]), idx.float())
         with pytest.raises(ValueError, match="kv_indptr ends at 9"):
             w.plan(torch.tensor([0, 9]), idx)
         with pytest.raises(ValueError, match="kv_indptr must start at 0 and never decrease"):
@@ -202,3 +202,86 @@ class TestBadInput:
         if ON_GPU:
             with pytest.raises(ValueError, match="q is on cpu"):
                 w.run(q.cpu(), k, v)
+
+
+def _graph_wrapper(**kw) -> PatDecodeWrapper:
+    return PatDecodeWrapper(
+        8, 2, 64, device=DEVICE, use_cuda_graph=True, max_batch_size=24, max_num_kv_tokens=4096, shortest_split=16, **kw
+    )
+
+
+def _graph_steps():
+    """Three decode steps with different forests and batch sizes, as the server sees them between graph replays."""
+    specs = [
+        ("system_prompt", {"batch": 5}),
+        ("tree_of_thought", {"levels": 2, "branching": 3}),
+        ("rag", {"docs": 2, "per_doc": (4, 8)}),
+    ]
+    for step, (name, params) in enumerate(specs):
+        wl = make_workload(name, seed=step, scale=1 / 64, **params)
+        lay = wl.materialize(seed=step)
+        yield wl, torch.from_numpy(lay.kv_indptr), torch.from_numpy(lay.kv_indices).to(DEVICE), lay.num_slots
+
+
+def test_graph_mode_buffers_take_every_later_plan():
+    """Fixed buffers and fixed grids (graph mode) give exact results for plans of different shapes in turn."""
+    w = _graph_wrapper()
+    pointers = None
+    for wl, indptr, indices, num_slots in _graph_steps():
+        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+        now = (w._items.item_kv_start.data_ptr(), w._kv_indices.data_ptr(), w._partial_o.data_ptr())
+        assert pointers in (None, now), "graph-mode buffers must never move"
+        pointers = now
+        q = random_q(wl.batch_size, 8, 64, torch.float16)
+        k, v = random_kv(num_slots, 2, 64, torch.float16)
+        assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
+        assert len(w.plan_info.launches) == len(w._graph.configs)
+
+
+def test_graph_mode_refuses_what_does_not_fit():
+    w = _graph_wrapper()
+    big = make_workload("no_sharing", batch=30, scale=1 / 64)
+    lay = big.materialize()
+    with pytest.raises(ValueError, match="max_batch_size=24"):
+        w.plan(torch.from_numpy(lay.kv_indptr), torch.from_numpy(lay.kv_indices))
+    long = torch.arange(5000, dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_num_kv_tokens=4096"):
+        w.plan(torch.tensor([0, 5000]), long)
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
+        PatDecodeWrapper(8, 2, 64, device=DEVICE, use_cuda_graph=True, max_num_kv_tokens=10)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_then_replay_new_plans():
+    """Capture run() once for a padded batch of 24, then replan and replay each step: equal to eager and reference.
+
+    As in SGLang's graph runner, every step is padded to the captured batch with 1-token requests that share nothing.
+    """
+    padded = 24
+    w = _graph_wrapper()
+    eager = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)
+    k, v = random_kv(8192, 2, 64, torch.bfloat16)
+    q = torch.zeros(padded, 8, 64, dtype=torch.bfloat16, device=DEVICE)
+    graph, out = None, None
+    for wl, indptr, indices, num_slots in _graph_steps():
+        b = wl.batch_size
+        pad = padded - b
+        indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=indptr.dtype)])
+        indices = torch.cat([indices, torch.full((pad,), num_slots, dtype=indices.dtype, device=DEVICE)])
+        paths = list(wl.prefix_paths) + [[]] * pad
+        w.plan(indptr, indices, prefix_paths=paths)
+        q.copy_(random_q(padded, 8, 64, torch.bfloat16, seed=b))
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                w.run(q, k, v)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = w.run(q, k, v)
+        graph.replay()
+        eager.plan(indptr, indices, prefix_paths=paths)
+        torch.testing.assert_close(out, eager.run(q, k, v), atol=1e-2, rtol=2e-2)
+        ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
+        assert_close(out, ref, torch.bfloat16)

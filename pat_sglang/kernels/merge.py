@@ -20,6 +20,7 @@ def _merge_kernel(
     merge_req_ptr,
     merge_indptr_ptr,
     merge_indices_ptr,
+    num_merge_ptr,
     out_ptr,
     stride_po_p,
     stride_po_h,
@@ -31,6 +32,9 @@ def _merge_kernel(
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
+    # The request count lives on the device so that a graph captured with max_batch_size programs replays any plan.
+    if i >= tl.load(num_merge_ptr):
+        return
     req = tl.load(merge_req_ptr + i).to(tl.int64)
     begin = tl.load(merge_indptr_ptr + i)
     end = tl.load(merge_indptr_ptr + i + 1)
@@ -60,31 +64,34 @@ def merge_partials(
     merge_req: torch.Tensor,
     merge_indptr: torch.Tensor,
     merge_indices: torch.Tensor,
+    num_merge: torch.Tensor,
     out: torch.Tensor,
     *,
-    num_merge_reqs: int,
+    num_programs: int,
 ) -> None:
-    """Merge partials into ``out`` for the first ``num_merge_reqs`` entries of ``merge_req``.
+    """Merge partials into ``out`` for the first ``num_merge[0]`` entries of ``merge_req``.
 
     Args:
         partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]`` (natural log).
         merge_req: int32 ``[>= num_merge_reqs]`` output rows; merge_indptr: int32 ``[num_merge_reqs + 1]``;
         merge_indices: int32 partial slots.
+        num_merge: int32 ``[1]`` on the device: how many requests to merge (programs past it exit at once).
         out: ``[B, Hq, D]``, any float dtype; rows not listed are left untouched.
     """
-    if num_merge_reqs == 0:
+    if num_programs <= 0:
         return
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
     if partial_o.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("partial_o and out must be contiguous in their last dimension")
     num_heads, head_dim = out.shape[1], out.shape[2]
-    _merge_kernel[(num_merge_reqs, num_heads)](
+    _merge_kernel[(num_programs, num_heads)](
         partial_o,
         partial_lse,
         merge_req,
         merge_indptr,
         merge_indices,
+        num_merge,
         out,
         partial_o.stride(0),
         partial_o.stride(1),

@@ -55,7 +55,88 @@ def _pack_attn_kernel(
     out_ptr,
     partial_o_ptr,
     partial_lse_ptr,
-    item_offset,
+    launch_ptr,
+    sm_scale_log2,
+    stride_q_b,
+    stride_q_h,
+    stride_k_s,
+    stride_k_h,
+    stride_v_s,
+    stride_v_h,
+    stride_out_b,
+    stride_out_h,
+    stride_po_p,
+    stride_po_h,
+    stride_plse_p,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # launch_ptr holds (first item, number of items) of this tile config, on the device, so that a CUDA graph
+    # captured with a fixed grid replays any later plan. Programs stride over (item, KV head) pairs.
+    item_offset = tl.load(launch_ptr)
+    num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
+    for work in range(tl.program_id(0), num_work, tl.num_programs(0)):
+        _pack_attn_item(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            kv_indices_ptr,
+            item_kv_start_ptr,
+            item_kv_len_ptr,
+            item_entry_start_ptr,
+            item_num_reqs_ptr,
+            entry_req_ptr,
+            entry_dest_ptr,
+            out_ptr,
+            partial_o_ptr,
+            partial_lse_ptr,
+            item_offset + work // NUM_KV_HEADS,
+            work % NUM_KV_HEADS,
+            sm_scale_log2,
+            stride_q_b,
+            stride_q_h,
+            stride_k_s,
+            stride_k_h,
+            stride_v_s,
+            stride_v_h,
+            stride_out_b,
+            stride_out_h,
+            stride_po_p,
+            stride_po_h,
+            stride_plse_p,
+            GROUP,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_M,
+            BLOCK_N,
+            UPCAST,
+            DOT_PRECISION,
+        )
+
+
+@triton.jit
+def _pack_attn_item(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kv_indices_ptr,
+    item_kv_start_ptr,
+    item_kv_len_ptr,
+    item_entry_start_ptr,
+    item_num_reqs_ptr,
+    entry_req_ptr,
+    entry_dest_ptr,
+    out_ptr,
+    partial_o_ptr,
+    partial_lse_ptr,
+    item,
+    kv_head,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -76,9 +157,7 @@ def _pack_attn_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    item = tl.program_id(0) + item_offset
-    kv_head = tl.program_id(1)
-
+    """One (work item, KV head): the pack's rows over the item's KV range, online softmax in fp32."""
     kv_start = tl.load(item_kv_start_ptr + item).to(tl.int64)
     kv_len = tl.load(item_kv_len_ptr + item)
     entry_start = tl.load(item_entry_start_ptr + item)
@@ -171,13 +250,13 @@ def pack_attention(
     out: torch.Tensor,
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
+    launch_info: torch.Tensor,
     *,
     config: TileConfig,
-    item_offset: int,
-    num_items: int,
+    num_programs: int,
     sm_scale: float,
 ) -> None:
-    """Launch the pack kernel for items ``[item_offset, item_offset + num_items)``, all planned for ``config``.
+    """Launch the pack kernel over the items of one tile config.
 
     Args:
         q: ``[B, Hq, D]`` fp16/bf16/fp32.
@@ -186,9 +265,13 @@ def pack_attention(
         items: the plan's work-item arrays (int32, on q's device).
         out: ``[B, Hq, D]`` in q's dtype; rows whose entry is direct are written here.
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
+        launch_info: int32 ``[2]`` on the device: (first item, number of items) of this config. Read by the kernel,
+            so a CUDA graph captured once replays later plans.
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
+        num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
+            each (eager); a fixed, smaller grid loops (CUDA graphs).
     """
-    if num_items == 0:
+    if num_programs <= 0:
         return
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -201,8 +284,7 @@ def pack_attention(
     # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
     upcast = interpreting() and q.dtype == torch.bfloat16
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (num_items, num_kv_heads)
-    _pack_attn_kernel[grid](
+    _pack_attn_kernel[(num_programs,)](
         q,
         k_buffer,
         v_buffer,
@@ -216,7 +298,7 @@ def pack_attention(
         out,
         partial_o,
         partial_lse,
-        item_offset,
+        launch_info,
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -229,6 +311,7 @@ def pack_attention(
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),

@@ -40,6 +40,8 @@ class PatPlan:
 
     ``modelled_kv_bytes`` / ``modelled_partial_bytes`` count all KV heads, KV splits included;
     ``unique_kv_tokens`` and ``request_kv_tokens`` are the batch's floors with and without sharing.
+    ``launch_info`` holds (first item, item count) per launch and ``num_merge`` the merge count: the kernels read
+    both on the device, so a captured CUDA graph replays any later plan.
     """
 
     num_reqs: int
@@ -58,6 +60,8 @@ class PatPlan:
     merge_req: np.ndarray
     merge_indptr: np.ndarray
     merge_indices: np.ndarray
+    launch_info: np.ndarray
+    num_merge: np.ndarray
     modelled_kv_bytes: int
     modelled_partial_bytes: int
     unique_kv_tokens: int
@@ -73,6 +77,8 @@ class PatPlan:
         "merge_req",
         "merge_indptr",
         "merge_indices",
+        "launch_info",
+        "num_merge",
     )
 
     @property
@@ -106,6 +112,16 @@ def min_split_tokens(rows: int, model: ByteModel, shortest: int = MIN_SPLIT_TOKE
     return max(shortest, int(np.ceil(floor)))
 
 
+@dataclass(frozen=True)
+class PlanCapacity:
+    """Fixed buffer sizes (CUDA-graph mode): a plan that needs more raises ValueError after dropping KV splits."""
+
+    max_items: int
+    max_entries: int
+    max_partials: int
+    max_merge_reqs: int
+
+
 def build_plan(
     packing: Packing,
     kv_indptr: np.ndarray,
@@ -117,14 +133,20 @@ def build_plan(
     page_size: int = 1,
     unique_kv_tokens: int,
     shortest_split: int = MIN_SPLIT_TOKENS,
+    fixed_configs: tuple[TileConfig, ...] | None = None,
+    capacity: PlanCapacity | None = None,
 ) -> PatPlan:
     """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits.
 
     ``shortest_split`` is the shortest KV piece a split may make (tests lower it to exercise splits at tiny sizes).
+    ``fixed_configs`` (CUDA-graph mode): every pack takes the config of its BLOCK_M from this tuple and the plan has
+    one launch per entry, empty ones included, so that the launch sequence never changes. ``capacity``: the plan is
+    made to fit (fewer KV splits) or refused.
     """
     group = num_qo_heads // num_kv_heads
     per_pack = packing.model.reqs_per_pack
     starts = kv_indptr[:-1].astype(np.int64)
+    by_block_m = {c.block_m: c for c in fixed_configs} if fixed_configs else None
 
     # 1. Packs: each group's requests in chunks of at most 128 rows, all over the group's range.
     pack_start, pack_len, pack_reqs, pack_cfg = [], [], [], []
@@ -134,30 +156,72 @@ def build_plan(
             pack_start.append(int(starts[reqs[0]]) + g.start)
             pack_len.append(g.end - g.start)
             pack_reqs.append(reqs)
-            pack_cfg.append(choose_tile(len(reqs) * group, head_dim, g.end - g.start))
-
-    # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
+            cfg = choose_tile(len(reqs) * group, head_dim, g.end - g.start)
+            pack_cfg.append(by_block_m[cfg.block_m] if by_block_m else cfg)
     lens = np.asarray(pack_len, dtype=np.int64)
     rows = np.asarray([len(r) * group for r in pack_reqs], dtype=np.int64)
+    shortest = np.asarray([min_split_tokens(int(r), packing.model, shortest_split) for r in rows], dtype=np.int64)
+
+    # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
+    # Under a capacity, halve the split target until the plan fits.
     cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
     piece_cost = cost.sum() * num_kv_heads / max(1, CTAS_PER_SM * num_sms)
-    align = max(page_size, 16)
-    items: list[tuple[TileConfig, int, int, int]] = []  # (config, kv_start, kv_len, pack)
+    while True:
+        items = _split(pack_cfg, pack_start, lens, cost, shortest, piece_cost, max(page_size, 16))
+        plan = _finish(items, pack_reqs, len(starts), fixed_configs)
+        if capacity is None or _fits(plan, capacity):
+            break
+        if all(it[2] == lens[it[3]] for it in items):
+            need = _need(plan)
+            raise ValueError(
+                f"the plan needs {need} but the CUDA-graph buffers hold {capacity}: raise max_batch_size or "
+                "max_partials_per_request"
+            )
+        piece_cost *= 2
+
+    item_len, item_reqs = plan["item_kv_len"], plan["item_num_reqs"]
+    kv_bytes = int(
+        (item_len * np.ceil(item_reqs * group / 128.0)).sum() * packing.model.kv_bytes_per_token * num_kv_heads
+    )
+    num_partials = len(plan["merge_indices"])
+    partial_bytes = num_partials * group * packing.model.partial_bytes_per_row * num_kv_heads
+    launches = plan.pop("launches")
+    return PatPlan(
+        num_reqs=len(starts),
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        launches=launches,
+        num_partials=num_partials,
+        num_merge_reqs=len(plan["merge_req"]),
+        **{name: a.astype(np.int32) for name, a in plan.items()},
+        modelled_kv_bytes=kv_bytes,
+        modelled_partial_bytes=partial_bytes,
+        unique_kv_tokens=unique_kv_tokens,
+        request_kv_tokens=int(np.diff(kv_indptr.astype(np.int64)).sum()),
+    )
+
+
+def _split(pack_cfg, pack_start, lens, cost, shortest, piece_cost, align) -> list[tuple[TileConfig, int, int, int]]:
+    """Work items (config, kv_start, kv_len, pack): each pack cut into pieces of about ``piece_cost``."""
+    items = []
     for p in range(len(lens)):
-        n = split_count(
-            float(cost[p]), piece_cost, int(lens[p]), min_split_tokens(int(rows[p]), packing.model, shortest_split)
-        )
+        n = split_count(float(cost[p]), piece_cost, int(lens[p]), int(shortest[p]))
         size = -(-int(lens[p]) // n)
         size = -(-size // align) * align
         for s in range(0, int(lens[p]), size):
             items.append((pack_cfg[p], pack_start[p] + s, min(size, int(lens[p]) - s), p))
+    return items
 
-    # 3. Order by config (one launch each), longest first inside a config.
-    config_order = {c: i for i, c in enumerate(sorted({it[0] for it in items}, key=_config_key))}
-    items.sort(key=lambda it: (config_order[it[0]], -it[2]))
 
-    # 4. Destinations: a request in exactly one item writes its output row directly.
-    items_per_req = np.zeros(len(starts), dtype=np.int64)
+def _finish(items, pack_reqs, num_reqs: int, fixed_configs) -> dict:
+    """Order items by config (one launch each, longest first), assign destinations and the merge CSR."""
+    configs = list(fixed_configs) if fixed_configs else sorted({it[0] for it in items}, key=_config_key)
+    config_order = {c: i for i, c in enumerate(configs)}
+    items = sorted(items, key=lambda it: (config_order[it[0]], -it[2]))
+
+    # A request in exactly one item writes its output row directly; every other entry gets a partial slot.
+    items_per_req = np.zeros(num_reqs, dtype=np.int64)
     for it in items:
         items_per_req[pack_reqs[it[3]]] += 1
     entry_req = np.concatenate([pack_reqs[it[3]] for it in items])
@@ -165,48 +229,51 @@ def build_plan(
     entry_dest = np.where(direct, -(entry_req + 1), 0)
     entry_dest[~direct] = np.arange(int((~direct).sum()))
     num_entries = np.asarray([len(pack_reqs[it[3]]) for it in items], dtype=np.int64)
-    entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]])
 
-    # 5. Merge CSR over requests with >= 2 partials, in request order.
-    partial_slot = entry_dest[~direct]
+    # Merge CSR over requests with >= 2 partials, in request order.
     partial_req = entry_req[~direct]
     order = np.argsort(partial_req, kind="stable")
     merge_req, counts = np.unique(partial_req[order], return_counts=True)
-    merge_indptr = np.concatenate([[0], np.cumsum(counts)])
 
-    launches, offset = [], 0
-    for cfg in sorted(config_order, key=config_order.get):
-        n = sum(1 for it in items if it[0] == cfg)
-        launches.append(Launch(config=cfg, item_offset=offset, num_items=n))
-        offset += n
-
-    item_len = np.asarray([it[2] for it in items], dtype=np.int64)
-    item_reqs = num_entries
-    kv_bytes = int(
-        (item_len * np.ceil(item_reqs * group / 128.0)).sum() * packing.model.kv_bytes_per_token * num_kv_heads
+    counts_per_config = np.bincount([config_order[it[0]] for it in items], minlength=len(configs))
+    offsets = np.concatenate([[0], np.cumsum(counts_per_config)[:-1]])
+    launches = tuple(
+        Launch(config=c, item_offset=int(o), num_items=int(n))
+        for c, o, n in zip(configs, offsets, counts_per_config)
+        if n > 0 or fixed_configs
     )
-    partial_bytes = int(len(partial_slot)) * group * packing.model.partial_bytes_per_row * num_kv_heads
-    return PatPlan(
-        num_reqs=len(starts),
-        num_qo_heads=num_qo_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        launches=tuple(launches),
-        num_partials=int(len(partial_slot)),
-        num_merge_reqs=int(len(merge_req)),
-        item_kv_start=np.asarray([it[1] for it in items], dtype=np.int32),
-        item_kv_len=item_len.astype(np.int32),
-        item_entry_start=entry_start.astype(np.int32),
-        item_num_reqs=item_reqs.astype(np.int32),
-        entry_req=entry_req.astype(np.int32),
-        entry_dest=entry_dest.astype(np.int32),
-        merge_req=merge_req.astype(np.int32),
-        merge_indptr=merge_indptr.astype(np.int32),
-        merge_indices=partial_slot[order].astype(np.int32),
-        modelled_kv_bytes=kv_bytes,
-        modelled_partial_bytes=partial_bytes,
-        unique_kv_tokens=unique_kv_tokens,
-        request_kv_tokens=int(np.diff(kv_indptr.astype(np.int64)).sum()),
+    return {
+        "launches": launches,
+        "item_kv_start": np.asarray([it[1] for it in items], dtype=np.int64),
+        "item_kv_len": np.asarray([it[2] for it in items], dtype=np.int64),
+        "item_entry_start": np.concatenate([[0], np.cumsum(num_entries)[:-1]]),
+        "item_num_reqs": num_entries,
+        "entry_req": entry_req,
+        "entry_dest": entry_dest,
+        "merge_req": merge_req,
+        "merge_indptr": np.concatenate([[0], np.cumsum(counts)]),
+        "merge_indices": entry_dest[~direct][order],
+        "launch_info": np.asarray([[lc.item_offset, lc.num_items] for lc in launches], dtype=np.int64).reshape(-1),
+        "num_merge": np.asarray([len(merge_req)], dtype=np.int64),
+    }
+
+
+def _need(plan: dict) -> PlanCapacity:
+    return PlanCapacity(
+        max_items=len(plan["item_kv_len"]),
+        max_entries=len(plan["entry_req"]),
+        max_partials=len(plan["merge_indices"]),
+        max_merge_reqs=len(plan["merge_req"]),
+    )
+
+
+def _fits(plan: dict, capacity: PlanCapacity) -> bool:
+    need = _need(plan)
+    return (
+        need.max_items <= capacity.max_items
+        and need.max_entries <= capacity.max_entries
+        and need.max_partials <= capacity.max_partials
+        and need.max_merge_reqs <= capacity.max_merge_reqs
     )
 
 
