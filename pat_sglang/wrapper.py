@@ -378,7 +378,8 @@ class _GraphBuffers:
         block_ms = sorted({choose_tile(r * group, w.head_dim, 1 << 20).block_m for r in range(1, 128 // group + 1)})
         assert set(block_ms) <= set(BLOCK_M_CHOICES)
         self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in reversed(block_ms))
-        max_partials = max_batch_size * partials_per_req
+        # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
+        max_partials = max_batch_size * partials_per_req + 2 * CTAS_PER_SM * w.num_sms
         self.capacity = PlanCapacity(
             max_items=max_partials + max_batch_size,
             max_entries=max_partials + max_batch_size,
