@@ -124,6 +124,13 @@ class PatDecodeWrapper:
             self._graph = _GraphBuffers(self, max_batch_size, max_num_kv_tokens, max_partials_per_request)
 
     @property
+    def kv_indices_buffer(self) -> torch.Tensor:
+        """Graph mode: the fixed int32 slot buffer. Writing the slots here and passing it to ``plan`` saves a copy."""
+        if self._graph is None:
+            raise RuntimeError("kv_indices_buffer exists only with use_cuda_graph=True")
+        return self._graph.kv_indices
+
+    @property
     def plan_info(self) -> PatPlan:
         """The current plan (host arrays and modelled bytes), for reports and tests."""
         if self._plan is None:
@@ -440,5 +447,6 @@ class _GraphBuffers:
         if self.buffer.is_cuda:
             staged = staged.pin_memory()
         self.buffer.copy_(staged, non_blocking=True)
-        self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
+        if kv_indices.data_ptr() != self.kv_indices.data_ptr():
+            self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
         self.wrapper._plan = plan

@@ -1,0 +1,247 @@
+"""``PatAttnBackend``: SGLang's ``TritonAttnBackend`` with decode through the pat planner and kernels.
+
+Decode (eager, CUDA-graph capture and replay) goes through one metadata builder, ``_plan_decode``: KV slots from
+``req_to_token`` into a device buffer, ``kv_indptr`` from the host sequence lengths, radix paths from the batch (or
+from the stash for graph replay), then ``PatDecodeWrapper.plan``. Extend, mixed, target-verify, draft-extend and
+speculative decode are the Triton backend's own. Configurations pat does not handle fail at construction (or at
+the first decode of a layer that uses them) with a message that names a backend that does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
+
+from pat_sglang.backend.paths import (
+    PrefixPaths,
+    forward_batch_paths,
+    install_init_new_hook,
+    stashed_paths,
+)
+from pat_sglang.kernels import SUPPORTED_HEAD_DIMS
+from pat_sglang.wrapper import PatDecodeWrapper
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+INSTEAD = "use --attention-backend triton or flashinfer"
+
+
+class UnsupportedConfigError(ValueError):
+    """A model or server setting that pat does not handle; the message names the setting and a backend that does."""
+
+
+def check_supported(model_runner: Any) -> None:
+    """Raise UnsupportedConfigError for configurations pat would compute wrongly or not at all."""
+    mc = model_runner.model_config
+    if getattr(model_runner, "use_mla_backend", False):
+        raise UnsupportedConfigError(
+            "pat does not support MLA models (DeepSeek-style latent attention); use --attention-backend flashmla, "
+            "fa3 or triton"
+        )
+    if getattr(mc, "is_encoder_decoder", False):
+        raise UnsupportedConfigError(f"pat does not support cross-attention (encoder-decoder models); {INSTEAD}")
+    window = getattr(model_runner, "sliding_window_size", None)
+    if window is not None and window > 0:
+        raise UnsupportedConfigError(f"pat does not support sliding-window attention (window {window}); {INSTEAD}")
+    kv_dtype = getattr(model_runner, "kv_cache_dtype", None)
+    if kv_dtype is not None and kv_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedConfigError(
+            f"pat does not support a {kv_dtype} KV cache (--kv-cache-dtype); use --kv-cache-dtype auto or {INSTEAD}"
+        )
+
+
+def create_pat_backend(model_runner: Any) -> PatAttnBackend:
+    """The factory registered as ``pat`` (see ``_pat_sglang_autoload``)."""
+    check_supported(model_runner)
+    install_init_new_hook()
+    return PatAttnBackend(model_runner)
+
+
+class PatAttnBackend(TritonAttnBackend):
+    """Prefix-aware decode attention for SGLang. Everything but plain decode is ``TritonAttnBackend``'s."""
+
+    def __init__(self, model_runner: Any, **kwargs: Any) -> None:
+        check_supported(model_runner)
+        super().__init__(model_runner, **kwargs)
+        head_dim = model_runner.model_config.head_dim
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise UnsupportedConfigError(f"pat supports head_dim {SUPPORTED_HEAD_DIMS}, not {head_dim}; {INSTEAD}")
+        if self.v_head_dim != head_dim:
+            raise UnsupportedConfigError(
+                f"pat needs equal K and V head dims (got {head_dim} and {self.v_head_dim}); {INSTEAD}"
+            )
+        self.model_runner = model_runner
+        self.head_dim = head_dim
+        self.page_size = model_runner.page_size
+        self.kv_data_type = model_runner.kv_cache_dtype
+        self.pat_eager = PatDecodeWrapper(
+            self.num_head, self.num_kv_head, head_dim, page_size=self.page_size, device=self.device
+        )
+        self.pat_graph: PatDecodeWrapper | None = None
+        self._pat_active: PatDecodeWrapper | None = None  # the wrapper the current decode batch was planned on
+
+    # ---------------------------------------------------------------------------------------------- metadata
+    def _plan_decode(
+        self,
+        wrapper: PatDecodeWrapper,
+        bs: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor,
+        paths: PrefixPaths | None,
+        kv_indices: torch.Tensor,
+    ) -> None:
+        """The one decode metadata builder (eager, graph capture, graph replay)."""
+        seq_cpu = seq_lens_cpu[:bs].to(torch.int64)
+        indptr_cpu = torch.zeros(bs + 1, dtype=torch.int64)
+        torch.cumsum(seq_cpu, 0, out=indptr_cpu[1:])
+        nnz = int(indptr_cpu[-1])
+        kv_indptr = self.kv_indptr[: bs + 1]
+        kv_indptr[1:] = torch.cumsum(seq_lens[:bs], dim=0)
+        create_flashinfer_kv_indices_triton[(bs,)](
+            self.req_to_token,
+            req_pool_indices[:bs],
+            seq_lens[:bs],
+            kv_indptr,
+            None,
+            kv_indices,
+            self.req_to_token.stride(0),
+        )
+        if paths is not None and len(paths) < bs:
+            # Graph padding: rows past the real batch hold stale req_pool_indices; they share nothing.
+            paths = list(paths) + [[] for _ in range(bs - len(paths))]
+        wrapper.plan(indptr_cpu, kv_indices[:nnz], prefix_paths=paths, kv_data_type=self.kv_data_type)
+        self._pat_active = wrapper
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        mode = forward_batch.forward_mode
+        if not (mode.is_decode() and forward_batch.spec_info is None):
+            self._pat_active = None
+            super().init_forward_metadata(forward_batch)
+            return
+        bs = forward_batch.batch_size
+        seq_lens_cpu = forward_batch.seq_lens_cpu
+        if seq_lens_cpu is None:
+            seq_lens_cpu = forward_batch.seq_lens.cpu()
+        kv_indices = torch.empty(int(seq_lens_cpu[:bs].sum()), dtype=torch.int32, device=self.device)
+        self._plan_decode(
+            self.pat_eager,
+            bs,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            seq_lens_cpu,
+            forward_batch_paths(forward_batch),
+            kv_indices,
+        )
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, **kwargs: Any) -> None:
+        super().init_cuda_graph_state(max_bs, max_num_tokens, **kwargs)
+        self.pat_graph = PatDecodeWrapper(
+            self.num_head,
+            self.num_kv_head,
+            self.head_dim,
+            page_size=self.page_size,
+            device=self.device,
+            use_cuda_graph=True,
+            max_batch_size=max_bs,
+            max_num_kv_tokens=max_bs * self.max_context_len,
+        )
+
+    def _graph_decode(self, forward_mode: ForwardMode, spec_info: Any) -> bool:
+        return forward_mode.is_decode() and spec_info is None
+
+    def init_forward_metadata_capture_cuda_graph(
+        self,
+        bs: int,
+        num_tokens: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        encoder_lens: torch.Tensor | None,
+        forward_mode: ForwardMode,
+        spec_info: Any,
+    ) -> None:
+        if not self._graph_decode(forward_mode, spec_info):
+            self._pat_active = None
+            super().init_forward_metadata_capture_cuda_graph(
+                bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info
+            )
+            return
+        if self.pat_graph is None:
+            raise RuntimeError("init_cuda_graph_state() must run before capture")
+        # Capture happens outside the graph's stream capture: reading the dummy lengths back is allowed here.
+        self._plan_decode(
+            self.pat_graph, bs, req_pool_indices, seq_lens, seq_lens[:bs].cpu(), None, self.pat_graph.kv_indices_buffer
+        )
+
+    def init_forward_metadata_replay_cuda_graph(
+        self,
+        bs: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_sum: int,
+        encoder_lens: torch.Tensor | None,
+        forward_mode: ForwardMode,
+        spec_info: Any,
+        seq_lens_cpu: torch.Tensor | None,
+    ) -> None:
+        if not self._graph_decode(forward_mode, spec_info):
+            self._pat_active = None
+            super().init_forward_metadata_replay_cuda_graph(
+                bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
+            )
+            return
+        if seq_lens_cpu is None:
+            seq_lens_cpu = seq_lens[:bs].cpu()
+        paths = stashed_paths(self.model_runner, seq_lens_cpu[:bs].tolist())
+        assert self.pat_graph is not None
+        self._plan_decode(
+            self.pat_graph, bs, req_pool_indices, seq_lens, seq_lens_cpu, paths, self.pat_graph.kv_indices_buffer
+        )
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        wrapper = self._pat_active
+        if wrapper is None:  # speculative decode steps: SGLang's own kernels and metadata
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, sinks=sinks)
+        if sinks is not None:
+            raise UnsupportedConfigError(f"pat does not support attention sinks (layer {layer.layer_id}); {INSTEAD}")
+        if layer.logit_cap and layer.logit_cap > 0:
+            raise UnsupportedConfigError(
+                f"pat does not support logit soft-capping (layer {layer.layer_id}, cap {layer.logit_cap}); {INSTEAD}"
+            )
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            raise UnsupportedConfigError(
+                f"pat does not support sliding-window attention (layer {layer.layer_id}); {INSTEAD}"
+            )
+        if getattr(layer, "is_cross_attention", False):
+            raise UnsupportedConfigError(f"pat does not support cross-attention (layer {layer.layer_id}); {INSTEAD}")
+        num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, num_heads, head_dim)
+        o = torch.empty_like(q)
+        if save_kv_cache:
+            forward_batch.token_to_kv_pool.set_kv_buffer(
+                layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale
+            )
+        pool = forward_batch.token_to_kv_pool
+        wrapper.run(
+            q,
+            pool.get_key_buffer(layer.layer_id),
+            pool.get_value_buffer(layer.layer_id),
+            sm_scale=layer.scaling,
+            out=o,
+        )
+        return o.view(-1, num_heads * head_dim)
