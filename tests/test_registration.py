@@ -1,0 +1,65 @@
+"""``--attention-backend pat`` registration through the installed ``.pth`` hook, each check in a fresh interpreter.
+
+``make test`` installs the package from its wheel, as a user's ``pip install`` does, so the hook under test is the
+real one (an editable install may not carry the ``.pth``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sglang_env
+
+if not sglang_env.prepare():
+    pytest.skip("sglang is not installed", allow_module_level=True)
+
+PROBE = str(Path(__file__).resolve().parent / "registration_probe.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _probe(what: str, **env: str) -> str:
+    # Run outside the repository so that the installed package, not the source tree, is what Python finds.
+    out = subprocess.run(
+        [sys.executable, PROBE, what], capture_output=True, text=True, timeout=300, cwd="/", env=os.environ | env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_pth_hook_is_installed():
+    found = [p for p in site.getsitepackages() if (Path(p) / "pat_sglang.pth").exists()]
+    assert found, "pat_sglang.pth is not in site-packages: install the wheel (make install), not an editable copy"
+
+
+def test_choices_and_registry_in_a_fresh_interpreter():
+    assert "choices True registry True" in _probe("choices")
+
+
+def test_argparse_accepts_pat_for_both_flags():
+    assert "parsed pat pat" in _probe("parse")
+
+
+def test_launch_server_help_lists_pat():
+    code = (
+        f"import sys, runpy; sys.path.insert(0, {str(ROOT / 'tests')!r}); import sglang_env; sglang_env.prepare(); "
+        "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    help_text = "".join(out.stdout.split())  # argparse wraps the choices list anywhere
+    assert re.search(r"--attention-backend\{[^}]*,pat[,}]", help_text), out.stdout[:2000]
+
+
+def test_spawned_child_resolves_the_factory():
+    assert "child _pat_sglang_autoload.create_pat_backend" in _probe("spawn")
+
+
+def test_autoload_off_then_explicit_register():
+    out = _probe("explicit", PAT_SGLANG_AUTOLOAD="0")
+    assert "before False False" in out and "after True True" in out
