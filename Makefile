@@ -10,7 +10,7 @@ TRITON_SPEC ?= triton==3.6.0
 SGLANG_SPEC ?= sglang==0.5.10.post1
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv install test lint format gpu-check clean
+.PHONY: venv install test lint format demo gpu-check clean
 
 $(STAMP): pyproject.toml setup.py Makefile tests/requirements-sglang-cpu.txt tests/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ install: venv
 
 test: lint install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The main job on an embedded default: a multi-agent decode step through RadixCache, PatAttnBackend and SGLang's
+# Triton backend (small under the interpreter on a CPU, full size on a GPU).
+demo: install
+	$(PY) scripts/demo.py
 
 # On a CUDA machine with torch and triton installed (the H200 box): the same suite on the GPU, plus a timing.
 gpu-check:

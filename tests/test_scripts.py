@@ -34,3 +34,15 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert records[0]["workload"] == "system_prompt" and "git_sha" in records[0]
     assert (tmp_path / "bench_decode.csv").read_text().count("\n") == 3
     assert "system_prompt" in capsys.readouterr().out
+
+
+def test_demo_runs_and_agrees():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--per-role", "2", "--scale", "0.015"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "packs per tree level" in out.stdout and "agreement: max |pat - triton|" in out.stdout
+    assert "x less" in out.stdout
