@@ -94,33 +94,84 @@ class Packing:
 
 
 class _Tree:
-    """Forest nodes ``0..N-1`` and request tails ``N..N+B-1`` as one tree with children lists."""
+    """Shared nodes with children lists; request tails kept as arrays per parent node (vectorised in the DP)."""
 
     def __init__(self, forest: Forest) -> None:
-        n, b = forest.num_nodes, forest.num_reqs
-        self.num_shared = n
-        self.offset = np.concatenate([forest.node_offset, forest.path_end])
-        self.end = np.concatenate([forest.node_offset + forest.node_length, forest.seq_lens])
-        self.members: list[np.ndarray] = list(forest.node_members) + [np.array([i], dtype=np.int64) for i in range(b)]
-        parent = np.concatenate([forest.node_parent, forest.tail_parent])
-        self.children: list[list[int]] = [[] for _ in range(n + b)]
+        n = forest.num_nodes
+        self.offset = forest.node_offset
+        self.end = forest.node_offset + forest.node_length
+        self.members = forest.node_members
+        self.children: list[list[int]] = [[] for _ in range(n)]
         self.roots: list[int] = []
-        for v, p in enumerate(parent.tolist()):
+        for v, p in enumerate(forest.node_parent.tolist()):
             (self.roots if p < 0 else self.children[p]).append(v)
+        order = np.argsort(forest.tail_parent, kind="stable")
+        parents = forest.tail_parent[order]
+        cuts = np.searchsorted(parents, np.arange(-1, n + 1))
+        self.root_tails = order[cuts[0] : cuts[1]]  # requests that share nothing
+        self.tail_reqs = [order[cuts[v + 1] : cuts[v + 2]] for v in range(n)]
+        self.tail_end = [forest.seq_lens[t].tolist() for t in self.tail_reqs]
 
 
 def pack_forest(forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO) -> Packing:
     """Choose merge/split per edge and return the groups. ``Policy.AUTO`` keeps the cheapest of DP, merge, split."""
-    tree = _Tree(forest)
-    if policy is not Policy.AUTO:
-        return _packing(tree, forest, model, policy)
-    candidates = [_packing(tree, forest, model, p) for p in (Policy.AUTO, Policy.SPLIT, Policy.MERGE)]
-    return min(candidates, key=lambda c: c.modelled_bytes)
+    if policy is Policy.MERGE:
+        return merge_packing(forest, model)
+    if policy is Policy.SPLIT:
+        return split_packing(forest, model)
+    chosen = _packing(_Tree(forest), forest, model, Policy.AUTO)
+    best = min(chosen.modelled_bytes, merge_bytes(forest, model), split_bytes(forest, model))
+    if best == chosen.modelled_bytes:
+        return chosen
+    return merge_packing(forest, model) if best == merge_bytes(forest, model) else split_packing(forest, model)
+
+
+def merge_bytes(forest: Forest, model: ByteModel) -> int:
+    """All-merge (no sharing): every request reads its whole row alone and writes its output directly."""
+    return int(forest.seq_lens.sum()) * model.kv_bytes_per_token
+
+
+def merge_packing(forest: Forest, model: ByteModel) -> Packing:
+    groups = tuple(
+        Group(start=0, end=int(n), reqs=np.array([i], dtype=np.int64)) for i, n in enumerate(forest.seq_lens)
+    )
+    return Packing(groups=groups, model=model, num_reqs=forest.num_reqs)
+
+
+def _split_partials(forest: Forest) -> np.ndarray:
+    """Partials per request under all-split: one per shared node on its path, one for a non-empty tail."""
+    depth = np.concatenate([[-1], forest.node_depth()])  # index 0: no shared node
+    on_path = depth[forest.tail_parent + 1] + 1
+    return on_path + (forest.seq_lens > forest.path_end)
+
+
+def split_bytes(forest: Forest, model: ByteModel) -> int:
+    """All-split: every shared node read once by all its members, every tail alone."""
+    sizes = np.asarray([len(m) for m in forest.node_members], dtype=np.int64)
+    packs = -(-sizes // model.reqs_per_pack)
+    kv = int((packs * forest.node_length).sum()) + int((forest.seq_lens - forest.path_end).sum())
+    k = _split_partials(forest)
+    return kv * model.kv_bytes_per_token + int(k[k >= 2].sum()) * model.group_size * model.partial_bytes_per_row
+
+
+def split_packing(forest: Forest, model: ByteModel) -> Packing:
+    groups = [
+        Group(start=int(o), end=int(o + n), reqs=m)
+        for o, n, m in zip(forest.node_offset, forest.node_length, forest.node_members)
+    ]
+    groups += [
+        Group(start=int(e), end=int(n), reqs=np.array([i], dtype=np.int64))
+        for i, (e, n) in enumerate(zip(forest.path_end, forest.seq_lens))
+        if n > e
+    ]
+    return Packing(groups=tuple(groups), model=model, num_reqs=forest.num_reqs)
 
 
 def _packing(tree: _Tree, forest: Forest, model: ByteModel, policy: Policy) -> Packing:
     solver = _Solver(tree, model, policy)
-    groups: list[Group] = []
+    groups: list[Group] = [
+        Group(start=0, end=int(forest.seq_lens[i]), reqs=np.array([i], dtype=np.int64)) for i in tree.root_tails
+    ]
     for root in tree.roots:
         solver.cost(root, 0)
         solver.emit(root, 0, groups)
@@ -128,18 +179,18 @@ def _packing(tree: _Tree, forest: Forest, model: ByteModel, policy: Policy) -> P
 
 
 class _Solver:
-    """Tree DP: ``cost(v, r)`` is the cheapest modelled bytes of v's subtree when v's range starts at token r."""
+    """Tree DP: ``cost(v, r)`` is the cheapest modelled bytes of v's subtree when v's range starts at token r.
+
+    A node's children are its shared child nodes and its requests' private tails; a tail merged into a range
+    starting at r is one group ``[r, seq_len)`` (no partial when r == 0: every edge above merged, direct output), a
+    split tail is ``[node end, seq_len)`` when non-empty and its request joins the node's group.
+    """
 
     def __init__(self, tree: _Tree, model: ByteModel, policy: Policy) -> None:
         self.tree = tree
         self.model = model
         self.policy = policy
-        self.memo: dict[tuple[int, int], tuple[int, tuple[int, ...] | None]] = {}
-
-    def _group_bytes(self, num_reqs: int, start: int, end: int) -> int:
-        m = self.model
-        packs = -(-num_reqs // m.reqs_per_pack)
-        return packs * (end - start) * m.kv_bytes_per_token + num_reqs * m.group_size * m.partial_bytes_per_row
+        self.memo: dict[tuple[int, int], tuple[int, tuple[int, ...], list[bool]]] = {}
 
     def cost(self, v: int, r: int) -> int:
         key = (v, r)
@@ -147,61 +198,65 @@ class _Solver:
         if hit is not None:
             return hit[0]
         t, m = self.tree, self.model
+        bt, gbp = m.kv_bytes_per_token, m.group_size * m.partial_bytes_per_row
+        end = int(t.end[v])
         children = t.children[v]
-        if v >= t.num_shared:  # a request tail: one group of one request over [r, seq_len), if non-empty
-            length = int(t.end[v]) - r
-            if length == 0:
-                result = (0, None)
-            else:
-                # r == 0 means every edge above was merged: this is the request's only partial (direct output).
-                partial = 0 if r == 0 else m.group_size * m.partial_bytes_per_row
-                result = (length * m.kv_bytes_per_token + partial, None)
-            self.memo[key] = result
-            return result[0]
-
         merged = [self.cost(c, r) for c in children]
         split = [self.cost(c, int(t.offset[c])) for c in children]
         sizes = [len(t.members[c]) for c in children]
-        best_merge = sum(merged)
-        end = int(t.end[v])
+        tail_end = t.tail_end[v]
+        merged_t = [(e - r) * bt + (0 if r == 0 else gbp) for e in tail_end]
+        split_t = [(e - end) * bt + gbp if e > end else 0 for e in tail_end]
+        best_merge = sum(merged) + sum(merged_t)
+
         if self.policy is Policy.MERGE:
-            chosen: tuple[int, ...] = ()
+            chosen, chosen_t = (), [False] * len(tail_end)
         elif self.policy is Policy.SPLIT:
-            chosen = tuple(range(len(children)))
+            chosen, chosen_t = tuple(range(len(children))), [True] * len(tail_end)
         else:
-            # Marginal cost of splitting child j: its own subtree from its offset, its rows' partials here, and its
+            # Marginal cost of splitting a child: its subtree from its own offset, its rows' partials here, and its
             # share of this node's KV (per request, one pack's KV divided among the pack's requests).
-            kv_share = (end - r) * m.kv_bytes_per_token / m.reqs_per_pack
-            delta = [
-                split[j] + sizes[j] * (m.group_size * m.partial_bytes_per_row + kv_share) - merged[j]
-                for j in range(len(children))
-            ]
-            chosen = tuple(j for j in range(len(children)) if delta[j] < 0) or (int(np.argmin(delta)),)
-        if chosen:
-            in_split = set(chosen)
-            num = sum(sizes[j] for j in chosen)
-            total = self._group_bytes(num, r, end) + sum(
-                split[j] if j in in_split else merged[j] for j in range(len(children))
-            )
+            kv_share = (end - r) * bt / m.reqs_per_pack
+            delta = [split[j] + sizes[j] * (gbp + kv_share) - merged[j] for j in range(len(children))]
+            delta_t = [st + gbp + kv_share - mt for st, mt in zip(split_t, merged_t)]
+            chosen = tuple(j for j in range(len(children)) if delta[j] < 0)
+            chosen_t = [d < 0 for d in delta_t]
+            if not chosen and not any(chosen_t):
+                # Splitting nothing is case "all merge", evaluated below; else split the cheapest child.
+                candidates = [(d, 0, j) for j, d in enumerate(delta)] + [(d, 1, j) for j, d in enumerate(delta_t)]
+                if candidates:
+                    _, is_tail, j = min(candidates)
+                    if is_tail:
+                        chosen_t[j] = True
+                    else:
+                        chosen = (j,)
+        in_split = set(chosen)
+        num = sum(sizes[j] for j in chosen) + sum(chosen_t)
+        if num:
+            packs = -(-num // m.reqs_per_pack)
+            total = packs * (end - r) * bt + num * gbp
+            total += sum(split[j] if j in in_split else merged[j] for j in range(len(children)))
+            total += sum(st if c else mt for st, mt, c in zip(split_t, merged_t, chosen_t))
             if self.policy is Policy.AUTO and best_merge <= total:
-                total, chosen = best_merge, ()
+                total, chosen, chosen_t = best_merge, (), [False] * len(tail_end)
         else:
             total = best_merge
-        self.memo[key] = (int(total), chosen)
+        self.memo[key] = (int(total), chosen, chosen_t)
         return int(total)
 
     def emit(self, v: int, r: int, groups: list[Group]) -> None:
         t = self.tree
-        _, chosen = self.memo[(v, r)]
-        if v >= t.num_shared:
-            if int(t.end[v]) > r:
-                groups.append(Group(start=r, end=int(t.end[v]), reqs=t.members[v]))
-            return
+        _, chosen, chosen_t = self.memo[(v, r)]
+        end = int(t.end[v])
         children = t.children[v]
-        assert chosen is not None
-        if chosen:
-            reqs = np.sort(np.concatenate([t.members[children[j]] for j in chosen]))
-            groups.append(Group(start=r, end=int(t.end[v]), reqs=reqs))
+        tails, tail_end = t.tail_reqs[v], t.tail_end[v]
+        if chosen or any(chosen_t):
+            parts = [t.members[children[j]] for j in chosen] + [tails[np.asarray(chosen_t, dtype=bool)]]
+            groups.append(Group(start=r, end=end, reqs=np.sort(np.concatenate(parts))))
+        for i, e, split in zip(tails.tolist(), tail_end, chosen_t):
+            start = end if split else r
+            if e > start:
+                groups.append(Group(start=start, end=e, reqs=np.array([i], dtype=np.int64)))
         in_split = set(chosen)
         for j, c in enumerate(children):
             if j in in_split:

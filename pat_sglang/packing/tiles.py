@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from pat_sglang.kernels.common import padded_head_dim
 from pat_sglang.kernels.pack_attention import TileConfig
 
@@ -26,7 +28,12 @@ def block_m_for_rows(rows: int) -> int:
 
 def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
     """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads."""
-    block_m = block_m_for_rows(rows)
+    # Only lengths below 256 change BLOCK_N, so the cache stays small.
+    return _tile(block_m_for_rows(rows), head_dim, min(kv_len, 256))
+
+
+@cache
+def _tile(block_m: int, head_dim: int, kv_len: int) -> TileConfig:
     table = _TILES_D256 if padded_head_dim(head_dim) > 128 else _TILES_D128
     block_n, num_warps, num_stages = table[block_m]
     # Short ranges: no point in a KV tile much wider than the range itself.
