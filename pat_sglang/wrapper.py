@@ -219,13 +219,8 @@ class PatDecodeWrapper:
         self._upload(plan)
         self._kv_indices = kv_indices.to(self.device, non_blocking=True)
 
-    def _upload(self, plan: PatPlan) -> None:
-        flat, offsets = plan.flat_int32()
-        host = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        buf = host.to(self.device, non_blocking=True)
-        view = {name: buf[o : o + n] for name, (o, n) in offsets.items()}
+    def _bind(self, view: dict[str, torch.Tensor]) -> None:
+        """Point the launch arguments at device views of the plan's arrays (one view per PatPlan.ARRAY_FIELDS)."""
         self._items = PackItems(
             item_kv_start=view["item_kv_start"],
             item_kv_len=view["item_kv_len"],
@@ -237,6 +232,14 @@ class PatDecodeWrapper:
         self._merge = (view["merge_req"], view["merge_indptr"], view["merge_indices"])
         self._launch_info = view["launch_info"]
         self._num_merge = view["num_merge"]
+
+    def _upload(self, plan: PatPlan) -> None:
+        flat, offsets = plan.flat_int32()
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(self.device, non_blocking=True)
+        self._bind({name: buf[o : o + n] for name, (o, n) in offsets.items()})
         if plan.num_partials > self._partial_o.shape[0]:
             n = plan.num_partials
             self._partial_o = torch.empty(n, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
@@ -415,20 +418,9 @@ class _GraphBuffers:
             self.offsets[name] = pos
             pos += self.sizes[name]
         self.buffer = torch.zeros(pos, dtype=torch.int32, device=w.device)
-        view = {name: self.buffer[o : o + self.sizes[name]] for name, o in self.offsets.items()}
         self.max_num_kv_tokens = max_num_kv_tokens
         self.kv_indices = torch.zeros(max_num_kv_tokens, dtype=torch.int32, device=w.device)
-        w._items = PackItems(
-            item_kv_start=view["item_kv_start"],
-            item_kv_len=view["item_kv_len"],
-            item_entry_start=view["item_entry_start"],
-            item_num_reqs=view["item_num_reqs"],
-            entry_req=view["entry_req"],
-            entry_dest=view["entry_dest"],
-        )
-        w._merge = (view["merge_req"], view["merge_indptr"], view["merge_indices"])
-        w._launch_info = view["launch_info"]
-        w._num_merge = view["num_merge"]
+        w._bind({name: self.buffer[o : o + self.sizes[name]] for name, o in self.offsets.items()})
         w._kv_indices = self.kv_indices
         w._partial_o = torch.zeros(max_partials, w.num_qo_heads, w.head_dim, dtype=torch.float32, device=w.device)
         w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
