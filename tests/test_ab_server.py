@@ -1,0 +1,104 @@
+"""CPU tests of scripts/ab_server.py's workload, agreement and report parts (the servers themselves need a GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sglang_env
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import ab_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return ab_server.prepare_model(ab_server.DEFAULT_MODEL, tmp_path_factory.mktemp("ab"))
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def test_help():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ab_server.py"), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "generated-shared-prefix" in out.stdout
+
+
+def test_offline_tokenizer_round_trips(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["num_key_value_heads"] == 8 and config["num_hidden_layers"] == 32
+    tok = _tokenizer(model_dir)
+    text = " ".join(ab_server.word(i) for i in (3, 17, 31999, 42))
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == [3, 17, 31999, 42]
+    assert tok.decode(ids) == text
+
+
+def test_multi_level_prompts_keep_their_tree(model_dir):
+    """The text prompts tokenize to runs that share exactly the workload's nodes (what the radix cache will see)."""
+    tok = _tokenizer(model_dir)
+    wl = ab_server.make_workload("multi_agent", seed=0, scale=1 / 64)
+    prompts = ab_server.workload_prompts("multi_agent", scale=1 / 64, seed=0)
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    assert [len(x) for x in ids] == wl.seq_lens.tolist()
+    root = wl.prefix_paths[0][0][1]
+    assert all(x[:root] == ids[0][:root] for x in ids), "every request starts with the system prompt"
+    role = wl.prefix_paths[0][1][1]
+    same_role = [x for x, p in zip(ids, wl.prefix_paths) if p[1][0] == wl.prefix_paths[0][1][0]]
+    assert len(same_role) > 1 and all(x[: root + role] == same_role[0][: root + role] for x in same_role)
+
+
+def test_custom_dataset_is_what_bench_serving_reads(model_dir, tmp_path):
+    if not sglang_env.prepare():
+        pytest.skip("sglang is not installed")
+    from sglang.benchmark.datasets.custom import sample_custom_requests
+
+    prompts = ab_server.workload_prompts("tree_of_thought", scale=1 / 64, seed=1)
+    path = tmp_path / "tot.jsonl"
+    ab_server.write_custom_dataset(prompts, 12, path)
+    rows = sample_custom_requests(str(path), len(prompts), _tokenizer(model_dir), fixed_output_len=12)
+    assert len(rows) == len(prompts)
+    assert sorted(r.prompt_len for r in rows) == sorted(len(p.split()) for p in prompts)
+    assert all(r.output_len == 12 for r in rows)
+
+
+def test_greedy_agreement_rules():
+    ref = ab_server.Greedy(tokens=[[5, 6, 7], [8, 9]], logprobs=[[{5: -0.1}, {6: -0.2, 4: -0.21}, {7: -0.1}], []])
+    same = ab_server.Greedy(tokens=[[5, 6, 7], [8, 9]])
+    assert ab_server.compare_greedy(ref, same, 0.05) == (True, "identical greedy tokens")
+    flipped = ab_server.Greedy(tokens=[[5, 4, 7], [8, 9]], logprobs=[[{5: -0.1}, {6: -0.22, 4: -0.2}, {}], []])
+    ok, why = ab_server.compare_greedy(ref, flipped, 0.05)
+    assert ok and "near-tie at token 1" in why
+    wrong = ab_server.Greedy(tokens=[[5, 6, 7], [8, 1]], logprobs=[[], [{8: -0.1}, {1: -0.1, 9: -3.0}]])
+    ok, why = ab_server.compare_greedy(ref, wrong, 0.05)
+    assert not ok and "prompt 1" in why
+
+
+def test_report_and_plot(tmp_path):
+    rows = []
+    for traffic in ("generated-shared-prefix", "multi_agent"):
+        for b, tpot in (("pat", 30.0), ("triton", 60.0)):
+            rows.append(
+                {
+                    "traffic": traffic,
+                    "backend": b,
+                    "median_ttft_ms": 100.0,
+                    "p99_ttft_ms": 200.0,
+                    "median_tpot_ms": tpot,
+                    "p99_tpot_ms": tpot * 1.5,
+                    "output_throughput": 1000.0,
+                }
+            )
+    table = ab_server.report(rows, ["pat", "triton"])
+    assert "2.00x" in table and "multi_agent" in table
+    ab_server.plot(rows, ["pat", "triton"], tmp_path / "ab.png")
