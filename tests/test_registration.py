@@ -63,3 +63,19 @@ def test_spawned_child_resolves_the_factory():
 def test_autoload_off_then_explicit_register():
     out = _probe("explicit", PAT_SGLANG_AUTOLOAD="0")
     assert "before False False" in out and "after True True" in out
+
+
+def test_server_args_accept_pat_and_keep_cuda_graphs():
+    """SGLang's own validation (ServerArgs.__post_init__) takes the registered name as it is."""
+    import pat_sglang
+    from sglang.srt.server_args import ServerArgs
+
+    pat_sglang.register()
+    args = ServerArgs(
+        model_path=str(ROOT / "configs" / "llama3-8b"),
+        attention_backend="pat",
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        device="cpu",
+    )
+    assert args.attention_backend == "pat" and args.page_size == 1 and not args.disable_cuda_graph
