@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
-from pat_sglang.packing.packs import ByteModel, Packing
-from pat_sglang.packing.tiles import choose_tile
+from pat_sglang.packing.packs import Packing
+from pat_sglang.packing.tiles import block_m_for_rows, choose_tile
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
@@ -98,20 +98,6 @@ class PatPlan:
 assert {f.name for f in fields(PatPlan)} >= set(PatPlan.ARRAY_FIELDS)
 
 
-def split_count(cost: float, piece_cost: float, kv_len: int, min_tokens: int) -> int:
-    """KV splits for one pack: enough pieces of ``piece_cost`` each, none shorter than ``min_tokens``."""
-    if piece_cost <= 0:
-        return 1
-    want = int(np.ceil(cost / piece_cost))
-    return max(1, min(want, kv_len // min_tokens, MAX_SPLITS))
-
-
-def min_split_tokens(rows: int, model: ByteModel, shortest: int = MIN_SPLIT_TOKENS) -> int:
-    """Shortest KV piece whose rows' partial traffic stays within MAX_SPLIT_PARTIAL_SHARE of its KV bytes."""
-    floor = rows * model.partial_bytes_per_row / (MAX_SPLIT_PARTIAL_SHARE * model.kv_bytes_per_token)
-    return max(shortest, int(np.ceil(floor)))
-
-
 @dataclass(frozen=True)
 class PlanCapacity:
     """Fixed buffer sizes (CUDA-graph mode): a plan that needs more raises ValueError after dropping KV splits."""
@@ -146,38 +132,64 @@ def build_plan(
     group = num_qo_heads // num_kv_heads
     per_pack = packing.model.reqs_per_pack
     starts = kv_indptr[:-1].astype(np.int64)
-    by_block_m = {c.block_m: c for c in fixed_configs} if fixed_configs else None
+    num_reqs = len(starts)
 
-    # 1. Packs: each group's requests in chunks of at most 128 rows, all over the group's range.
-    pack_start, pack_len, pack_reqs, pack_cfg = [], [], [], []
-    for g in packing.groups:
-        for i in range(0, len(g.reqs), per_pack):
-            reqs = g.reqs[i : i + per_pack]
-            pack_start.append(int(starts[reqs[0]]) + g.start)
-            pack_len.append(g.end - g.start)
-            pack_reqs.append(reqs)
-            cfg = choose_tile(len(reqs) * group, head_dim, g.end - g.start)
-            pack_cfg.append(by_block_m[cfg.block_m] if by_block_m else cfg)
-    lens = np.asarray(pack_len, dtype=np.int64)
-    rows = np.asarray([len(r) * group for r in pack_reqs], dtype=np.int64)
-    shortest = np.asarray([min_split_tokens(int(r), packing.model, shortest_split) for r in rows], dtype=np.int64)
+    # 1. Packs: each group's requests in chunks of at most 128 rows, all over the group's range. Requests are held
+    # as one CSR (pack_indptr into pack_reqs).
+    g_start = np.fromiter((g.start for g in packing.groups), dtype=np.int64, count=len(packing.groups))
+    g_end = np.fromiter((g.end for g in packing.groups), dtype=np.int64, count=len(packing.groups))
+    g_size = np.fromiter((len(g.reqs) for g in packing.groups), dtype=np.int64, count=len(packing.groups))
+    g_reqs = np.concatenate([g.reqs for g in packing.groups]).astype(np.int64)
+    g_first = np.concatenate([[0], np.cumsum(g_size)[:-1]])
+    packs_per_group = -(-g_size // per_pack)
+    pack_group = np.repeat(np.arange(len(g_size)), packs_per_group)
+    pack_rank = np.arange(len(pack_group)) - np.repeat(np.cumsum(packs_per_group) - packs_per_group, packs_per_group)
+    pack_lo = g_first[pack_group] + pack_rank * per_pack
+    pack_hi = np.minimum(pack_lo + per_pack, g_first[pack_group] + g_size[pack_group])
+    pack_nreq = pack_hi - pack_lo
+    lens = g_end[pack_group] - g_start[pack_group]
+    pack_start = starts[g_reqs[pack_lo]] + g_start[pack_group]
+    rows = pack_nreq * group
+
+    # Tile config per pack, as an index into `configs` (one launch each).
+    if fixed_configs:
+        configs = list(fixed_configs)
+        by_block_m = {c.block_m: k for k, c in enumerate(configs)}
+        pack_cfg = np.fromiter((by_block_m[block_m_for_rows(int(r))] for r in rows), dtype=np.int64, count=len(rows))
+    else:
+        chosen = [choose_tile(int(r), head_dim, int(n)) for r, n in zip(rows, lens)]
+        configs = sorted(set(chosen), key=_config_key)
+        index = {c: k for k, c in enumerate(configs)}
+        pack_cfg = np.fromiter((index[c] for c in chosen), dtype=np.int64, count=len(chosen))
+    floor = rows * packing.model.partial_bytes_per_row / (MAX_SPLIT_PARTIAL_SHARE * packing.model.kv_bytes_per_token)
+    shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 
     # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
     cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
     piece_cost = cost.sum() * num_kv_heads / max(1, CTAS_PER_SM * num_sms)
+    align = max(page_size, 16)
     while True:
-        items = _split(pack_cfg, pack_start, lens, cost, shortest, piece_cost, max(page_size, 16))
-        plan = _finish(items, pack_reqs, len(starts), fixed_configs)
+        want = np.ceil(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
+        n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), MAX_SPLITS))
+        per_piece = -(-lens // n)  # ceil(lens / n), then up to a multiple of the alignment
+        size = -(-per_piece // align) * align
+        pieces = -(-lens // size)
+        plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
         if capacity is None or _fits(plan, capacity):
             break
-        if all(it[2] == lens[it[3]] for it in items):
+        if (pieces == 1).all():
             need = _need(plan)
             raise ValueError(
                 f"the plan needs {need} but the CUDA-graph buffers hold {capacity}: raise max_batch_size or "
                 "max_partials_per_request"
             )
         piece_cost *= 2
+    if not fixed_configs:  # launch only the configs in use
+        plan["launches"] = tuple(lc for lc in plan["launches"] if lc.num_items > 0)
+        plan["launch_info"] = np.asarray(
+            [[lc.item_offset, lc.num_items] for lc in plan["launches"]], dtype=np.int64
+        ).reshape(-1)
 
     item_len, item_reqs = plan["item_kv_len"], plan["item_num_reqs"]
     kv_bytes = int(
@@ -187,7 +199,7 @@ def build_plan(
     partial_bytes = num_partials * group * packing.model.partial_bytes_per_row * num_kv_heads
     launches = plan.pop("launches")
     return PatPlan(
-        num_reqs=len(starts),
+        num_reqs=num_reqs,
         num_qo_heads=num_qo_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -202,57 +214,49 @@ def build_plan(
     )
 
 
-def _split(pack_cfg, pack_start, lens, cost, shortest, piece_cost, align) -> list[tuple[TileConfig, int, int, int]]:
-    """Work items (config, kv_start, kv_len, pack): each pack cut into pieces of about ``piece_cost``."""
-    items = []
-    for p in range(len(lens)):
-        n = split_count(float(cost[p]), piece_cost, int(lens[p]), int(shortest[p]))
-        size = -(-int(lens[p]) // n)
-        size = -(-size // align) * align
-        for s in range(0, int(lens[p]), size):
-            items.append((pack_cfg[p], pack_start[p] + s, min(size, int(lens[p]) - s), p))
-    return items
+def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
+    """Cut packs into items, order them (by config, longest first), assign destinations and the merge CSR."""
+    item_pack = np.repeat(np.arange(len(lens)), pieces)
+    piece = np.arange(len(item_pack)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    item_off = piece * size[item_pack]
+    item_len = np.minimum(size[item_pack], lens[item_pack] - item_off)
+    order = np.lexsort((-item_len, pack_cfg[item_pack]))
+    item_pack, item_off, item_len = item_pack[order], item_off[order], item_len[order]
+    item_cfg = pack_cfg[item_pack]
 
-
-def _finish(items, pack_reqs, num_reqs: int, fixed_configs) -> dict:
-    """Order items by config (one launch each, longest first), assign destinations and the merge CSR."""
-    configs = list(fixed_configs) if fixed_configs else sorted({it[0] for it in items}, key=_config_key)
-    config_order = {c: i for i, c in enumerate(configs)}
-    items = sorted(items, key=lambda it: (config_order[it[0]], -it[2]))
+    # Entries: each item lists its pack's requests.
+    num_entries = pack_nreq[item_pack]
+    entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]])
+    within = np.arange(int(num_entries.sum())) - np.repeat(entry_start, num_entries)
+    entry_req = g_reqs[np.repeat(pack_lo[item_pack], num_entries) + within]
 
     # A request in exactly one item writes its output row directly; every other entry gets a partial slot.
-    items_per_req = np.zeros(num_reqs, dtype=np.int64)
-    for it in items:
-        items_per_req[pack_reqs[it[3]]] += 1
-    entry_req = np.concatenate([pack_reqs[it[3]] for it in items])
+    items_per_req = np.bincount(entry_req, minlength=num_reqs)
     direct = items_per_req[entry_req] == 1
     entry_dest = np.where(direct, -(entry_req + 1), 0)
     entry_dest[~direct] = np.arange(int((~direct).sum()))
-    num_entries = np.asarray([len(pack_reqs[it[3]]) for it in items], dtype=np.int64)
 
     # Merge CSR over requests with >= 2 partials, in request order.
     partial_req = entry_req[~direct]
-    order = np.argsort(partial_req, kind="stable")
-    merge_req, counts = np.unique(partial_req[order], return_counts=True)
+    by_req = np.argsort(partial_req, kind="stable")
+    merge_req, counts = np.unique(partial_req[by_req], return_counts=True)
 
-    counts_per_config = np.bincount([config_order[it[0]] for it in items], minlength=len(configs))
-    offsets = np.concatenate([[0], np.cumsum(counts_per_config)[:-1]])
+    per_config = np.bincount(item_cfg, minlength=len(configs))
+    offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]])
     launches = tuple(
-        Launch(config=c, item_offset=int(o), num_items=int(n))
-        for c, o, n in zip(configs, offsets, counts_per_config)
-        if n > 0 or fixed_configs
+        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
     return {
         "launches": launches,
-        "item_kv_start": np.asarray([it[1] for it in items], dtype=np.int64),
-        "item_kv_len": np.asarray([it[2] for it in items], dtype=np.int64),
-        "item_entry_start": np.concatenate([[0], np.cumsum(num_entries)[:-1]]),
+        "item_kv_start": pack_start[item_pack] + item_off,
+        "item_kv_len": item_len,
+        "item_entry_start": entry_start,
         "item_num_reqs": num_entries,
         "entry_req": entry_req,
         "entry_dest": entry_dest,
         "merge_req": merge_req,
         "merge_indptr": np.concatenate([[0], np.cumsum(counts)]),
-        "merge_indices": entry_dest[~direct][order],
+        "merge_indices": entry_dest[~direct][by_req],
         "launch_info": np.asarray([[lc.item_offset, lc.num_items] for lc in launches], dtype=np.int64).reshape(-1),
         "num_merge": np.asarray([len(merge_req)], dtype=np.int64),
     }
