@@ -72,15 +72,14 @@ class Packing:
 
     @cached_property
     def partials_per_req(self) -> np.ndarray:
-        k = np.zeros(self.num_reqs, dtype=np.int64)
-        for g in self.groups:
-            k[g.reqs] += 1
-        return k
+        return np.bincount(np.concatenate([g.reqs for g in self.groups]), minlength=self.num_reqs)
 
     @cached_property
     def kv_bytes(self) -> int:
-        per_pack = self.model.reqs_per_pack
-        return sum(-(-len(g.reqs) // per_pack) * (g.end - g.start) * self.model.kv_bytes_per_token for g in self.groups)
+        sizes = np.fromiter((len(g.reqs) for g in self.groups), dtype=np.int64, count=len(self.groups))
+        lengths = np.fromiter((g.end - g.start for g in self.groups), dtype=np.int64, count=len(self.groups))
+        packs = -(-sizes // self.model.reqs_per_pack)
+        return int((packs * lengths).sum()) * self.model.kv_bytes_per_token
 
     @cached_property
     def partial_bytes(self) -> int:
