@@ -66,20 +66,37 @@ class Group:
 
 @dataclass(frozen=True)
 class Packing:
-    groups: tuple[Group, ...]
+    """The chosen groups as a CSR: group ``g`` reads tokens ``[group_start[g], group_end[g])`` for the requests
+    ``group_reqs[group_indptr[g]:group_indptr[g + 1]]`` (int64 arrays)."""
+
+    group_start: np.ndarray
+    group_end: np.ndarray
+    group_indptr: np.ndarray
+    group_reqs: np.ndarray
     model: ByteModel
     num_reqs: int
 
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_start)
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The groups as objects (for reports; the planner reads the arrays)."""
+        ptr = self.group_indptr
+        return tuple(
+            Group(start=int(self.group_start[g]), end=int(self.group_end[g]), reqs=self.group_reqs[ptr[g] : ptr[g + 1]])
+            for g in range(self.num_groups)
+        )
+
     @cached_property
     def partials_per_req(self) -> np.ndarray:
-        return np.bincount(np.concatenate([g.reqs for g in self.groups]), minlength=self.num_reqs)
+        return np.bincount(self.group_reqs, minlength=self.num_reqs)
 
     @cached_property
     def kv_bytes(self) -> int:
-        sizes = np.fromiter((len(g.reqs) for g in self.groups), dtype=np.int64, count=len(self.groups))
-        lengths = np.fromiter((g.end - g.start for g in self.groups), dtype=np.int64, count=len(self.groups))
-        packs = -(-sizes // self.model.reqs_per_pack)
-        return int((packs * lengths).sum()) * self.model.kv_bytes_per_token
+        packs = -(-np.diff(self.group_indptr) // self.model.reqs_per_pack)
+        return int((packs * (self.group_end - self.group_start)).sum()) * self.model.kv_bytes_per_token
 
     @cached_property
     def partial_bytes(self) -> int:
@@ -90,6 +107,39 @@ class Packing:
     def modelled_bytes(self) -> int:
         """KV reads plus partial traffic per KV head (what the merge-or-split choice minimises)."""
         return self.kv_bytes + self.partial_bytes
+
+
+class _Groups:
+    """Collects groups while the DP emits them; single-request groups come in batches (a node's tails)."""
+
+    def __init__(self) -> None:
+        self.starts: list[np.ndarray] = []
+        self.ends: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+        self.reqs: list[np.ndarray] = []
+
+    def add(self, start: int, end: int, reqs: np.ndarray) -> None:
+        self.add_singles(np.array([start]), np.array([end]), reqs, sizes=np.array([len(reqs)]))
+
+    def add_singles(self, starts: np.ndarray, ends: np.ndarray, reqs: np.ndarray, sizes: np.ndarray | None = None):
+        keep = ends > starts
+        if sizes is None:  # one request per group
+            starts, ends, reqs, sizes = starts[keep], ends[keep], reqs[keep], np.ones(int(keep.sum()), dtype=np.int64)
+        self.starts.append(starts)
+        self.ends.append(ends)
+        self.sizes.append(sizes)
+        self.reqs.append(reqs)
+
+    def packing(self, model: ByteModel, num_reqs: int) -> Packing:
+        cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        return Packing(
+            group_start=cat(self.starts),
+            group_end=cat(self.ends),
+            group_indptr=np.concatenate([[0], np.cumsum(cat(self.sizes))]),
+            group_reqs=cat(self.reqs),
+            model=model,
+            num_reqs=num_reqs,
+        )
 
 
 class _Tree:
@@ -131,10 +181,10 @@ def merge_bytes(forest: Forest, model: ByteModel) -> int:
 
 
 def merge_packing(forest: Forest, model: ByteModel) -> Packing:
-    groups = tuple(
-        Group(start=0, end=int(n), reqs=np.array([i], dtype=np.int64)) for i, n in enumerate(forest.seq_lens)
-    )
-    return Packing(groups=groups, model=model, num_reqs=forest.num_reqs)
+    b = forest.num_reqs
+    groups = _Groups()
+    groups.add_singles(np.zeros(b, dtype=np.int64), forest.seq_lens, np.arange(b))
+    return groups.packing(model, b)
 
 
 def _split_partials(forest: Forest) -> np.ndarray:
@@ -154,27 +204,24 @@ def split_bytes(forest: Forest, model: ByteModel) -> int:
 
 
 def split_packing(forest: Forest, model: ByteModel) -> Packing:
-    groups = [
-        Group(start=int(o), end=int(o + n), reqs=m)
-        for o, n, m in zip(forest.node_offset, forest.node_length, forest.node_members)
-    ]
-    groups += [
-        Group(start=int(e), end=int(n), reqs=np.array([i], dtype=np.int64))
-        for i, (e, n) in enumerate(zip(forest.path_end, forest.seq_lens))
-        if n > e
-    ]
-    return Packing(groups=tuple(groups), model=model, num_reqs=forest.num_reqs)
+    groups = _Groups()
+    if forest.num_nodes:
+        sizes = np.asarray([len(m) for m in forest.node_members], dtype=np.int64)
+        end = forest.node_offset + forest.node_length
+        groups.add_singles(forest.node_offset, end, np.concatenate(forest.node_members), sizes=sizes)
+    groups.add_singles(forest.path_end, forest.seq_lens, np.arange(forest.num_reqs))
+    return groups.packing(model, forest.num_reqs)
 
 
 def _packing(tree: _Tree, forest: Forest, model: ByteModel, policy: Policy) -> Packing:
     solver = _Solver(tree, model, policy)
-    groups: list[Group] = [
-        Group(start=0, end=int(forest.seq_lens[i]), reqs=np.array([i], dtype=np.int64)) for i in tree.root_tails
-    ]
+    groups = _Groups()
+    roots = tree.root_tails
+    groups.add_singles(np.zeros(len(roots), dtype=np.int64), forest.seq_lens[roots], roots)
     for root in tree.roots:
         solver.cost(root, 0)
         solver.emit(root, 0, groups)
-    return Packing(groups=tuple(groups), model=model, num_reqs=forest.num_reqs)
+    return groups.packing(model, forest.num_reqs)
 
 
 class _Solver:
@@ -243,19 +290,18 @@ class _Solver:
         self.memo[key] = (int(total), chosen, chosen_t)
         return int(total)
 
-    def emit(self, v: int, r: int, groups: list[Group]) -> None:
+    def emit(self, v: int, r: int, groups: _Groups) -> None:
         t = self.tree
         _, chosen, chosen_t = self.memo[(v, r)]
         end = int(t.end[v])
         children = t.children[v]
-        tails, tail_end = t.tail_reqs[v], t.tail_end[v]
-        if chosen or any(chosen_t):
-            parts = [t.members[children[j]] for j in chosen] + [tails[np.asarray(chosen_t, dtype=bool)]]
-            groups.append(Group(start=r, end=end, reqs=np.sort(np.concatenate(parts))))
-        for i, e, split in zip(tails.tolist(), tail_end, chosen_t):
-            start = end if split else r
-            if e > start:
-                groups.append(Group(start=start, end=e, reqs=np.array([i], dtype=np.int64)))
+        tails = t.tail_reqs[v]
+        split_t = np.asarray(chosen_t, dtype=bool)
+        if chosen or split_t.any():
+            parts = [t.members[children[j]] for j in chosen] + [tails[split_t]]
+            groups.add(r, end, np.sort(np.concatenate(parts)))
+        # Merged tails read [r, seq_len); split tails [end, seq_len) when non-empty.
+        groups.add_singles(np.where(split_t, end, r), np.asarray(t.tail_end[v], dtype=np.int64), tails)
         in_split = set(chosen)
         for j, c in enumerate(children):
             if j in in_split:

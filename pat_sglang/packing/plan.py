@@ -136,11 +136,9 @@ def build_plan(
 
     # 1. Packs: each group's requests in chunks of at most 128 rows, all over the group's range. Requests are held
     # as one CSR (pack_indptr into pack_reqs).
-    g_start = np.fromiter((g.start for g in packing.groups), dtype=np.int64, count=len(packing.groups))
-    g_end = np.fromiter((g.end for g in packing.groups), dtype=np.int64, count=len(packing.groups))
-    g_size = np.fromiter((len(g.reqs) for g in packing.groups), dtype=np.int64, count=len(packing.groups))
-    g_reqs = np.concatenate([g.reqs for g in packing.groups]).astype(np.int64)
-    g_first = np.concatenate([[0], np.cumsum(g_size)[:-1]])
+    g_start, g_end, g_reqs = packing.group_start, packing.group_end, packing.group_reqs
+    g_first = packing.group_indptr[:-1]
+    g_size = np.diff(packing.group_indptr)
     packs_per_group = -(-g_size // per_pack)
     pack_group = np.repeat(np.arange(len(g_size)), packs_per_group)
     pack_rank = np.arange(len(pack_group)) - np.repeat(np.cumsum(packs_per_group) - packs_per_group, packs_per_group)
