@@ -67,8 +67,9 @@ def test_autoload_off_then_explicit_register():
 
 def test_server_args_accept_pat_and_keep_cuda_graphs():
     """SGLang's own validation (ServerArgs.__post_init__) takes the registered name as it is."""
-    import pat_sglang
     from sglang.srt.server_args import ServerArgs
+
+    import pat_sglang
 
     pat_sglang.register()
     args = ServerArgs(
