@@ -128,20 +128,12 @@ def measure_ceilings(device: torch.device) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
-class FlashInferDecode:
-    name = "flashinfer"
+class _FlashInferBaseline:
+    """What both FlashInfer wrappers share: plan on page size 1, run on the (k, v) pool viewed as 1-token pages."""
 
-    def __init__(self, case: Case) -> None:
-        import flashinfer
-
-        group = case.num_qo_heads // case.num_kv_heads
-        ws = torch.zeros(256 << 20, dtype=torch.uint8, device=case.device)
-        self.w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=group > 1)
-        bs = case.batch
+    def _plan(self, case: Case, *layout) -> None:
         self.w.plan(
-            case.kv_indptr,
-            case.kv_indices,
-            torch.ones(bs, dtype=torch.int32, device=case.device),
+            *layout,
             case.num_qo_heads,
             case.num_kv_heads,
             case.head_dim,
@@ -156,7 +148,20 @@ class FlashInferDecode:
         return self.w.run(self.q, self.kv)
 
 
-class FlashInferCascade:
+class FlashInferDecode(_FlashInferBaseline):
+    name = "flashinfer"
+
+    def __init__(self, case: Case) -> None:
+        import flashinfer
+
+        group = case.num_qo_heads // case.num_kv_heads
+        ws = torch.zeros(256 << 20, dtype=torch.uint8, device=case.device)
+        self.w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=group > 1)
+        last_page_len = torch.ones(case.batch, dtype=torch.int32, device=case.device)
+        self._plan(case, case.kv_indptr, case.kv_indices, last_page_len)
+
+
+class FlashInferCascade(_FlashInferBaseline):
     """MultiLevelCascadeAttentionWrapper with one level per tree depth and a last level of private tails."""
 
     name = "cascade"
@@ -175,23 +180,7 @@ class FlashInferCascade:
             kv_indptr.append(as_t(kv_ptr))
             kv_indices.append(as_t(kv_idx))
             last.append(torch.ones(len(qo_indptr) - 1, dtype=torch.int32, device=dev))
-        self.w.plan(
-            qo,
-            kv_indptr,
-            kv_indices,
-            last,
-            case.num_qo_heads,
-            case.num_kv_heads,
-            case.head_dim,
-            1,
-            q_data_type=case.dtype,
-            kv_data_type=case.dtype,
-        )
-        self.kv = (case.k.unsqueeze(1), case.v.unsqueeze(1))
-        self.q = case.q
-
-    def __call__(self) -> torch.Tensor:
-        return self.w.run(self.q, self.kv)
+        self._plan(case, qo, kv_indptr, kv_indices, last)
 
 
 def cascade_levels(case: Case) -> list[tuple[list[int], list[int], np.ndarray]]:
