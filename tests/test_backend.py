@@ -279,3 +279,23 @@ class TestRefusals:
             sinks = torch.zeros(HQ, device=DEVICE)
         with pytest.raises(UnsupportedConfigError, match="soft-capping" if what == "logit_cap" else "sinks"):
             pat.forward_decode(q, k, v, layer, fb, sinks=sinks)
+
+
+def test_decode_only_beside_another_prefill_backend():
+    """``--decode-attention-backend pat``: SGLang's HybridAttnBackend routes decode to pat, prefill to triton."""
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+    runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
+    sched = Scheduler(runner)
+    _two_level_batch(sched, seed=11, page_size=1)
+    _fill_pool(runner, seed=12)
+    pat = create_pat_backend(runner)
+    hybrid = HybridAttnBackend(runner, prefill_backend=TritonAttnBackend(runner), decode_backend=pat)
+    fb, batch = sched.decode_batch(hybrid)
+    fb.pat_prefix_paths = stash_batch_paths(runner, batch)
+    q, k, v = _qkv(fb.batch_size, seed=13)
+    layer = make_layer(HQ, HKV, D, scaling=D**-0.5)
+    hybrid.init_forward_metadata(fb)
+    out = hybrid.forward(q, k, v, layer, fb)
+    assert pat.pat_eager.plan_info.unique_kv_tokens < pat.pat_eager.plan_info.request_kv_tokens
+    _assert_close(out, _reference(runner, fb, q, layer.scaling))
