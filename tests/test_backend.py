@@ -299,3 +299,24 @@ def test_decode_only_beside_another_prefill_backend():
     out = hybrid.forward(q, k, v, layer, fb)
     assert pat.pat_eager.plan_info.unique_kv_tokens < pat.pat_eager.plan_info.request_kv_tokens
     _assert_close(out, _reference(runner, fb, q, layer.scaling))
+
+
+def test_init_new_hook_attaches_and_stashes_paths(monkeypatch):
+    """The wrapped ForwardBatch.init_new attaches the decode batch's radix paths and keeps them for graph replay."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    from pat_sglang.backend import paths as paths_mod
+
+    runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
+    sched = Scheduler(runner)
+    _two_level_batch(sched, seed=21, page_size=1)
+    fb, batch = sched.decode_batch(None)
+    monkeypatch.setattr(ForwardBatch, "init_new", classmethod(lambda cls, b, mr: fb))
+    paths_mod.install_init_new_hook()
+    paths_mod.install_init_new_hook()  # idempotent
+    assert ForwardBatch.init_new(batch, runner) is fb
+    expected = paths_mod.batch_paths(batch.reqs, batch.seq_lens_cpu.tolist())
+    assert forward_batch_paths(fb) == expected and expected is not None
+    lens = batch.seq_lens_cpu.tolist()
+    assert paths_mod.stashed_paths(runner, lens + [1, 1]) == expected, "graph padding keeps the stash usable"
+    assert paths_mod.stashed_paths(runner, [n + 1 for n in lens]) is None, "a stale stash is never used"
