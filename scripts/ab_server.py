@@ -198,7 +198,7 @@ class Server:
         for o in outs:
             tokens.append(list(o["output_ids"]))
             tops = o["meta_info"].get("output_top_logprobs") or []
-            logprobs.append([{int(t[1]): float(t[0]) for t in step} for step in tops])
+            logprobs.append([{int(t[1]): float(t[0]) for t in step or []} for step in tops])
         return Greedy(tokens=tokens, logprobs=logprobs)
 
 
