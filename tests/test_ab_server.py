@@ -102,3 +102,29 @@ def test_report_and_plot(tmp_path):
     table = ab_server.report(rows, ["pat", "triton"])
     assert "2.00x" in table and "multi_agent" in table
     ab_server.plot(rows, ["pat", "triton"], tmp_path / "ab.png")
+
+
+def test_server_lifecycle_and_greedy_parsing(tmp_path):
+    """Start, wait for /health, greedy /generate (SGLang's response format), stop: against a stand-in server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ab_server.Server(ab_server.DEFAULT_MODEL, "pat", port, tmp_path / "server.log", [])
+    assert "--attention-backend" in srv.cmd and "pat" in srv.cmd
+    srv.cmd = [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(port)]
+    prompts = ab_server.check_prompts(3, seed=0)
+    with srv:
+        srv.wait_ready(60)
+        got = srv.greedy(prompts, 4)
+    assert srv.proc.poll() is not None, "the server is stopped on exit"
+    first = [sum(p) % 1000 for p in prompts]
+    assert got.tokens == [[f + i for i in range(4)] for f in first]
+    assert got.logprobs[0][0] == {first[0]: -0.1, first[0] + 1: -2.5}
+    assert ab_server.compare_greedy(got, got, 0.05)[0]
+
+
+def test_decode_only_server_flags():
+    srv = ab_server.Server(ab_server.DEFAULT_MODEL, "pat-decode", 1, Path("/dev/null"), ["--tp", "1"])
+    assert srv.cmd[-6:] == ["--prefill-attention-backend", "triton", "--decode-attention-backend", "pat", "--tp", "1"]

@@ -1,0 +1,44 @@
+"""A stand-in for ``sglang.launch_server``'s HTTP surface (``/health``, ``/generate`` with input_ids), test-only.
+
+It answers greedy requests deterministically (the next token is the sum of the prompt mod 1000, then +1 per step),
+in the response format of SGLang 0.5.10's tokenizer manager (``output_ids``, ``meta_info.output_top_logprobs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(200 if self.path == "/health" else 404, {})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = body["sampling_params"]["max_new_tokens"]
+        outs = []
+        for ids in body["input_ids"]:
+            first = sum(ids) % 1000
+            tokens = [first + i for i in range(n)]
+            tops = [[[-0.1, t, None], [-2.5, t + 1, None]] for t in tokens]
+            outs.append({"output_ids": tokens, "meta_info": {"output_top_logprobs": tops}})
+        self._send(200, outs)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    ThreadingHTTPServer(("127.0.0.1", p.parse_args().port), Handler).serve_forever()
