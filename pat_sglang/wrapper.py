@@ -36,6 +36,7 @@ from pat_sglang.packing.plan import MIN_SPLIT_TOKENS
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
+INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
 
@@ -156,23 +157,11 @@ class PatDecodeWrapper:
                 equal leading slots.
             kv_data_type: dtype of the KV cache, for the byte model only.
         """
-        if (
-            not isinstance(kv_indptr, torch.Tensor)
-            or kv_indptr.dim() != 1
-            or kv_indptr.dtype
-            not in (
-                torch.int32,
-                torch.int64,
-            )
-        ):
+        if not isinstance(kv_indptr, torch.Tensor) or kv_indptr.dim() != 1 or kv_indptr.dtype not in INDEX_DTYPES:
             raise ValueError("kv_indptr must be a 1-D int32 or int64 tensor")
         if kv_indptr.numel() < 2:
             raise ValueError("kv_indptr: the batch is empty (need at least one request)")
-        if (
-            not isinstance(kv_indices, torch.Tensor)
-            or kv_indices.dim() != 1
-            or kv_indices.dtype not in (torch.int32, torch.int64)
-        ):
+        if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 1 or kv_indices.dtype not in INDEX_DTYPES:
             raise ValueError("kv_indices must be a 1-D int32 or int64 tensor")
         if kv_indices.device.type != "cpu" and kv_indices.device != self.device:
             raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
@@ -197,7 +186,7 @@ class PatDecodeWrapper:
         model = ByteModel.for_heads(
             head_dim=self.head_dim,
             group_size=self.num_qo_heads // self.num_kv_heads,
-            kv_dtype_bytes=torch.empty(0, dtype=kv_data_type).element_size(),
+            kv_dtype_bytes=kv_data_type.itemsize,
         )
         packing = pack_forest(forest, model, self.policy)
         plan = build_plan(
