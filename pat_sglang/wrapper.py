@@ -369,13 +369,12 @@ class _GraphBuffers:
 
     def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
         from pat_sglang.packing.plan import CTAS_PER_SM, PlanCapacity
-        from pat_sglang.packing.tiles import BLOCK_M_CHOICES, choose_tile
+        from pat_sglang.packing.tiles import block_m_for_rows, choose_tile
 
         self.max_batch_size = max_batch_size
         group = w.num_qo_heads // w.num_kv_heads
         # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N.
-        block_ms = sorted({choose_tile(r * group, w.head_dim, 1 << 20).block_m for r in range(1, 128 // group + 1)})
-        assert set(block_ms) <= set(BLOCK_M_CHOICES)
+        block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)})
         self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in reversed(block_ms))
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * CTAS_PER_SM * w.num_sms

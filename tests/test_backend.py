@@ -44,6 +44,15 @@ def _two_level_batch(sched: Scheduler, seed: int, page_size: int) -> None:
     sched.prefill(_tokens(g, 29))
 
 
+def _radix_batch(seed: int, page_size: int = 1):
+    """A runner whose pool holds random KV, and a scheduler that prefilled the two-level batch through RadixCache."""
+    runner = make_runner(HQ, HKV, D, page_size=page_size, dtype=DTYPE, device=DEVICE)
+    sched = Scheduler(runner)
+    _two_level_batch(sched, seed=seed, page_size=page_size)
+    _fill_pool(runner, seed=seed + 1)
+    return runner, sched
+
+
 def _fill_pool(runner, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     pool = runner.token_to_kv_pool
@@ -78,10 +87,7 @@ def _assert_close(out, expected):
 
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_forward_decode_matches_triton_and_reference(page_size):
-    runner = make_runner(HQ, HKV, D, page_size=page_size, dtype=DTYPE, device=DEVICE)
-    sched = Scheduler(runner)
-    _two_level_batch(sched, seed=page_size, page_size=page_size)
-    _fill_pool(runner, seed=1)
+    runner, sched = _radix_batch(page_size, page_size=page_size)
     pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
     layer = make_layer(HQ, HKV, D, scaling=D**-0.5)
 
@@ -120,10 +126,7 @@ def test_radix_paths_follow_node_splits():
 
 def test_no_tree_derives_sharing_from_slots():
     """Requests without a tree node (ChunkCache) carry no paths; the plan derives the sharing from equal slots."""
-    runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
-    sched = Scheduler(runner)
-    _two_level_batch(sched, seed=3, page_size=1)
-    _fill_pool(runner, seed=4)
+    runner, sched = _radix_batch(3)
     pat = create_pat_backend(runner)
     fb, batch = sched.decode_batch(pat)
     for r in batch.reqs:
@@ -190,7 +193,7 @@ def test_graph_hooks_capture_one_tree_replay_another():
         _two_level_batch(sched, seed=seed, page_size=1)
         reqs = sched.reqs[:5] if seed == 7 else sched.reqs[:max_bs]
         fb, batch = sched.decode_batch(pat, reqs)
-        stash_batch_paths(runner, batch)
+        fb.pat_prefix_paths = stash_batch_paths(runner, batch)
         _fill_pool(runner, seed=seed)
         raw_bs = fb.batch_size
         req_idx.fill_(0)
@@ -209,27 +212,12 @@ def test_graph_hooks_capture_one_tree_replay_another():
             out = out_buf.clone()
         else:
             out = decode()
-        ref = _reference(runner, cap_fb_like(cap_fb, raw_bs, req_idx, seq_lens), q_buf[:raw_bs], layer.scaling)
+        ref = _reference(runner, fb, q_buf[:raw_bs], layer.scaling)
         _assert_close(out[:raw_bs], ref)
         # Eager on the same batch agrees too.
-        fb.pat_prefix_paths = batch_paths_for(batch)
         pat.init_forward_metadata(fb)
         eager = pat.forward_decode(q_buf[:raw_bs], k_buf[:raw_bs], v_buf[:raw_bs], layer, fb, save_kv_cache=False)
         _assert_close(out[:raw_bs], eager)
-
-
-def cap_fb_like(fb, raw_bs, req_idx, seq_lens):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        batch_size=raw_bs, seq_lens_cpu=seq_lens[:raw_bs].cpu(), req_pool_indices=req_idx[:raw_bs].cpu()
-    )
-
-
-def batch_paths_for(batch):
-    from pat_sglang.backend.paths import batch_paths
-
-    return batch_paths(batch.reqs, batch.seq_lens_cpu.tolist())
 
 
 class TestRefusals:
@@ -285,10 +273,7 @@ def test_decode_only_beside_another_prefill_backend():
     """``--decode-attention-backend pat``: SGLang's HybridAttnBackend routes decode to pat, prefill to triton."""
     from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
 
-    runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
-    sched = Scheduler(runner)
-    _two_level_batch(sched, seed=11, page_size=1)
-    _fill_pool(runner, seed=12)
+    runner, sched = _radix_batch(11)
     pat = create_pat_backend(runner)
     hybrid = HybridAttnBackend(runner, prefill_backend=TritonAttnBackend(runner), decode_backend=pat)
     fb, batch = sched.decode_batch(hybrid)
