@@ -13,8 +13,12 @@ For each backend it launches ``python -m sglang.launch_server`` (default: the Ll
 
 and reports TTFT and TPOT (p50/p99) and output throughput per backend side by side, with a plot.
 
-    python scripts/ab_server.py                                  # pat, triton, flashinfer; default traffic
+    python scripts/ab_server.py                                  # triton (reference), pat, flashinfer
+    python scripts/ab_server.py --backends pat-decode --no-bench   # one more backend against the saved reference
     python scripts/ab_server.py --backends pat triton --multi-level multi_agent --gsp-num-groups 4
+
+Each backend's greedy outputs, timings and pat's log lines are saved in ``--out`` as ``result_<backend>.json``, so
+backends can run one per invocation (one server start each); the report covers every result saved there.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def prepare_model(model_path: Path, work_dir: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(model_path / "config.json", target / "config.json")
     if not (target / "tokenizer.json").exists():
-        build_tokenizer(target)
+        # one word per model token id, so whatever the model generates decodes
+        build_tokenizer(target, vocab_size=json.loads((target / "config.json").read_text())["vocab_size"])
     return target
 
 
@@ -267,14 +272,37 @@ def plot(rows: list[dict], backends: list[str], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+ORDER = ("pat", "pat-decode", "flashinfer", "triton")  # report order; the reference backend goes last
+
+
+def pat_log_lines(log: Path) -> list[str]:
+    """The lines PatAttnBackend logged in a server log (construction and decode sharing summaries)."""
+    return [line.strip() for line in log.read_text(errors="replace").splitlines() if "pat: " in line]
+
+
+def save_result(path: Path, backend: str, greedy: Greedy, agreement: str, rows: list[dict], pat_log: list[str]) -> None:
+    steps = [[sorted(step.items()) for step in req] for req in greedy.logprobs]
+    data = {"backend": backend, "tokens": greedy.tokens, "logprobs": steps, "agreement": agreement, "rows": rows}
+    path.write_text(json.dumps(data | {"pat_log": pat_log}, indent=1))
+
+
+def load_result(path: Path) -> tuple[Greedy, dict]:
+    data = json.loads(path.read_text())
+    logprobs = [[{int(t): lp for t, lp in step} for step in req] for req in data["logprobs"]]
+    return Greedy(tokens=data["tokens"], logprobs=logprobs), data
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", nargs="+", default=["pat", "triton", "flashinfer"],
+    p.add_argument("--backends", nargs="+", default=["triton", "pat", "flashinfer"],
                    help="attention backends; 'pat-decode' = triton prefill + pat decode")  # fmt: skip
+    p.add_argument("--reference", default="triton",
+                   help="greedy reference, TPOT baseline; from an earlier --out if not in --backends")  # fmt: skip
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--port", type=int, default=30123)
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--server-args", default="", help="extra launch_server arguments, one string")
+    p.add_argument("--no-bench", action="store_true", help="greedy agreement check only, no timing")
     p.add_argument("--gsp-num-groups", type=int, default=8)
     p.add_argument("--gsp-prompts-per-group", type=int, default=32)
     p.add_argument("--gsp-system-prompt-len", type=int, default=4096)
@@ -287,9 +315,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--logprob-tol", type=float, default=0.05, help="near-tie: logprob gap that may flip a token")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "ab_server")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "ab_server",
+                   help="results per backend accumulate here across runs; the report covers all of them")  # fmt: skip
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    result_path = lambda b: args.out / f"result_{b}.json"
+    backends = sorted(dict.fromkeys(args.backends), key=lambda b: b != args.reference)  # the reference first
+    reference = None
+    if args.reference not in backends:
+        if not result_path(args.reference).exists():
+            sys.exit(f"--reference {args.reference}: not in --backends and no {result_path(args.reference)} yet")
+        reference = load_result(result_path(args.reference))[0]
     model = prepare_model(args.model_path, args.out)
     datasets = {}
     for name in args.multi_level:
@@ -304,34 +340,52 @@ def main(argv: list[str] | None = None) -> None:
         "--gsp-output-len", str(args.gsp_output_len),
     ]  # fmt: skip
     checks = check_prompts(args.check_prompts, args.seed)
-    rows, reference = [], None
-    for backend in args.backends:
-        with Server(model, backend, args.port, args.out / f"server_{backend}.log", args.server_args.split()) as srv:
-            srv.wait_ready(args.ready_timeout)
+    failed = []
+    for backend in backends:
+        log = args.out / f"server_{backend}.log"
+        with Server(model, backend, args.port, log, args.server_args.split()) as srv:
+            try:
+                srv.wait_ready(args.ready_timeout)
+            except (RuntimeError, TimeoutError):
+                print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]), file=sys.stderr)
+                raise
+            start = time.time()
             greedy = srv.greedy(checks, args.check_tokens)
+            if backend.startswith("pat") and not pat_log_lines(log):
+                sys.exit(f"{backend}: the server log has no line from PatAttnBackend; pat did not serve")
             if reference is None:
-                reference = greedy
-                print(f"{backend}: greedy reference taken")
+                reference, ok, why = greedy, True, "greedy reference"
             else:
                 ok, why = compare_greedy(reference, greedy, args.logprob_tol)
-                print(f"{backend} vs {args.backends[0]}: {why}")
-                if not ok:
-                    rows.append({"traffic": "greedy-check", "backend": backend, "error": why})
-                    continue
-            result = bench_serving(srv.url, model, gsp, args.out / f"gsp_{backend}.jsonl")
-            rows.append({"traffic": "generated-shared-prefix", "backend": backend} | {m: result[m] for m in METRICS})
-            for name, (path, n) in datasets.items():
-                ml = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
-                      "--sharegpt-output-len", str(args.ml_output_len)]  # fmt: skip
-                result = bench_serving(srv.url, model, ml, args.out / f"{name}_{backend}.jsonl")
-                rows.append({"traffic": name, "backend": backend} | {m: result[m] for m in METRICS})
-    timed = [r for r in rows if "error" not in r]
-    (args.out / "ab_server.json").write_text(json.dumps(rows, indent=1))
+            print(f"{backend} vs {args.reference}: {why} ({len(checks)} prompts x {args.check_tokens} tokens)")
+            rows = []
+            if not ok:
+                failed.append(backend)
+            elif not args.no_bench:
+                result = bench_serving(srv.url, model, gsp, args.out / f"gsp_{backend}.jsonl")
+                row = {"traffic": "generated-shared-prefix", "backend": backend}
+                rows.append(row | {m: result[m] for m in METRICS})
+                for name, (path, n) in datasets.items():
+                    ml = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
+                          "--sharegpt-output-len", str(args.ml_output_len)]  # fmt: skip
+                    result = bench_serving(srv.url, model, ml, args.out / f"{name}_{backend}.jsonl")
+                    rows.append({"traffic": name, "backend": backend} | {m: result[m] for m in METRICS})
+            print(f"{backend}: checked and timed in {time.time() - start:.0f} s")
+        pat_log = pat_log_lines(log)
+        for line in pat_log[-2:]:
+            print(f"{backend} server log: {line}")
+        save_result(result_path(backend), backend, greedy, why if ok else "DISAGREES: " + why, rows, pat_log)
+    done = {b: load_result(result_path(b))[1] for b in ORDER + tuple(args.backends) if result_path(b).exists()}
+    order = sorted(done, key=lambda b: b == args.reference)
+    timed = [r for b in order for r in done[b]["rows"]]
+    (args.out / "ab_server.json").write_text(json.dumps(list(done.values()), indent=1))
+    for b in order:
+        print(f"greedy {b}: {done[b]['agreement']}")
     if timed:
-        plot(timed, args.backends, args.out / "ab_server.png")
-        print(report(timed, args.backends))
-    if len(timed) != len(rows):
-        sys.exit("a backend's greedy outputs disagreed: not timed (see above)")
+        plot(timed, order, args.out / "ab_server.png")
+        print(report(timed, order))
+    if failed:
+        sys.exit(f"greedy outputs of {failed} disagreed with {args.reference}: not timed (see above)")
 
 
 if __name__ == "__main__":

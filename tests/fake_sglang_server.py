@@ -2,12 +2,14 @@
 
 It answers greedy requests deterministically (the next token is the sum of the prompt mod 1000, then +1 per step),
 in the response format of SGLang 0.5.10's tokenizer manager (``output_ids``, ``meta_info.output_top_logprobs``).
+It takes launch_server's arguments; where one of them is ``pat`` it logs the line PatAttnBackend logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -41,4 +43,8 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
-    ThreadingHTTPServer(("127.0.0.1", p.parse_args().port), Handler).serve_forever()
+    args, rest = p.parse_known_args()
+    if "pat" in rest:
+        print("[2026-11-29] INFO pat_sglang.backend.attn_backend: pat: prefix-aware decode attention (stand-in)")
+        sys.stdout.flush()
+    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()

@@ -128,3 +128,33 @@ def test_server_lifecycle_and_greedy_parsing(tmp_path):
 def test_decode_only_server_flags():
     srv = ab_server.Server(ab_server.DEFAULT_MODEL, "pat-decode", 1, Path("/dev/null"), ["--tp", "1"])
     assert srv.cmd[-6:] == ["--prefill-attention-backend", "triton", "--decode-attention-backend", "pat", "--tp", "1"]
+
+
+def test_backends_across_invocations(tmp_path, monkeypatch):
+    """Reference in one run, another backend in a later one (one server start per device command): results persist,
+    the later backend is checked against the saved reference, and the report covers both."""
+    import socket
+
+    init = ab_server.Server.__init__
+
+    def fake_init(self, *a, **k):
+        init(self, *a, **k)
+        assert self.cmd[1:3] == ["-m", "sglang.launch_server"]
+        self.cmd = [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), *self.cmd[3:]]
+
+    monkeypatch.setattr(ab_server.Server, "__init__", fake_init)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    common = ["--no-bench", "--multi-level", "--check-prompts", "3", "--check-tokens", "4", "--port", port]
+    with pytest.raises(SystemExit, match="--reference triton"):
+        ab_server.main(["--backends", "pat", "--out", str(tmp_path), *common])
+    ab_server.main(["--backends", "triton", "--out", str(tmp_path), *common])
+    ab_server.main(["--backends", "pat-decode", "--out", str(tmp_path), *common])
+    results = json.loads((tmp_path / "ab_server.json").read_text())
+    assert [r["backend"] for r in results] == ["pat-decode", "triton"]
+    assert results[0]["agreement"] == "identical greedy tokens"
+    assert results[0]["pat_log"] and not results[1]["pat_log"]
+    again, _ = ab_server.load_result(tmp_path / "result_triton.json")
+    first = sum(ab_server.check_prompts(3, seed=0)[0]) % 1000
+    assert again.logprobs[0][0] == {first: -0.1, first + 1: -2.5}

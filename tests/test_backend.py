@@ -100,6 +100,9 @@ def test_forward_decode_matches_triton_and_reference(page_size):
     out = pat.forward_decode(q, k, v, layer, fb)
     plan = pat.pat_eager.plan_info
     assert plan.unique_kv_tokens < plan.request_kv_tokens, "the radix paths must make pat share the prefix"
+    stats = pat.decode_stats  # what the server logs
+    assert (stats.steps, stats.radix_steps, stats.unique_kv_tokens) == (1, 1, plan.unique_kv_tokens)
+    assert "1 decode steps (1 with radix paths)" in str(stats)
 
     triton.init_forward_metadata(fb)
     out_triton = triton.forward_decode(q, k, v, layer, fb)

@@ -9,6 +9,7 @@ the first decode of a layer that uses them) with a message that names a backend 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 INSTEAD = "use --attention-backend triton or flashinfer"
+LOG_EVERY_STEPS = 1000  # a sharing summary at the first planned decode step and every this many after
+
+logger = logging.getLogger(__name__)
 
 
 class UnsupportedConfigError(ValueError):
@@ -62,6 +66,31 @@ def create_pat_backend(model_runner: Any) -> PatAttnBackend:
     return PatAttnBackend(model_runner)
 
 
+class DecodeStats:
+    """Running totals of the decode steps pat planned (capture excluded), logged now and then at INFO."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.radix_steps = 0
+        self.request_kv_tokens = 0
+        self.unique_kv_tokens = 0
+
+    def add(self, plan: Any, *, radix: bool) -> None:
+        self.steps += 1
+        self.radix_steps += radix
+        self.request_kv_tokens += plan.request_kv_tokens
+        self.unique_kv_tokens += plan.unique_kv_tokens
+        if self.steps == 1 or self.steps % LOG_EVERY_STEPS == 0:
+            logger.info("pat: %s (last step: %d requests)", self, plan.num_reqs)
+
+    def __str__(self) -> str:
+        ratio = self.request_kv_tokens / max(1, self.unique_kv_tokens)
+        return (
+            f"{self.steps} decode steps ({self.radix_steps} with radix paths); KV tokens read "
+            f"{self.unique_kv_tokens} vs {self.request_kv_tokens} per request ({ratio:.2f}x fewer)"
+        )
+
+
 class PatAttnBackend(TritonAttnBackend):
     """Prefix-aware decode attention for SGLang. Everything but plain decode is ``TritonAttnBackend``'s."""
 
@@ -84,6 +113,16 @@ class PatAttnBackend(TritonAttnBackend):
         )
         self.pat_graph: PatDecodeWrapper | None = None
         self._pat_active: PatDecodeWrapper | None = None  # the wrapper the current decode batch was planned on
+        self.decode_stats = DecodeStats()
+        logger.info(
+            "pat: prefix-aware decode attention (%d query heads, %d KV heads, head_dim %d, page_size %d, %s KV); "
+            "prefill and extend run on SGLang's triton kernels",
+            self.num_head,
+            self.num_kv_head,
+            head_dim,
+            self.page_size,
+            self.kv_data_type,
+        )
 
     # ---------------------------------------------------------------------------------------------- metadata
     def _plan_decode(
@@ -95,6 +134,8 @@ class PatAttnBackend(TritonAttnBackend):
         seq_lens_cpu: torch.Tensor,
         paths: PrefixPaths | None,
         kv_indices: torch.Tensor,
+        *,
+        capture: bool = False,
     ) -> None:
         """The one decode metadata builder (eager, graph capture, graph replay)."""
         seq_cpu = seq_lens_cpu[:bs].to(torch.int64)
@@ -117,6 +158,8 @@ class PatAttnBackend(TritonAttnBackend):
             paths = list(paths) + [[] for _ in range(bs - len(paths))]
         wrapper.plan(indptr_cpu, kv_indices[:nnz], prefix_paths=paths, kv_data_type=self.kv_data_type)
         self._pat_active = wrapper
+        if not capture:
+            self.decode_stats.add(wrapper.plan_info, radix=paths is not None)
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         mode = forward_batch.forward_mode
@@ -175,7 +218,14 @@ class PatAttnBackend(TritonAttnBackend):
             raise RuntimeError("init_cuda_graph_state() must run before capture")
         # Capture happens outside the graph's stream capture: reading the dummy lengths back is allowed here.
         self._plan_decode(
-            self.pat_graph, bs, req_pool_indices, seq_lens, seq_lens[:bs].cpu(), None, self.pat_graph.kv_indices_buffer
+            self.pat_graph,
+            bs,
+            req_pool_indices,
+            seq_lens,
+            seq_lens[:bs].cpu(),
+            None,
+            self.pat_graph.kv_indices_buffer,
+            capture=True,
         )
 
     def init_forward_metadata_replay_cuda_graph(
