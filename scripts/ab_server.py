@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "out" / "ab_server",
                    help="results per backend accumulate here across runs; the report covers all of them")  # fmt: skip
     args = p.parse_args(argv)
+    # a SIGTERM (e.g. from `timeout`) unwinds like an exception, so the server's own process group is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("ab_server: terminated"))
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = lambda b: args.out / f"result_{b}.json"
     backends = sorted(dict.fromkeys(args.backends), key=lambda b: b != args.reference)  # the reference first
