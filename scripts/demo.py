@@ -86,7 +86,18 @@ def main() -> None:
         "multi_agent", seed=args.seed, scale=args.scale, page_size=args.page_size, per_role=args.per_role
     )
     print(f"multi_agent: {wl.batch_size} requests, heads {hq}/{hkv}/{d}, {dtype}, page size {args.page_size}, {device}")
-    runner = make_runner(hq, hkv, d, page_size=args.page_size, dtype=dtype, device=device)
+    page = args.page_size
+    runner = make_runner(
+        hq,
+        hkv,
+        d,
+        page_size=page,
+        dtype=dtype,
+        device=device,
+        max_reqs=wl.batch_size,
+        max_context=-(-(int(wl.seq_lens.max()) + 1) // page) * page,  # + the decoded token
+        pool_tokens=int(wl.seq_lens.sum()) + 2 * page * (wl.batch_size + 1),  # no sharing at all would fit
+    )
     sched = Scheduler(runner, seed=args.seed)
     for ids in token_ids(wl, args.seed):
         sched.prefill(ids)

@@ -30,9 +30,9 @@ class _ModelConfig:
     attention_arch = AttentionArch.MHA
     is_encoder_decoder = False
     is_multimodal = False
-    context_len = MAX_CONTEXT
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, context_len: int) -> None:
+        self.context_len = context_len
         self.num_attention_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -60,10 +60,22 @@ class _SlotAllocator:
         self.freed.extend(indices.tolist())
 
 
-def make_runner(num_heads: int, num_kv_heads: int, head_dim: int, *, page_size: int, dtype: torch.dtype, device):
-    """A model runner with the attributes TritonAttnBackend and PatAttnBackend read, and real pools."""
+def make_runner(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    page_size: int,
+    dtype: torch.dtype,
+    device,
+    max_reqs: int = MAX_REQS,
+    max_context: int = MAX_CONTEXT,
+    pool_tokens: int | None = None,
+):
+    """A model runner with the attributes TritonAttnBackend and PatAttnBackend read, and real pools
+    (``max_reqs`` rows of ``max_context`` slots; ``pool_tokens`` KV slots, by default enough for every row)."""
     pool = MHATokenToKVPool(
-        size=MAX_REQS * MAX_CONTEXT,
+        size=pool_tokens or max_reqs * max_context,
         page_size=page_size,
         dtype=dtype,
         head_num=num_kv_heads,
@@ -73,10 +85,10 @@ def make_runner(num_heads: int, num_kv_heads: int, head_dim: int, *, page_size: 
         enable_memory_saver=False,
     )
     req_to_token = ReqToTokenPool(
-        size=MAX_REQS, max_context_len=MAX_CONTEXT, device=str(device), enable_memory_saver=False
+        size=max_reqs, max_context_len=max_context, device=str(device), enable_memory_saver=False
     )
     return SimpleNamespace(
-        model_config=_ModelConfig(num_heads, num_kv_heads, head_dim),
+        model_config=_ModelConfig(num_heads, num_kv_heads, head_dim, max_context),
         req_to_token_pool=req_to_token,
         token_to_kv_pool=pool,
         token_to_kv_pool_allocator=_SlotAllocator(page_size, device),

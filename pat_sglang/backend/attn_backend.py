@@ -10,6 +10,7 @@ the first decode of a layer that uses them) with a message that names a backend 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 INSTEAD = "use --attention-backend triton or flashinfer"
-LOG_EVERY_STEPS = 1000  # a sharing summary at the first planned decode step and every this many after
+LOG_EVERY_S = 10.0  # a sharing summary at the first planned decode step, then at most this often
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,16 @@ class DecodeStats:
         self.radix_steps = 0
         self.request_kv_tokens = 0
         self.unique_kv_tokens = 0
+        self.last_log = -float("inf")
 
     def add(self, plan: Any, *, radix: bool) -> None:
         self.steps += 1
         self.radix_steps += radix
         self.request_kv_tokens += plan.request_kv_tokens
         self.unique_kv_tokens += plan.unique_kv_tokens
-        if self.steps == 1 or self.steps % LOG_EVERY_STEPS == 0:
+        now = time.monotonic()
+        if now - self.last_log >= LOG_EVERY_S:
+            self.last_log = now
             logger.info("pat: %s (last step: %d requests)", self, plan.num_reqs)
 
     def __str__(self) -> str:
