@@ -20,6 +20,7 @@ from pat_sglang.packing import (
     pack_forest,
 )
 from pat_sglang.packing.plan import MAX_SPLIT_PARTIAL_SHARE
+from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
 HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
@@ -213,6 +214,17 @@ def test_tile_covers_rows(rows, head_dim, block_m):
     assert cfg.block_m == block_m
     with pytest.raises(ValueError, match="rows"):
         choose_tile(129, head_dim, kv_len=16)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 128), st.integers(1, 1 << 20) | st.integers(1, 600)), min_size=1),
+    st.sampled_from([64, 80, 96, 128, 256]),
+)
+def test_vectorised_tile_choice_equals_per_pack_choice(packs, head_dim):
+    rows, lens = (np.asarray(x, dtype=np.int64) for x in zip(*packs))
+    configs, index = choose_tiles(rows, head_dim, lens)
+    assert [configs[i] for i in index] == [choose_tile(int(r), head_dim, int(n)) for r, n in packs]
 
 
 def test_paths_validation_names_prefix_paths():

@@ -14,7 +14,7 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import block_m_for_rows, choose_tile
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_index, choose_tiles
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
@@ -153,12 +153,17 @@ def build_plan(
     if fixed_configs:
         configs = list(fixed_configs)
         by_block_m = {c.block_m: k for k, c in enumerate(configs)}
-        pack_cfg = np.fromiter((by_block_m[block_m_for_rows(int(r))] for r in rows), dtype=np.int64, count=len(rows))
+        cfg_of = np.asarray([by_block_m.get(m, -1) for m in BLOCK_M_CHOICES], dtype=np.int64)
+        pack_cfg = cfg_of[block_m_index(rows)]
+        if len(pack_cfg) and int(pack_cfg.min()) < 0:
+            missing = sorted({BLOCK_M_CHOICES[int(i)] for i in block_m_index(rows)[pack_cfg < 0]})
+            raise ValueError(f"fixed_configs: no config with BLOCK_M {missing}")
     else:
-        chosen = [choose_tile(int(r), head_dim, int(n)) for r, n in zip(rows, lens)]
-        configs = sorted(set(chosen), key=_config_key)
-        index = {c: k for k, c in enumerate(configs)}
-        pack_cfg = np.fromiter((index[c] for c in chosen), dtype=np.int64, count=len(chosen))
+        distinct, chosen = choose_tiles(rows, head_dim, lens)
+        configs = sorted(set(distinct), key=_config_key)
+        position = {c: k for k, c in enumerate(configs)}
+        rank = np.asarray([position[c] for c in distinct], dtype=np.int64)
+        pack_cfg = rank[chosen]
     floor = rows * packing.model.partial_bytes_per_row / (MAX_SPLIT_PARTIAL_SHARE * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
+
 from pat_sglang.kernels.common import padded_head_dim
 from pat_sglang.kernels.pack_attention import TileConfig
 
@@ -24,6 +26,25 @@ def block_m_for_rows(rows: int) -> int:
         if rows <= m:
             return m
     raise ValueError(f"a pack has {rows} rows; at most {BLOCK_M_CHOICES[-1]} fit one tile")
+
+
+def block_m_index(rows: np.ndarray) -> np.ndarray:
+    """Vectorised ``block_m_for_rows``: the index into BLOCK_M_CHOICES of each pack's BLOCK_M."""
+    idx = np.searchsorted(BLOCK_M_CHOICES, rows)
+    if len(idx) and int(idx.max()) >= len(BLOCK_M_CHOICES):
+        raise ValueError(f"a pack has {int(rows.max())} rows; at most {BLOCK_M_CHOICES[-1]} fit one tile")
+    return idx
+
+
+def choose_tiles(rows: np.ndarray, head_dim: int, kv_lens: np.ndarray) -> tuple[list[TileConfig], np.ndarray]:
+    """Vectorised ``choose_tile`` over packs: the distinct configs and each pack's index into them."""
+    # BLOCK_N depends on the length only through the next power of two (halving stops at kv_len <= BLOCK_N / 2),
+    # and only below 256.
+    bucket = np.minimum(256, np.exp2(np.ceil(np.log2(np.maximum(kv_lens, 1)))).astype(np.int64))
+    key = block_m_index(rows) * 257 + bucket
+    uniq, inverse = np.unique(key, return_inverse=True)
+    configs = [_tile(BLOCK_M_CHOICES[int(k) // 257], head_dim, int(k) % 257) for k in uniq]
+    return configs, inverse.reshape(-1)
 
 
 def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
