@@ -32,13 +32,16 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MIN_SPLIT_TOKENS
+from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
+# With the same radix paths as the last full plan, later decode steps advance that plan (see advance_plan) for at
+# most this many steps; then the tree, packs and splits are planned afresh for the grown tails.
+REPLAN_EVERY = 32
 
 
 class PatDecodeWrapper:
@@ -58,6 +61,9 @@ class PatDecodeWrapper:
         max_batch_size: largest batch a graph-mode plan takes.
         max_num_kv_tokens: largest ``len(kv_indices)`` a graph-mode plan takes.
         max_partials_per_request: graph-mode workspace per request (KV splits are cut to fit).
+        replan_every: a plan made from ``prefix_paths`` is followed through at most this many later ``plan`` calls
+            with the same paths (decode steps: rows move, private tails grow; see ``advance_plan``) before the
+            tree is packed afresh; 0 plans every call afresh.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class PatDecodeWrapper:
         max_batch_size: int | None = None,
         max_num_kv_tokens: int | None = None,
         max_partials_per_request: int = 16,
+        replan_every: int = REPLAN_EVERY,
     ) -> None:
         if num_kv_heads <= 0 or num_qo_heads <= 0:
             raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
@@ -101,7 +108,11 @@ class PatDecodeWrapper:
         if shortest_split < 1:
             raise ValueError(f"shortest_split must be >= 1, got {shortest_split}")
         self.shortest_split = shortest_split
+        if replan_every < 0:
+            raise ValueError(f"replan_every must be >= 0, got {replan_every}")
+        self.replan_every = replan_every
         self._plan: PatPlan | None = None
+        self._step_cache: _StepCache | None = None
         self._items: PackItems | None = None
         self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._kv_indices: torch.Tensor | None = None
@@ -176,6 +187,14 @@ class PatDecodeWrapper:
             host_indices = kv_indices.cpu().numpy()
         if host_indices is not None and self.page_size > 1:
             _check_page_runs(indptr, host_indices, self.page_size)
+        cache = self._step_cache
+        plan = cache.follow(prefix_paths, indptr, kv_data_type) if cache is not None else None
+        if plan is not None:
+            if host_indices is not None:
+                check_forest_slots(cache.forest, indptr, host_indices)
+            self._install(plan, kv_indices, indptr)
+            return
+        self._step_cache = None
         if prefix_paths is None:
             forest = forest_from_slots(indptr, host_indices)
         else:
@@ -202,6 +221,11 @@ class PatDecodeWrapper:
             fixed_configs=self._graph.configs if self._graph else None,
             capacity=self._graph.capacity if self._graph else None,
         )
+        if prefix_paths is not None and self.replan_every > 0:
+            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every)
+        self._install(plan, kv_indices, indptr)
+
+    def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray) -> None:
         if self._graph is not None:
             self._graph.upload(plan, kv_indices, int(indptr[-1]))
             return
@@ -358,6 +382,31 @@ def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) ->
     if len(bad):
         req = int(np.searchsorted(indptr, bad[0], side="right") - 1)
         raise ValueError(f"kv_indices: request {req}'s slots are not aligned runs of page_size={page_size}")
+
+
+class _StepCache:
+    """The last full plan made from radix paths, followed through later decode steps of the same paths."""
+
+    def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
+        # A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare
+        # equal; entries are compared by value (tuples, as the SGLang backend makes them).
+        self.paths = [p if isinstance(p, tuple) else list(p) for p in prefix_paths]
+        self.kv_data_type = kv_data_type
+        self.forest = forest
+        self.plan = plan
+        self.steps = 0
+        self.max_steps = steps
+
+    def follow(self, prefix_paths, indptr: np.ndarray, kv_data_type: torch.dtype) -> PatPlan | None:
+        """The cached plan advanced to ``indptr``, or None when the paths changed or a fresh plan is due."""
+        if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
+            return None
+        if self.paths != list(prefix_paths):  # element-wise, in C: node ids and token counts of every path
+            return None
+        plan = advance_plan(self.plan, indptr)
+        if plan is not None:
+            self.steps += 1
+        return plan
 
 
 class _GraphBuffers:

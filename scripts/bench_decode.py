@@ -65,7 +65,8 @@ class Row:
     flops: int
     floor_us: float
     binding_floor: str
-    pat_plan_us: float
+    pat_plan_us: float  # a fresh plan: forest, packing, splits (a new batch or new radix paths)
+    pat_step_plan_us: float = float("nan")  # a later decode step of the same paths (the plan is advanced)
     pat_eager_us: float = float("nan")
     us: dict[str, float] = field(default_factory=dict)
     max_err: dict[str, float] = field(default_factory=dict)
@@ -93,6 +94,38 @@ def time_us(fn: Callable[[], object], device: torch.device, *, warmup_ms: int, r
         fn()
         samples.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(samples)
+
+
+def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
+    """Median host time of ``plan`` (upload included, no device sync): fresh plans, and decode steps that grow
+    every request by one token (one page) on the same radix paths, as a server does between batch changes."""
+    wl, b, page = case.workload, case.batch, case.page_size
+    heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
+    host = case.kv_indices.cpu().numpy()
+    rows = [host[case.kv_indptr_np[i] : case.kv_indptr_np[i + 1]] for i in range(b)]
+    room = int(case.kv_indptr_np[-1]) + b * page * (reps + 1)
+    sizes = dict(max_batch_size=b, max_num_kv_tokens=room) if graph_mode else {}
+    common = dict(page_size=page, device=case.device, use_cuda_graph=graph_mode, **sizes)
+    paths = [list(p) for p in wl.prefix_paths]
+    fresh_slot = int(host.max()) + 1 + page  # new pages past every slot in use
+
+    def step_layout(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        new = [fresh_slot + (i * (reps + 1) * page) + np.arange(k * page) for i in range(b)]
+        grown = [np.concatenate([r, n]).astype(np.int32) for r, n in zip(rows, new)]
+        indptr = torch.from_numpy(np.cumsum([0] + [len(r) for r in grown]).astype(np.int64))
+        return indptr, torch.from_numpy(np.concatenate(grown)).to(case.device)
+
+    def timed(w: PatDecodeWrapper, layout: tuple[torch.Tensor, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        w.plan(*layout, prefix_paths=paths, kv_data_type=case.dtype)
+        return time.perf_counter() - t0
+
+    base = step_layout(0)
+    fresh = PatDecodeWrapper(*heads, replan_every=0, **common)
+    cold = [timed(fresh, base) for _ in range(reps + 1)][1:]
+    follow = PatDecodeWrapper(*heads, replan_every=reps + 1, **common)
+    step = [timed(follow, step_layout(k)) for k in range(reps + 1)][1:]
+    return 1e6 * statistics.median(cold), 1e6 * statistics.median(step)
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -334,14 +367,9 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
     sizes = dict(max_batch_size=case.batch, max_num_kv_tokens=int(case.kv_indptr_np[-1])) if graph_mode else {}
     pat = PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, **sizes)
     indptr_cpu = torch.from_numpy(case.kv_indptr_np)
+    row.pat_plan_us, row.pat_step_plan_us = time_plans(case, args.plan_reps, graph_mode)
     plan = lambda: pat.plan(indptr_cpu, case.kv_indices, prefix_paths=wl.prefix_paths, kv_data_type=case.dtype)
     plan()
-    plan_samples = []
-    for _ in range(args.plan_reps):
-        t0 = time.perf_counter()
-        plan()
-        plan_samples.append(time.perf_counter() - t0)
-    row.pat_plan_us = 1e6 * statistics.median(plan_samples)
     fns: dict[str, Callable[[], torch.Tensor]] = {"pat": lambda: pat.run(case.q, case.k, case.v)}
 
     makers = {"flashinfer": FlashInferDecode, "cascade": FlashInferCascade, "sglang_triton": SGLangTritonDecode}
@@ -400,13 +428,14 @@ def fmt(x: float, spec: str = ".1f") -> str:
 
 def table(rows: list[Row], backends: list[str]) -> str:
     head = ["workload", "heads", "B", "uniq MB", "floor us", "bound"] + [f"{b} us" for b in backends]
-    head += [f"x{b}" for b in backends if b != "pat"] + ["pat eff", "plan us", "eager us"]
+    head += [f"x{b}" for b in backends if b != "pat"] + ["pat eff", "plan us", "step plan us", "eager us"]
     lines = [head]
     for r in rows:
         line = [r.workload, r.heads, str(r.batch), fmt(r.unique_kv_bytes / 1e6), fmt(r.floor_us), r.binding_floor]
         line += [fmt(r.us.get(b, float("nan"))) for b in backends]
         line += [fmt(r.speedup(b), ".2f") for b in backends if b != "pat"]
-        line += [fmt(100 * r.efficiency, ".0f") + "%", fmt(r.pat_plan_us, ".0f"), fmt(r.pat_eager_us)]
+        line += [fmt(100 * r.efficiency, ".0f") + "%", fmt(r.pat_plan_us, ".0f"), fmt(r.pat_step_plan_us, ".0f")]
+        line += [fmt(r.pat_eager_us)]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from forests import random_forests
+from forests import RandomForest, random_forests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MAX_SPLIT_PARTIAL_SHARE
+from pat_sglang.packing.plan import MAX_SPLIT_PARTIAL_SHARE, advance_plan
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
@@ -94,6 +94,37 @@ def test_every_pair_attended_exactly_once(rf, heads, num_sms, with_paths):
     forest = forest_from_paths(indptr, rf.prefix_paths) if with_paths else forest_from_slots(indptr, indices)
     plan = _plan(forest, indptr, heads, num_sms=num_sms)
     _check_plan_covers_every_pair_once(plan, indptr, indices)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rf=random_forests(),
+    heads=st.sampled_from(HEADS),
+    num_sms=st.integers(1, 64),
+    growth=st.lists(st.integers(0, 40), min_size=12, max_size=12),
+)
+def test_advanced_plan_covers_the_grown_batch(rf, heads, num_sms, growth):
+    """A plan advanced to a later decode step of the same paths (tails grown, rows moved) still attends every
+    (request, slot) pair exactly once; it refuses only when a request with an empty tail grew."""
+    indptr, _, _ = rf.layout()
+    plan = _plan(forest_from_paths(indptr, rf.prefix_paths), indptr, heads, num_sms=num_sms)
+    grown = RandomForest([n + g for n, g in zip(rf.seq_lens, growth)], rf.prefix_paths, rf.node_lengths)
+    indptr2, indices2, _ = grown.layout(seed=1)
+    advanced = advance_plan(plan, indptr2)
+    covered = [sum(n for _, n in p) for p in rf.prefix_paths]
+    empty_tail_grew = any(g > 0 and n == c for n, c, g in zip(rf.seq_lens, covered, growth))
+    if advanced is None:
+        assert empty_tail_grew
+        return
+    _check_plan_covers_every_pair_once(advanced, indptr2, indices2)
+    fresh = forest_from_paths(indptr2, rf.prefix_paths)
+    assert advanced.unique_kv_tokens == fresh.unique_kv_tokens()
+    assert advanced.request_kv_tokens == int(indptr2[-1])
+    assert advance_plan(plan, indptr2[:-1]) is None, "another batch size"
+    shrunk = np.diff(indptr).astype(np.int64)
+    shrunk[0] -= 1
+    if shrunk[0] >= 1:
+        assert advance_plan(plan, np.concatenate([[0], np.cumsum(shrunk)])) is None, "requests never shrink"
 
 
 @settings(max_examples=60, deadline=None)
@@ -239,3 +270,31 @@ def test_paths_validation_names_prefix_paths():
         forest_from_paths(indptr, [[]])
     with pytest.raises(ValueError, match="kv_indptr: request 1 has 0"):
         forest_from_paths(np.array([0, 10, 10]), [[], []])
+    with pytest.raises(ValueError, match=r"prefix_paths\[1\].*negative"):
+        forest_from_paths(indptr, [[], [(3, -1)]])
+    with pytest.raises(ValueError, match=r"prefix_paths\[1\]: entries must be"):
+        forest_from_paths(indptr, [[(1, 2)], [(1, 2), (2, 3, 4)]])
+    with pytest.raises(ValueError, match=r"prefix_paths\[0\]: entries must be"):
+        forest_from_paths(indptr, [[(1, "many")], []])
+    with pytest.raises(ValueError, match=r"prefix_paths\[1\].*node 7 appears with a different parent"):
+        forest_from_paths(indptr, [[(5, 2), (7, 3)], [(7, 3)]])
+
+
+@pytest.mark.parametrize("ids", [(11, 12, 13, 14), ("sys", "a", "b", "c"), ((0, 1), (1, 1), (2, 1), (3, 1))])
+def test_paths_forest_shapes(ids):
+    """Chains with equal member sets coalesce, single-member nodes fold into tails, zero-token entries are skipped;
+    integer ids (the backend's) and any other hashables give the same forest."""
+    sys_id, a, b, c = ids
+    indptr = np.array([0, 30, 60, 90, 100])
+    paths = [
+        [(sys_id, 8), (a, 4), (b, 0), (c, 2)],  # a -> c: same members as a (requests 0, 1): one node of 6
+        [(sys_id, 8), (a, 4), (c, 2)],
+        [(sys_id, 8), (b, 5)],  # b: one member: folded into request 2's tail
+        [],
+    ]
+    f = forest_from_paths(indptr, paths)
+    assert f.node_parent.tolist() == [-1, 0]
+    assert f.node_offset.tolist() == [0, 8] and f.node_length.tolist() == [8, 6]
+    assert [m.tolist() for m in f.node_members] == [[0, 1, 2], [0, 1]]
+    assert f.tail_parent.tolist() == [1, 1, 0, -1] and f.path_end.tolist() == [14, 14, 8, 0]
+    assert f.unique_kv_tokens() == 8 + 6 + (16 + 16 + 22 + 10)

@@ -30,6 +30,7 @@ def test_bench_decode_smoke(tmp_path, capsys):
     for r in rows:
         assert r.max_err["pat"] < 5e-3
         assert r.us["pat"] > 0 and r.unique_kv_tokens < r.request_kv_tokens
+        assert r.pat_plan_us > 0 and r.pat_step_plan_us > 0
     records = json.loads((tmp_path / "bench_decode.json").read_text())
     assert records[0]["workload"] == "system_prompt" and "git_sha" in records[0]
     assert (tmp_path / "bench_decode.csv").read_text().count("\n") == 3

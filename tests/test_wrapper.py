@@ -127,6 +127,40 @@ def test_replan_and_reuse_across_layers():
             assert_close(out, decode_attention_reference(q, k, v, indptr.to(DEVICE), indices, 0.2), dtype)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
+def test_decode_steps_follow_the_last_plan(graph):
+    """Decode steps with the same radix paths advance the last plan (rows move, tails grow) and stay exact; new
+    paths, a shrinking request or REPLAN_EVERY steps plan afresh."""
+    dtype = torch.float16
+    wl = make_workload("multi_agent", seed=3, scale=1 / 64, per_role=3)
+    lay = wl.materialize(seed=3)
+    rows = [lay.kv_indices[lay.kv_indptr[i] : lay.kv_indptr[i + 1]].tolist() for i in range(wl.batch_size)]
+    next_slot = lay.num_slots
+    k, v = random_kv(lay.num_slots + 64 * wl.batch_size, 2, 64, dtype, seed=5)
+    kw = {"use_cuda_graph": True, "max_batch_size": 16, "max_num_kv_tokens": 1 << 14} if graph else {}
+    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8, replan_every=3, **kw)
+    paths = [list(p) for p in wl.prefix_paths]
+    fresh_plans = []
+    for step in range(6):
+        if step:  # every request decodes one token (three for request 0) into new private slots
+            for i, row in enumerate(rows):
+                for _ in range(3 if i == 0 else 1):
+                    row.append(next_slot)
+                    next_slot += 1
+        if step == 5:  # the last request finishes: another batch, planned afresh
+            rows, paths = rows[:-1], paths[:-1]
+        indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
+        indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
+        base = w._step_cache.plan if w._step_cache else None
+        w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
+        fresh_plans.append(w._step_cache.plan is not base)
+        q = random_q(len(rows), 8, 64, dtype, seed=step)
+        assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
+        assert w.plan_info.request_kv_tokens == int(indptr[-1])
+    # step 0 plans; 1-3 follow; 4 is past replan_every = 3; 5 has other paths
+    assert fresh_plans == [True, False, False, False, True, True]
+
+
 class TestBadInput:
     def _planned(self, **kw):
         w = PatDecodeWrapper(8, 2, 64, device=DEVICE, **kw)
@@ -142,6 +176,7 @@ class TestBadInput:
             ((8, 2, 512), {}, "head_dim must be one of"),
             ((8, 2, 64), {"page_size": 0}, "page_size"),
             ((8, 2, 64), {"shortest_split": 0}, "shortest_split"),
+            ((8, 2, 64), {"replan_every": -1}, "replan_every"),
         ],
     )
     def test_constructor(self, args, kwargs, match):

@@ -8,7 +8,9 @@ one request only are folded into that request's tail ``[path_end[i], seq_len[i])
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
+from itertools import chain
 
 import numpy as np
 
@@ -23,7 +25,8 @@ class Forest:
         seq_lens: int64 ``[B]`` KV tokens per request.
         node_parent: int64 ``[N]`` parent node index or -1 for a root.
         node_offset, node_length: int64 ``[N]`` token range of each node inside its members' rows.
-        node_members: per node, a sorted int64 array of member requests (always >= 2).
+        member_indptr, member_reqs: int64 CSR: node v's members (sorted, always >= 2) are
+            ``member_reqs[member_indptr[v]:member_indptr[v + 1]]``.
         tail_parent: int64 ``[B]`` the last shared node on request i's path, or -1.
         path_end: int64 ``[B]`` first private position of request i (== node end of ``tail_parent``, or 0).
     """
@@ -32,7 +35,8 @@ class Forest:
     node_parent: np.ndarray
     node_offset: np.ndarray
     node_length: np.ndarray
-    node_members: tuple[np.ndarray, ...]
+    member_indptr: np.ndarray
+    member_reqs: np.ndarray
     tail_parent: np.ndarray
     path_end: np.ndarray
 
@@ -44,6 +48,17 @@ class Forest:
     def num_nodes(self) -> int:
         return len(self.node_parent)
 
+    @property
+    def node_sizes(self) -> np.ndarray:
+        """Members per node."""
+        return np.diff(self.member_indptr)
+
+    @cached_property
+    def node_members(self) -> tuple[np.ndarray, ...]:
+        """Per node, its sorted member requests (for reports and tests; the planner reads the CSR)."""
+        ptr = self.member_indptr
+        return tuple(self.member_reqs[ptr[v] : ptr[v + 1]] for v in range(self.num_nodes))
+
     def node_depth(self) -> np.ndarray:
         depth = np.zeros(self.num_nodes, dtype=np.int64)
         for v in range(self.num_nodes):
@@ -54,6 +69,18 @@ class Forest:
     def unique_kv_tokens(self) -> int:
         """KV tokens a step must read at least once: shared nodes once, tails once each."""
         return int(self.node_length.sum() + (self.seq_lens - self.path_end).sum())
+
+    def with_seq_lens(self, seq_lens: np.ndarray) -> Forest:
+        """The same tree for a later decode step whose requests grew: only the tails change."""
+        return replace(self, seq_lens=seq_lens)
+
+
+def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of ``values`` by ``groups`` (stable: values keep their order within a group)."""
+    order = np.argsort(groups, kind="stable")
+    indptr = np.zeros(num_groups + 1, dtype=np.int64)
+    np.cumsum(np.bincount(groups, minlength=num_groups), out=indptr[1:])
+    return indptr, values[order].astype(np.int64)
 
 
 def _lens_from_indptr(kv_indptr: np.ndarray, name: str = "kv_indptr") -> np.ndarray:
@@ -69,6 +96,8 @@ def _lens_from_indptr(kv_indptr: np.ndarray, name: str = "kv_indptr") -> np.ndar
 def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath]) -> Forest:
     """Build the forest from explicit radix paths ``[(node_id, num_tokens), ...]`` per request.
 
+    Vectorised over all path entries (node ids are factorised once; integer ids take the fast path).
+
     Raises:
         ValueError: naming ``prefix_paths`` when a path is longer than its request, a node id reappears with a
             different length or parent, or an entry is malformed.
@@ -77,84 +106,113 @@ def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath])
     num_reqs = len(seq_lens)
     if len(prefix_paths) != num_reqs:
         raise ValueError(f"prefix_paths: has {len(prefix_paths)} paths for {num_reqs} requests")
+    try:
+        counts = np.fromiter(map(len, prefix_paths), dtype=np.int64, count=num_reqs)
+        flat = list(chain.from_iterable(prefix_paths))
+        if sum(map(len, flat)) != 2 * len(flat):
+            raise ValueError("an entry is not a pair")
+        ids, toks = zip(*flat) if flat else ((), ())
+        toks = np.fromiter(toks, dtype=np.int64, count=len(flat))
+    except (TypeError, ValueError) as e:
+        _raise_malformed(prefix_paths)
+        raise ValueError(f"prefix_paths: malformed ({e})") from e
+    req = np.repeat(np.arange(num_reqs, dtype=np.int64), counts)
+    if len(toks) and int(toks.min()) < 0:
+        e = int(np.argmax(toks < 0))
+        raise ValueError(f"prefix_paths[{int(req[e])}]: node {ids[e]!r} has negative num_tokens {int(toks[e])}")
+    try:
+        keys = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    except (TypeError, ValueError, OverflowError):  # any hashable works; ints are the fast path
+        index: dict[Hashable, int] = {}
+        keys = np.fromiter((index.setdefault(x, len(index)) for x in ids), dtype=np.int64, count=len(ids))
+    keep = np.flatnonzero(toks > 0)  # zero-token entries are skipped (the path continues from the previous node)
+    req, toks, keys, ids_at = req[keep], toks[keep], keys[keep], keep
 
-    index_of: dict[Hashable, int] = {}
-    parent: list[int] = []
-    offset: list[int] = []
-    length: list[int] = []
-    members: list[list[int]] = []
-    req_nodes: list[list[int]] = []
-    for i, path in enumerate(prefix_paths):
-        pos, prev, nodes = 0, -1, []
-        for entry in path:
-            try:
-                node_id, num_tokens = entry
-                num_tokens = int(num_tokens)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"prefix_paths[{i}]: entries must be (node_id, num_tokens), got {entry!r}") from e
-            if num_tokens < 0:
-                raise ValueError(f"prefix_paths[{i}]: node {node_id!r} has negative num_tokens {num_tokens}")
-            if num_tokens == 0:
-                continue
-            v = index_of.get(node_id)
-            if v is None:
-                v = index_of[node_id] = len(parent)
-                parent.append(prev)
-                offset.append(pos)
-                length.append(num_tokens)
-                members.append([])
-            elif parent[v] != prev or length[v] != num_tokens:
-                raise ValueError(
-                    f"prefix_paths[{i}]: node {node_id!r} appears with a different parent or length "
-                    f"({num_tokens} tokens at offset {pos}) than in an earlier path ({length[v]} at {offset[v]})"
-                )
-            members[v].append(i)
-            nodes.append(v)
-            pos += num_tokens
-            prev = v
-        if pos > seq_lens[i]:
-            raise ValueError(f"prefix_paths[{i}]: the path covers {pos} tokens but the request has {seq_lens[i]}")
-        req_nodes.append(nodes)
+    # Offsets within each request's row and the previous (parent) entry of each entry.
+    first = np.ones(len(req), dtype=bool)
+    first[1:] = req[1:] != req[:-1]
+    run_start = np.flatnonzero(first)
+    excl = np.cumsum(toks) - toks
+    offset = excl - np.repeat(excl[run_start], np.diff(np.append(run_start, len(req))))
+    covered = np.bincount(req, weights=toks, minlength=num_reqs).astype(np.int64)
+    over = np.flatnonzero(covered > seq_lens)
+    if len(over):
+        i = int(over[0])
+        raise ValueError(f"prefix_paths[{i}]: the path covers {covered[i]} tokens but the request has {seq_lens[i]}")
 
-    # Fold nodes with a single member into the tail, and coalesce chains whose member set does not change.
-    shared = [len(m) >= 2 for m in members]
-    new_index = np.full(len(parent), -1, dtype=np.int64)
-    out_parent: list[int] = []
-    out_offset: list[int] = []
-    out_length: list[int] = []
-    out_members: list[np.ndarray] = []
-    for v in range(len(parent)):  # parents come before children by construction
-        if not shared[v]:
-            continue
-        p = parent[v]
-        if p >= 0 and len(members[p]) == len(members[v]):
-            # Same member set as the parent: one segment (all of p's requests continue into v).
-            new_index[v] = new_index[p]
-            out_length[new_index[v]] += length[v]
-            continue
-        new_index[v] = len(out_parent)
-        out_parent.append(-1 if p < 0 else int(new_index[p]))
-        out_offset.append(offset[v])
-        out_length.append(length[v])
-        out_members.append(np.asarray(members[v], dtype=np.int64))
+    # Nodes in order of first appearance (a parent always appears before its children).
+    uniq, first_entry, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first_entry, kind="stable")
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[by_appearance] = np.arange(len(uniq))
+    node = rank[inverse.reshape(-1)]
+    first_entry = first_entry[by_appearance]
+    parent_e = np.where(first, -1, np.roll(node, 1))
+    n_parent, n_offset, n_length = parent_e[first_entry], offset[first_entry], toks[first_entry]
+    bad = np.flatnonzero((parent_e != n_parent[node]) | (toks != n_length[node]))
+    if len(bad):
+        e, v = int(bad[0]), int(node[bad[0]])
+        raise ValueError(
+            f"prefix_paths[{int(req[e])}]: node {ids[int(ids_at[e])]!r} appears with a different parent or length "
+            f"({int(toks[e])} tokens at offset {int(offset[e])}) than in an earlier path "
+            f"({int(n_length[v])} at {int(n_offset[v])})"
+        )
 
+    # Fold single-member nodes into tails; coalesce a node into its parent when the member sets are equal (a child's
+    # members are a subset of its parent's, so equal counts mean equal sets).
+    size = np.bincount(node, minlength=len(uniq))
+    shared = size >= 2
+    joins_parent = shared & (n_parent >= 0) & (size[np.maximum(n_parent, 0)] == size)
+    rep = np.where(joins_parent, n_parent, np.arange(len(uniq)))
+    while True:  # pointer jumping to the top of each chain
+        nxt = rep[rep]
+        if np.array_equal(nxt, rep):
+            break
+        rep = nxt
+    is_out = shared & ~joins_parent
+    out_index = np.cumsum(is_out) - 1
+    out_nodes = np.flatnonzero(is_out)
+    out_length = np.bincount(out_index[rep[shared]], weights=n_length[shared], minlength=len(out_nodes))
+    out_parent = n_parent[out_nodes]
+    out_parent = np.where(out_parent >= 0, out_index[rep[np.maximum(out_parent, 0)]], -1)
+    out_offset = n_offset[out_nodes]
+    at_out = np.flatnonzero(is_out[node])
+    member_indptr, member_reqs = _csr(out_index[node[at_out]], req[at_out], len(out_nodes))
+
+    # Each request's last shared node: shared entries are a prefix of its path.
     tail_parent = np.full(num_reqs, -1, dtype=np.int64)
     path_end = np.zeros(num_reqs, dtype=np.int64)
-    for i, nodes in enumerate(req_nodes):
-        shared_nodes = [v for v in nodes if shared[v]]
-        if shared_nodes:
-            last = int(new_index[shared_nodes[-1]])
-            tail_parent[i] = last
-            path_end[i] = out_offset[last] + out_length[last]
+    on = np.flatnonzero(shared[node])
+    if len(on):
+        last = np.flatnonzero(np.append(req[on][1:] != req[on][:-1], True))
+        who, v = req[on][last], out_index[rep[node[on][last]]]
+        tail_parent[who] = v
+        path_end[who] = out_offset[v] + out_length[v].astype(np.int64)
     return Forest(
         seq_lens=seq_lens,
-        node_parent=np.asarray(out_parent, dtype=np.int64),
-        node_offset=np.asarray(out_offset, dtype=np.int64),
-        node_length=np.asarray(out_length, dtype=np.int64),
-        node_members=tuple(out_members),
+        node_parent=out_parent.astype(np.int64),
+        node_offset=out_offset.astype(np.int64),
+        node_length=out_length.astype(np.int64),
+        member_indptr=member_indptr,
+        member_reqs=member_reqs,
         tail_parent=tail_parent,
         path_end=path_end,
     )
+
+
+def _raise_malformed(prefix_paths: Sequence[PrefixPath]) -> None:
+    """Find the malformed entry and raise a ValueError naming it (the slow path of forest_from_paths)."""
+    for i, path in enumerate(prefix_paths):
+        try:
+            entries = list(path)
+        except TypeError as e:
+            raise ValueError(f"prefix_paths[{i}]: must be a sequence of (node_id, num_tokens), got {path!r}") from e
+        for entry in entries:
+            try:
+                _, num_tokens = entry
+                int(num_tokens)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"prefix_paths[{i}]: entries must be (node_id, num_tokens), got {entry!r}") from e
 
 
 def forest_from_slots(kv_indptr: np.ndarray, kv_indices: np.ndarray) -> Forest:
@@ -204,12 +262,16 @@ def forest_from_slots(kv_indptr: np.ndarray, kv_indices: np.ndarray) -> Forest:
     if len(order):
         parent_arr = np.where(parent_arr >= 0, renumber[np.maximum(parent_arr, 0)], -1)
         tail_parent = np.where(tail_parent >= 0, renumber[np.maximum(tail_parent, 0)], -1)
+    sorted_members = [members[j] for j in order]
+    member_indptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum([len(m) for m in sorted_members], out=member_indptr[1:])
     return Forest(
         seq_lens=seq_lens,
         node_parent=parent_arr,
         node_offset=np.asarray(offset, dtype=np.int64)[order],
         node_length=np.asarray(length, dtype=np.int64)[order],
-        node_members=tuple(members[j] for j in order),
+        member_indptr=member_indptr,
+        member_reqs=np.concatenate(sorted_members).astype(np.int64) if sorted_members else np.zeros(0, np.int64),
         tail_parent=tail_parent,
         path_end=path_end,
     )

@@ -149,7 +149,9 @@ class _Tree:
         n = forest.num_nodes
         self.offset = forest.node_offset
         self.end = forest.node_offset + forest.node_length
-        self.members = forest.node_members
+        self.size = forest.node_sizes.tolist()
+        ptr, reqs = forest.member_indptr, forest.member_reqs
+        self.members = [reqs[ptr[v] : ptr[v + 1]] for v in range(n)]
         self.children: list[list[int]] = [[] for _ in range(n)]
         self.roots: list[int] = []
         for v, p in enumerate(forest.node_parent.tolist()):
@@ -196,8 +198,7 @@ def _split_partials(forest: Forest) -> np.ndarray:
 
 def split_bytes(forest: Forest, model: ByteModel) -> int:
     """All-split: every shared node read once by all its members, every tail alone."""
-    sizes = np.asarray([len(m) for m in forest.node_members], dtype=np.int64)
-    packs = -(-sizes // model.reqs_per_pack)
+    packs = -(-forest.node_sizes // model.reqs_per_pack)
     kv = int((packs * forest.node_length).sum()) + int((forest.seq_lens - forest.path_end).sum())
     k = _split_partials(forest)
     return kv * model.kv_bytes_per_token + int(k[k >= 2].sum()) * model.group_size * model.partial_bytes_per_row
@@ -206,9 +207,8 @@ def split_bytes(forest: Forest, model: ByteModel) -> int:
 def split_packing(forest: Forest, model: ByteModel) -> Packing:
     groups = _Groups()
     if forest.num_nodes:
-        sizes = np.asarray([len(m) for m in forest.node_members], dtype=np.int64)
         end = forest.node_offset + forest.node_length
-        groups.add_singles(forest.node_offset, end, np.concatenate(forest.node_members), sizes=sizes)
+        groups.add_singles(forest.node_offset, end, forest.member_reqs, sizes=forest.node_sizes)
     groups.add_singles(forest.path_end, forest.seq_lens, np.arange(forest.num_reqs))
     return groups.packing(model, forest.num_reqs)
 
@@ -249,7 +249,7 @@ class _Solver:
         children = t.children[v]
         merged = [self.cost(c, r) for c in children]
         split = [self.cost(c, int(t.offset[c])) for c in children]
-        sizes = [len(t.members[c]) for c in children]
+        sizes = [t.size[c] for c in children]
         tail_end = t.tail_end[v]
         merged_t = [(e - r) * bt + (0 if r == 0 else gbp) for e in tail_end]
         split_t = [(e - end) * bt + gbp if e > end else 0 for e in tail_end]

@@ -8,7 +8,7 @@ list (``merge_req``, ``merge_indptr``, ``merge_indices``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -32,6 +32,22 @@ class Launch:
     config: TileConfig
     item_offset: int
     num_items: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Host-only facts that let a plan follow later decode steps of the same tree (see ``advance_plan``).
+
+    ``item_row``/``item_rel``: the request whose KV row an item reads and the item's offset in it (so
+    ``item_kv_start = kv_indptr[item_row] + item_rel``); ``item_tail``: the request whose private tail the item
+    ends (the last piece of a one-request group reaching ``seq_lens``), else -1.
+    """
+
+    seq_lens: np.ndarray
+    item_row: np.ndarray
+    item_rel: np.ndarray
+    item_tail: np.ndarray
+    kv_bytes_per_token: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class PatPlan:
     modelled_partial_bytes: int
     unique_kv_tokens: int
     request_kv_tokens: int
+    step: StepInfo | None = None
 
     ARRAY_FIELDS = (
         "item_kv_start",
@@ -146,7 +163,13 @@ def build_plan(
     pack_hi = np.minimum(pack_lo + per_pack, g_first[pack_group] + g_size[pack_group])
     pack_nreq = pack_hi - pack_lo
     lens = g_end[pack_group] - g_start[pack_group]
-    pack_start = starts[g_reqs[pack_lo]] + g_start[pack_group]
+    seq_lens = np.diff(kv_indptr).astype(np.int64)
+    pack_row = g_reqs[pack_lo]  # the request whose KV row the pack reads (all its requests hold the same slots)
+    pack_rel = g_start[pack_group]
+    pack_start = starts[pack_row] + pack_rel
+    # A one-request group that reaches the end of its row is that request's private tail (it grows each step).
+    is_tail = (g_size == 1) & (g_end == seq_lens[g_reqs[np.minimum(g_first, len(g_reqs) - 1)]])
+    pack_tail = np.where(is_tail[pack_group], pack_row, -1)
     rows = pack_nreq * group
 
     # Tile config per pack, as an index into `configs` (one launch each).
@@ -179,6 +202,7 @@ def build_plan(
         size = -(-per_piece // align) * align
         pieces = -(-lens // size)
         plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
+        order, piece = plan.pop("order"), plan.pop("piece")
         if capacity is None or _fits(plan, capacity):
             break
         if (pieces == 1).all():
@@ -201,6 +225,15 @@ def build_plan(
     num_partials = len(plan["merge_indices"])
     partial_bytes = num_partials * group * packing.model.partial_bytes_per_row * num_kv_heads
     launches = plan.pop("launches")
+    item_pack = plan.pop("item_pack")
+    last_piece = piece[order] == pieces[item_pack] - 1
+    step = StepInfo(
+        seq_lens=seq_lens,
+        item_row=pack_row[item_pack],
+        item_rel=pack_rel[item_pack] + (plan["item_kv_start"] - pack_start[item_pack]),
+        item_tail=np.where(last_piece, pack_tail[item_pack], -1),
+        kv_bytes_per_token=packing.model.kv_bytes_per_token,
+    )
     return PatPlan(
         num_reqs=num_reqs,
         num_qo_heads=num_qo_heads,
@@ -213,7 +246,40 @@ def build_plan(
         modelled_kv_bytes=kv_bytes,
         modelled_partial_bytes=partial_bytes,
         unique_kv_tokens=unique_kv_tokens,
-        request_kv_tokens=int(np.diff(kv_indptr.astype(np.int64)).sum()),
+        request_kv_tokens=int(seq_lens.sum()),
+        step=step,
+    )
+
+
+def advance_plan(plan: PatPlan, kv_indptr: np.ndarray) -> PatPlan | None:
+    """``plan`` for a later decode step of the same tree, or None when it cannot follow.
+
+    Between decode steps the radix paths usually stay the same and every request grows by its new tokens, which
+    are private. Then the groups, packs, splits, destinations and merge list all stay valid: only each item's
+    start (rows move as earlier requests grow) and the last piece of every private tail (it gets the new tokens)
+    change. Returns None (plan afresh) when the batch size differs, a request shrank, or a request that grew has no
+    tail item (its tail was empty when planned). The caller must only pass a ``kv_indptr`` whose requests have the
+    same radix paths as when ``plan`` was built.
+    """
+    step = plan.step
+    seq_lens = np.diff(kv_indptr).astype(np.int64)
+    if step is None or len(seq_lens) != len(step.seq_lens):
+        return None
+    grow = seq_lens - step.seq_lens
+    if int(grow.min()) < 0:
+        return None
+    tails = step.item_tail[step.item_tail >= 0]
+    if int(grow.sum()) != int(grow[tails].sum()):
+        return None  # a request grew that has no tail item
+    extra = np.where(step.item_tail >= 0, grow[np.maximum(step.item_tail, 0)], 0)
+    added = int(grow.sum())
+    return replace(
+        plan,
+        item_kv_start=(kv_indptr[step.item_row] + step.item_rel).astype(np.int32),
+        item_kv_len=(plan.item_kv_len + extra).astype(np.int32),
+        modelled_kv_bytes=plan.modelled_kv_bytes + added * step.kv_bytes_per_token * plan.num_kv_heads,
+        unique_kv_tokens=plan.unique_kv_tokens + added,
+        request_kv_tokens=plan.request_kv_tokens + added,
     )
 
 
@@ -250,6 +316,9 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
     return {
+        "order": order,
+        "piece": piece,
+        "item_pack": item_pack,
         "launches": launches,
         "item_kv_start": pack_start[item_pack] + item_off,
         "item_kv_len": item_len,
