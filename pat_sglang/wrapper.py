@@ -455,6 +455,13 @@ class _GraphBuffers:
             self.offsets[name] = pos
             pos += self.sizes[name]
         self.buffer = torch.zeros(pos, dtype=torch.int32, device=w.device)
+        # Two pinned staging copies of the buffer, used in turn: a plan is written into the one whose last copy to
+        # the device has completed (its event), so no plan overwrites bytes still in flight and nothing waits unless
+        # the device is two plans behind. Entries past a plan's counts are never read, so nothing is zeroed.
+        pinned = w.device.type == "cuda"
+        self.staging = [torch.zeros(pos, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self.staged = [None, None]  # the event recorded after each staging copy's last upload
+        self.turn = 0
         self.max_num_kv_tokens = max_num_kv_tokens
         self.kv_indices = torch.zeros(max_num_kv_tokens, dtype=torch.int32, device=w.device)
         w._bind({name: self.buffer[o : o + self.sizes[name]] for name, o in self.offsets.items()})
@@ -468,14 +475,19 @@ class _GraphBuffers:
             raise ValueError(f"kv_indices: {nnz} KV tokens exceed max_num_kv_tokens={self.max_num_kv_tokens}")
         if plan.num_reqs > self.max_batch_size:
             raise ValueError(f"kv_indptr: batch of {plan.num_reqs} exceeds max_batch_size={self.max_batch_size}")
-        host = np.zeros(len(self.buffer), dtype=np.int32)
+        turn = self.turn
+        self.turn ^= 1
+        if self.staged[turn] is not None:
+            self.staged[turn].synchronize()
+        staging = self.staging[turn]
+        host = staging.numpy()
         for name in PatPlan.ARRAY_FIELDS:
             a = getattr(plan, name)
             host[self.offsets[name] : self.offsets[name] + len(a)] = a
-        staged = torch.from_numpy(host)
+        self.buffer.copy_(staging, non_blocking=True)
         if self.buffer.is_cuda:
-            staged = staged.pin_memory()
-        self.buffer.copy_(staged, non_blocking=True)
+            self.staged[turn] = torch.cuda.Event()
+            self.staged[turn].record()
         if kv_indices.data_ptr() != self.kv_indices.data_ptr():
             self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
         self.wrapper._plan = plan
