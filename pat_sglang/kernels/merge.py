@@ -12,8 +12,6 @@ import triton.language as tl
 
 from pat_sglang.kernels.common import padded_head_dim
 
-MERGE_BLOCK_P = 16  # partials merged per step
-
 
 @triton.jit
 def _merge_kernel(
@@ -31,7 +29,6 @@ def _merge_kernel(
     stride_out_h,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
@@ -44,24 +41,18 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
 
-    # BLOCK_P partials per step: their loads are independent, so a request split many ways (one long request over
-    # every SM) costs a few dependent round trips, not one per partial.
     m = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    offs = tl.arange(0, BLOCK_P)
-    for first in range(begin, end, BLOCK_P):
-        js = first + offs
-        live = js < end
-        slots = tl.load(merge_indices_ptr + js, mask=live, other=0).to(tl.int64)
-        lse = tl.load(partial_lse_ptr + slots * stride_plse_p + head, mask=live, other=float("-inf"))
-        o_ptrs = partial_o_ptr + slots[:, None] * stride_po_p + head * stride_po_h + dims[None, :]
-        o = tl.load(o_ptrs, mask=live[:, None] & dim_mask[None, :], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
+    for j in range(begin, end):
+        slot = tl.load(merge_indices_ptr + j).to(tl.int64)
+        lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head)
+        o = tl.load(partial_o_ptr + slot * stride_po_p + head * stride_po_h + dims, mask=dim_mask, other=0.0)
+        m_new = tl.maximum(m, lse)
         scale_old = tl.exp(m - m_new)
         w = tl.exp(lse - m_new)
-        denom = denom * scale_old + tl.sum(w, axis=0)
-        acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
+        denom = denom * scale_old + w
+        acc = acc * scale_old + w * o
         m = m_new
     out = acc / denom
     tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
@@ -109,6 +100,5 @@ def merge_partials(
         out.stride(1),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
-        BLOCK_P=MERGE_BLOCK_P,
         num_warps=4 if head_dim >= 128 else 2,
     )
