@@ -114,7 +114,7 @@ def test_merge_identity(dtype, split_at):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_partials", [1, 2, 5])
+@pytest.mark.parametrize("num_partials", [1, 2, 5, 17, 64])
 def test_merge_kernel_vs_reference(dtype, num_partials):
     heads, head_dim = 4, 80
     g = torch.Generator().manual_seed(num_partials)
