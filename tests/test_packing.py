@@ -19,7 +19,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MAX_SPLIT_PARTIAL_SHARE, advance_plan
+from pat_sglang.packing.plan import advance_plan, split_partial_share
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
@@ -174,7 +174,9 @@ def test_split_partials_stay_within_their_share(rf, heads, num_sms):
     packing = pack_forest(forest, model)
     plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=1)
     extra = plan.modelled_partial_bytes - packing.partial_bytes * hkv
-    assert extra <= MAX_SPLIT_PARTIAL_SHARE * plan.modelled_kv_bytes + 1e-9 + _direct_loss(packing, plan, model) * hkv
+    num_packs = int((-(-np.diff(packing.group_indptr) // model.reqs_per_pack)).sum())
+    share = split_partial_share(num_packs, hkv, num_sms)
+    assert extra <= share * plan.modelled_kv_bytes + 1e-9 + _direct_loss(packing, plan, model) * hkv
 
 
 def _direct_loss(packing, plan, model) -> int:

@@ -18,8 +18,12 @@ from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_index, choose_tile
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
-# A split's partials (fp32 O and LSE of its rows, written and read) may cost at most this share of its KV bytes.
+# A split's partials (fp32 O and LSE of its rows, written and read) may cost at most this share of its KV bytes,
+# and this larger share when the unsplit packs cannot fill the device (then idle SMs cost more than partial traffic:
+# tree_of_thought with qwen2.5-7b heads, 124 -> 85 µs on the H200; a larger share everywhere slowed system_prompt by
+# 12%, docs/runs/2026-11-29-split-share-experiment/).
 MAX_SPLIT_PARTIAL_SHARE = 0.25
+UNDERFILLED_SPLIT_PARTIAL_SHARE = 1.0
 MAX_SPLITS = 64
 # Programs to aim for per SM: the H200 tile sweep (scripts/tune_tiles.py) reached full copy bandwidth from 4 per SM.
 CTAS_PER_SM = 4
@@ -187,7 +191,8 @@ def build_plan(
         position = {c: k for k, c in enumerate(configs)}
         rank = np.asarray([position[c] for c in distinct], dtype=np.int64)
         pack_cfg = rank[chosen]
-    floor = rows * packing.model.partial_bytes_per_row / (MAX_SPLIT_PARTIAL_SHARE * packing.model.kv_bytes_per_token)
+    share = split_partial_share(len(lens), num_kv_heads, num_sms)
+    floor = rows * packing.model.partial_bytes_per_row / (share * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 
     # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
@@ -249,6 +254,12 @@ def build_plan(
         request_kv_tokens=int(seq_lens.sum()),
         step=step,
     )
+
+
+def split_partial_share(num_packs: int, num_kv_heads: int, num_sms: int) -> float:
+    """The share of a piece's KV bytes its split partials may cost (see UNDERFILLED_SPLIT_PARTIAL_SHARE)."""
+    underfilled = num_packs * num_kv_heads < CTAS_PER_SM * num_sms
+    return UNDERFILLED_SPLIT_PARTIAL_SHARE if underfilled else MAX_SPLIT_PARTIAL_SHARE
 
 
 def advance_plan(plan: PatPlan, kv_indptr: np.ndarray) -> PatPlan | None:
