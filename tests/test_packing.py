@@ -19,6 +19,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
+from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
 from pat_sglang.packing.plan import advance_plan, split_partial_share
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
@@ -125,6 +126,33 @@ def test_advanced_plan_covers_the_grown_batch(rf, heads, num_sms, growth):
     shrunk[0] -= 1
     if shrunk[0] >= 1:
         assert advance_plan(plan, np.concatenate([[0], np.cumsum(shrunk)])) is None, "requests never shrink"
+
+
+def _groups(packing) -> list[tuple[int, int, tuple[int, ...]]]:
+    ptr, reqs = packing.group_indptr, packing.group_reqs
+    starts, ends = packing.group_start.tolist(), packing.group_end.tolist()
+    return sorted((starts[g], ends[g], tuple(reqs[ptr[g] : ptr[g + 1]].tolist())) for g in range(packing.num_groups))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rf=random_forests(max_reqs=20, max_nodes=14), group=st.sampled_from([1, 4, 7, 8, 16]), from_slots=st.booleans())
+def test_dp_over_arrays_equals_the_recursive_dp(rf, group, from_slots):
+    """The two implementations of the merge-or-split DP (arrays by level; recursion) choose the same groups."""
+    indptr, indices, _ = rf.layout()
+    forest = forest_from_slots(indptr, indices) if from_slots else forest_from_paths(indptr, rf.prefix_paths)
+    model = ByteModel.for_heads(head_dim=128, group_size=group, kv_dtype_bytes=2)
+    by_arrays, by_recursion = _dp_packing(forest, model), _packing(_Tree(forest), forest, model, Policy.AUTO)
+    assert _groups(by_arrays) == _groups(by_recursion)
+    assert by_arrays.modelled_bytes == by_recursion.modelled_bytes
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+@pytest.mark.parametrize("group", [4, 7])
+def test_dp_implementations_agree_on_workloads(name, group):
+    wl = make_workload(name, seed=1)
+    forest = forest_from_paths(np.concatenate([[0], np.cumsum(wl.seq_lens)]), wl.prefix_paths)
+    model = ByteModel.for_heads(head_dim=128, group_size=group, kv_dtype_bytes=2)
+    assert _groups(_dp_packing(forest, model)) == _groups(_packing(_Tree(forest), forest, model, Policy.AUTO))
 
 
 @settings(max_examples=60, deadline=None)

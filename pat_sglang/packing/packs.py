@@ -26,6 +26,10 @@ import numpy as np
 from pat_sglang.packing.forest import Forest
 
 MAX_PACK_ROWS = 128
+# The DP runs over arrays (one tree level at a time) from this many shared nodes, recursively below: the recursion
+# is cheaper on one- and two-level trees of a few nodes (a system prompt, agent roles), the arrays 1.7-7x cheaper on
+# wider or deeper trees (rag, parallel sampling, tree of thought). Both give the same packing (tests/test_packing.py).
+VECTOR_DP_MIN_NODES = 8
 
 
 class Policy(str, Enum):
@@ -170,7 +174,10 @@ def pack_forest(forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO) 
         return merge_packing(forest, model)
     if policy is Policy.SPLIT:
         return split_packing(forest, model)
-    chosen = _packing(_Tree(forest), forest, model, Policy.AUTO)
+    if forest.num_nodes >= VECTOR_DP_MIN_NODES:
+        chosen = _dp_packing(forest, model)
+    else:
+        chosen = _packing(_Tree(forest), forest, model, Policy.AUTO)
     best = min(chosen.modelled_bytes, merge_bytes(forest, model), split_bytes(forest, model))
     if best == chosen.modelled_bytes:
         return chosen
@@ -309,3 +316,133 @@ class _Solver:
                 self.emit(c, int(t.offset[c]), groups)
             else:
                 self.emit(c, r, groups)
+
+
+def _segment_sum(seg: np.ndarray, values: np.ndarray, num: int) -> np.ndarray:
+    """Sums of int64 ``values`` by segment id (exact: bincount's float64 holds these byte counts exactly)."""
+    return np.rint(np.bincount(seg, weights=values, minlength=num)).astype(np.int64)
+
+
+def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
+    """The tree DP over arrays, one tree level at a time (deepest first), all range starts of a level at once.
+
+    State ``(v, k)``: node v's range starts at ``R[v, k]``, the offset of its depth-k ancestor (k = depth(v): its
+    own offset; k = 0: the row start). A node's edges are its child nodes and its requests' tails. Per state, each
+    edge is split when its marginal cost ``delta`` is negative (else the single cheapest edge, ties to the first
+    child, then the first tail), and the node keeps the split set only if it beats merging every edge.
+    """
+    b, n = forest.num_reqs, forest.num_nodes
+    bt = model.kv_bytes_per_token
+    gbp = model.group_size * model.partial_bytes_per_row
+    per_pack = model.reqs_per_pack
+    seq_lens = forest.seq_lens
+    groups = _Groups()
+    root_tails = np.flatnonzero(forest.tail_parent < 0)
+    groups.add_singles(np.zeros(len(root_tails), dtype=np.int64), seq_lens[root_tails], root_tails)
+    if n == 0:
+        return groups.packing(model, b)
+
+    parent = forest.node_parent
+    depth = np.zeros(n, dtype=np.int64)
+    up = parent.copy()
+    while (up >= 0).any():
+        depth += up >= 0
+        up = np.where(up >= 0, parent[np.maximum(up, 0)], -1)
+    levels = int(depth.max()) + 1
+    anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
+    cur = np.arange(n)
+    for step in range(levels):
+        k = depth - step
+        ok = (k >= 0) & (cur >= 0)
+        anc[np.flatnonzero(ok), k[ok]] = cur[ok]
+        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+    start = np.where(anc >= 0, forest.node_offset[np.maximum(anc, 0)], 0)
+    start[:, 0] = 0
+    end = forest.node_offset + forest.node_length
+    size = forest.node_sizes
+    row_in_level = np.zeros(n, dtype=np.int64)
+    by_level = [np.flatnonzero(depth == d) for d in range(levels)]
+    for nodes in by_level:
+        row_in_level[nodes] = np.arange(len(nodes))
+    tailed = np.flatnonzero(forest.tail_parent >= 0)
+    tail_depth = depth[forest.tail_parent[tailed]]
+
+    cost = np.zeros((n, levels), dtype=np.int64)
+    split_child = np.zeros((n, levels), dtype=bool)  # child c split when its parent is in state k
+    split_tail = np.zeros((b, levels), dtype=bool)  # request i's tail split when its tail parent is in state k
+    empty = np.zeros(0, dtype=np.int64)
+    for d in range(levels - 1, -1, -1):
+        nodes, K = by_level[d], d + 1
+        nv = len(nodes)
+        r = start[nodes, :K]
+        node_end = end[nodes]
+        kv_share = (node_end[:, None] - r) * bt / per_pack
+        # Edges of this level's nodes: child nodes (depth d + 1) first, then the tails ending here.
+        kids = by_level[d + 1] if d + 1 < levels else empty
+        reqs = tailed[tail_depth == d]
+        nk = len(kids)
+        owner = np.concatenate([row_in_level[parent[kids]], row_in_level[forest.tail_parent[reqs]]])
+        weight = np.concatenate([size[kids], np.ones(len(reqs), dtype=np.int64)])
+        ro = r[owner]
+        e = seq_lens[reqs][:, None]
+        te = node_end[owner[nk:]][:, None]
+        merged = np.concatenate([cost[kids, :K], (e - ro[nk:]) * bt + np.where(ro[nk:] != 0, gbp, 0)])
+        split = np.concatenate([cost[kids, K] if nk else empty, np.where(e > te, (e - te) * bt + gbp, 0)[:, 0]])
+        # Marginal cost of splitting an edge: its own range, its rows' partials, its share of this node's KV.
+        delta = np.concatenate(
+            [
+                split[:nk, None] + weight[:nk, None] * (gbp + kv_share[owner[:nk]]),
+                (split[nk:, None] + gbp) + kv_share[owner[nk:]],
+            ]
+        )
+        delta -= merged
+        chosen = delta < 0
+        seg = (owner[:, None] * K + np.arange(K)).ravel()
+        states = nv * K
+        num = _segment_sum(seg, (weight[:, None] * chosen).ravel(), states)
+        edges = np.bincount(owner, minlength=nv)
+        need = (num == 0) & np.repeat(edges > 0, K)
+        if need.any():  # split the single cheapest edge: smallest delta, then children before tails, then order
+            pick = np.lexsort((np.repeat(np.arange(len(owner)), K), delta.ravel(), seg))
+            first = pick[np.r_[True, seg[pick][1:] != seg[pick][:-1]]]
+            chosen.ravel()[first[need[seg[first]]]] = True
+            num = _segment_sum(seg, (weight[:, None] * chosen).ravel(), states)
+        num = num.reshape(nv, K)
+        chosen_cost = _segment_sum(seg, np.where(chosen, split[:, None], merged).ravel(), states).reshape(nv, K)
+        best_merge = _segment_sum(seg, merged.ravel(), states).reshape(nv, K)
+        total = -(-num // per_pack) * (node_end[:, None] - r) * bt + num * gbp + chosen_cost
+        merge_all = (num == 0) | (best_merge <= total)
+        cost[nodes, :K] = np.where(merge_all, best_merge, total)
+        chosen &= ~merge_all[owner]
+        split_child[kids, :K] = chosen[:nk]
+        split_tail[reqs, :K] = chosen[nk:]
+
+    # Emit top-down from the roots' state 0: a split child starts its own range, a merged one inherits it.
+    state = np.zeros(n, dtype=np.int64)
+    ptr, members = forest.member_indptr, forest.member_reqs
+    for d in range(levels):
+        nodes = by_level[d]
+        if d:
+            p = parent[nodes]
+            state[nodes] = np.where(split_child[nodes, state[p]], d, state[p])
+        r = start[nodes, state[nodes]]
+        reqs = tailed[tail_depth == d]
+        tparent = forest.tail_parent[reqs]
+        st = split_tail[reqs, state[tparent]]
+        kids = by_level[d + 1] if d + 1 < levels else np.zeros(0, dtype=np.int64)
+        sk = kids[split_child[kids, state[parent[kids]]]]
+        # One group per node with split edges: the split children's members and the split tails' requests.
+        counts = ptr[sk + 1] - ptr[sk]
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        kid_reqs = members[np.repeat(ptr[sk], counts) + within]
+        owner = np.concatenate([np.repeat(row_in_level[parent[sk]], counts), row_in_level[tparent[st]]])
+        who = np.concatenate([kid_reqs, reqs[st]])
+        order = np.lexsort((who, owner))
+        owner, who = owner[order], who[order]
+        if len(owner):
+            rows, sizes = np.unique(owner, return_counts=True)
+            groups.add_singles(r[rows], end[nodes][rows], who, sizes=sizes)
+        # Tails: merged ones read [range start, seq_len), split ones [node end, seq_len) when non-empty.
+        tail_start = np.where(st, end[tparent], start[tparent, state[tparent]])
+        groups.add_singles(tail_start, seq_lens[reqs], reqs)
+    return groups.packing(model, b)
