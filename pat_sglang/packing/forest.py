@@ -60,10 +60,13 @@ class Forest:
         return tuple(self.member_reqs[ptr[v] : ptr[v + 1]] for v in range(self.num_nodes))
 
     def node_depth(self) -> np.ndarray:
+        """Shared ancestors above each node (0 for a root), by walking all nodes up at once."""
+        parent = self.node_parent
         depth = np.zeros(self.num_nodes, dtype=np.int64)
-        for v in range(self.num_nodes):
-            p = self.node_parent[v]
-            depth[v] = 0 if p < 0 else depth[p] + 1
+        up = parent.copy()
+        while (up >= 0).any():
+            depth += up >= 0
+            up = np.where(up >= 0, parent[np.maximum(up, 0)], -1)
         return depth
 
     def unique_kv_tokens(self) -> int:

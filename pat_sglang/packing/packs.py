@@ -326,7 +326,7 @@ def _segment_sum(seg: np.ndarray, values: np.ndarray, num: int) -> np.ndarray:
 def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
     """The tree DP over arrays, one tree level at a time (deepest first), all range starts of a level at once.
 
-    State ``(v, k)``: node v's range starts at ``R[v, k]``, the offset of its depth-k ancestor (k = depth(v): its
+    State ``(v, k)``: node v's range starts at ``start[v, k]``, the offset of its depth-k ancestor (k = depth(v): its
     own offset; k = 0: the row start). A node's edges are its child nodes and its requests' tails. Per state, each
     edge is split when its marginal cost ``delta`` is negative (else the single cheapest edge, ties to the first
     child, then the first tail), and the node keeps the split set only if it beats merging every edge.
@@ -343,11 +343,7 @@ def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
         return groups.packing(model, b)
 
     parent = forest.node_parent
-    depth = np.zeros(n, dtype=np.int64)
-    up = parent.copy()
-    while (up >= 0).any():
-        depth += up >= 0
-        up = np.where(up >= 0, parent[np.maximum(up, 0)], -1)
+    depth = forest.node_depth()
     levels = int(depth.max()) + 1
     anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
     cur = np.arange(n)
