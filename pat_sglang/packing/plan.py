@@ -319,7 +319,9 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     # Merge CSR over requests with >= 2 partials, in request order.
     partial_req = entry_req[~direct]
     by_req = np.argsort(partial_req, kind="stable")
-    merge_req, counts = np.unique(partial_req[by_req], return_counts=True)
+    sorted_req = partial_req[by_req]
+    first = np.flatnonzero(np.r_[True, sorted_req[1:] != sorted_req[:-1]]) if len(sorted_req) else by_req
+    merge_req, counts = sorted_req[first], np.diff(np.append(first, len(sorted_req)))
 
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]])

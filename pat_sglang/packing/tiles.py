@@ -10,6 +10,7 @@ from pat_sglang.kernels.common import padded_head_dim
 from pat_sglang.kernels.pack_attention import TileConfig
 
 BLOCK_M_CHOICES = (16, 32, 64, 128)
+_POW2 = 1 << np.arange(9)  # 1 .. 256
 
 # (BLOCK_N, num_warps, num_stages) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The D<=128 table is
 # the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29; docs/runs/tune_tiles_d128-0db0183.json):
@@ -39,12 +40,14 @@ def block_m_index(rows: np.ndarray) -> np.ndarray:
 def choose_tiles(rows: np.ndarray, head_dim: int, kv_lens: np.ndarray) -> tuple[list[TileConfig], np.ndarray]:
     """Vectorised ``choose_tile`` over packs: the distinct configs and each pack's index into them."""
     # BLOCK_N depends on the length only through the next power of two (halving stops at kv_len <= BLOCK_N / 2),
-    # and only below 256.
-    bucket = np.minimum(256, np.exp2(np.ceil(np.log2(np.maximum(kv_lens, 1)))).astype(np.int64))
-    key = block_m_index(rows) * 257 + bucket
-    uniq, inverse = np.unique(key, return_inverse=True)
-    configs = [_tile(BLOCK_M_CHOICES[int(k) // 257], head_dim, int(k) % 257) for k in uniq]
-    return configs, inverse.reshape(-1)
+    # and only below 256: 9 length buckets.
+    bucket = np.searchsorted(_POW2, np.minimum(kv_lens, 256))
+    key = block_m_index(rows) * len(_POW2) + bucket
+    present = np.flatnonzero(np.bincount(key, minlength=len(BLOCK_M_CHOICES) * len(_POW2)))
+    index = np.zeros(len(BLOCK_M_CHOICES) * len(_POW2), dtype=np.int64)
+    index[present] = np.arange(len(present))
+    configs = [_tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)])) for k in present.tolist()]
+    return configs, index[key]
 
 
 def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
