@@ -128,25 +128,29 @@ def test_replan_and_reuse_across_layers():
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
-def test_decode_steps_follow_the_last_plan(graph):
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_steps_follow_the_last_plan(graph, page_size):
     """Decode steps with the same radix paths advance the last plan (rows move, tails grow) and stay exact; new
     paths, a shrinking request or REPLAN_EVERY steps plan afresh."""
     dtype = torch.float16
-    wl = make_workload("multi_agent", seed=3, scale=1 / 64, per_role=3)
-    lay = wl.materialize(seed=3)
+    wl = make_workload("multi_agent", seed=3, scale=1 / 64, per_role=3, page_size=page_size)
+    lay = wl.materialize(seed=3, page_size=page_size)
     rows = [lay.kv_indices[lay.kv_indptr[i] : lay.kv_indptr[i + 1]].tolist() for i in range(wl.batch_size)]
-    next_slot = lay.num_slots
-    k, v = random_kv(lay.num_slots + 64 * wl.batch_size, 2, 64, dtype, seed=5)
+    next_page = -(-lay.num_slots // page_size)
+    k, v = random_kv((next_page + 8 * wl.batch_size) * page_size, 2, 64, dtype, seed=5)
     kw = {"use_cuda_graph": True, "max_batch_size": 16, "max_num_kv_tokens": 1 << 14} if graph else {}
-    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8, replan_every=3, **kw)
+    w = PatDecodeWrapper(8, 2, 64, page_size=page_size, device=DEVICE, shortest_split=8, replan_every=3, **kw)
     paths = [list(p) for p in wl.prefix_paths]
     fresh_plans = []
     for step in range(6):
-        if step:  # every request decodes one token (three for request 0) into new private slots
+        if step:  # every request decodes one token (three for request 0): the last page's next slot, or a new page
             for i, row in enumerate(rows):
                 for _ in range(3 if i == 0 else 1):
-                    row.append(next_slot)
-                    next_slot += 1
+                    if len(row) % page_size:
+                        row.append(row[-1] + 1)
+                    else:
+                        row.append(next_page * page_size)
+                        next_page += 1
         if step == 5:  # the last request finishes: another batch, planned afresh
             rows, paths = rows[:-1], paths[:-1]
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
