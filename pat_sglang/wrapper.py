@@ -177,7 +177,8 @@ class PatDecodeWrapper:
         if kv_indices.device.type != "cpu" and kv_indices.device != self.device:
             raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
         indptr = kv_indptr.cpu().numpy().astype(np.int64)
-        if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        lens = np.diff(indptr)
+        if indptr[0] != 0 or lens.min() < 0:
             raise ValueError("kv_indptr must start at 0 and never decrease")
         if indptr[-1] > kv_indices.numel():
             raise ValueError(f"kv_indptr ends at {int(indptr[-1])} but kv_indices has {kv_indices.numel()} entries")
@@ -188,7 +189,7 @@ class PatDecodeWrapper:
         if host_indices is not None and self.page_size > 1:
             _check_page_runs(indptr, host_indices, self.page_size)
         cache = self._step_cache
-        plan = cache.follow(prefix_paths, indptr, kv_data_type) if cache is not None else None
+        plan = cache.follow(prefix_paths, indptr, lens, kv_data_type) if cache is not None else None
         if plan is not None:
             if host_indices is not None:
                 check_forest_slots(cache.forest, indptr, host_indices)
@@ -397,13 +398,13 @@ class _StepCache:
         self.steps = 0
         self.max_steps = steps
 
-    def follow(self, prefix_paths, indptr: np.ndarray, kv_data_type: torch.dtype) -> PatPlan | None:
+    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type: torch.dtype) -> PatPlan | None:
         """The cached plan advanced to ``indptr``, or None when the paths changed or a fresh plan is due."""
         if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
             return None
         if self.paths != list(prefix_paths):  # element-wise, in C: node ids and token counts of every path
             return None
-        plan = advance_plan(self.plan, indptr)
+        plan = advance_plan(self.plan, indptr, lens)
         if plan is not None:
             self.steps += 1
         return plan
@@ -461,6 +462,7 @@ class _GraphBuffers:
         pinned = w.device.type == "cuda"
         self.staging = [torch.zeros(pos, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
         self.staged = [None, None]  # the event recorded after each staging copy's last upload
+        self.held: list[dict[str, np.ndarray]] = [{}, {}]
         self.turn = 0
         self.max_num_kv_tokens = max_num_kv_tokens
         self.kv_indices = torch.zeros(max_num_kv_tokens, dtype=torch.int32, device=w.device)
@@ -481,9 +483,12 @@ class _GraphBuffers:
             self.staged[turn].synchronize()
         staging = self.staging[turn]
         host = staging.numpy()
+        held = self.held[turn]  # per field, the array this staging copy holds (advanced plans share most)
         for name in PatPlan.ARRAY_FIELDS:
             a = getattr(plan, name)
-            host[self.offsets[name] : self.offsets[name] + len(a)] = a
+            if held.get(name) is not a:
+                host[self.offsets[name] : self.offsets[name] + len(a)] = a
+                held[name] = a
         self.buffer.copy_(staging, non_blocking=True)
         if self.buffer.is_cuda:
             self.staged[turn] = torch.cuda.Event()

@@ -8,7 +8,8 @@ list (``merge_req``, ``merge_indptr``, ``merge_indices``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 
@@ -52,6 +53,15 @@ class StepInfo:
     item_rel: np.ndarray
     item_tail: np.ndarray
     kv_bytes_per_token: int
+
+    @cached_property
+    def tail_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items that end a tail, their requests, and the requests without such an item."""
+        items = np.flatnonzero(self.item_tail >= 0)
+        reqs = self.item_tail[items]
+        untailed = np.ones(len(self.seq_lens), dtype=bool)
+        untailed[reqs] = False
+        return items, reqs, np.flatnonzero(untailed)
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,7 @@ def split_partial_share(num_packs: int, num_kv_heads: int, num_sms: int) -> floa
     return UNDERFILLED_SPLIT_PARTIAL_SHARE if underfilled else MAX_SPLIT_PARTIAL_SHARE
 
 
-def advance_plan(plan: PatPlan, kv_indptr: np.ndarray) -> PatPlan | None:
+def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | None = None) -> PatPlan | None:
     """``plan`` for a later decode step of the same tree, or None when it cannot follow.
 
     Between decode steps the radix paths usually stay the same and every request grows by its new tokens, which
@@ -270,28 +280,31 @@ def advance_plan(plan: PatPlan, kv_indptr: np.ndarray) -> PatPlan | None:
     start (rows move as earlier requests grow) and the last piece of every private tail (it gets the new tokens)
     change. Returns None (plan afresh) when the batch size differs, a request shrank, or a request that grew has no
     tail item (its tail was empty when planned). The caller must only pass a ``kv_indptr`` whose requests have the
-    same radix paths as when ``plan`` was built.
+    same radix paths as when ``plan`` was built; ``seq_lens`` (its differences) may be passed when already known.
+    The result shares every array but ``item_kv_start`` and ``item_kv_len`` with ``plan``.
     """
     step = plan.step
-    seq_lens = np.diff(kv_indptr).astype(np.int64)
+    if seq_lens is None:
+        seq_lens = np.diff(kv_indptr)
     if step is None or len(seq_lens) != len(step.seq_lens):
         return None
     grow = seq_lens - step.seq_lens
-    if int(grow.min()) < 0:
-        return None
-    tails = step.item_tail[step.item_tail >= 0]
-    if int(grow.sum()) != int(grow[tails].sum()):
-        return None  # a request grew that has no tail item
-    extra = np.where(step.item_tail >= 0, grow[np.maximum(step.item_tail, 0)], 0)
+    items, reqs, untailed = step.tail_items
+    if int(grow.min()) < 0 or grow[untailed].any():
+        return None  # a request shrank, or one grew that has no tail item
+    item_len = plan.item_kv_len.copy()
+    item_len[items] += grow[reqs].astype(np.int32)
     added = int(grow.sum())
-    return replace(
-        plan,
+    advanced = object.__new__(PatPlan)  # a frozen dataclass: copy its fields, then set the ones that change
+    advanced.__dict__.update(
+        plan.__dict__,
         item_kv_start=(kv_indptr[step.item_row] + step.item_rel).astype(np.int32),
-        item_kv_len=(plan.item_kv_len + extra).astype(np.int32),
+        item_kv_len=item_len,
         modelled_kv_bytes=plan.modelled_kv_bytes + added * step.kv_bytes_per_token * plan.num_kv_heads,
         unique_kv_tokens=plan.unique_kv_tokens + added,
         request_kv_tokens=plan.request_kv_tokens + added,
     )
+    return advanced
 
 
 def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
