@@ -111,6 +111,26 @@ def test_forward_decode_matches_triton_and_reference(page_size):
     _assert_close(out, out_triton)
 
 
+def test_decode_steps_advance_the_plan():
+    """Consecutive decode steps of one batch read the same radix paths, so pat advances its last plan instead of
+    packing the tree again; every step still equals SGLang's Triton backend and the fp32 reference."""
+    runner, sched = _radix_batch(7)
+    pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
+    layer = make_layer(HQ, HKV, D, scaling=D**-0.5)
+    for step in range(3):
+        fb, batch = sched.decode_batch(pat)
+        fb.pat_prefix_paths = stash_batch_paths(runner, batch)
+        q, k, v = _qkv(fb.batch_size, seed=10 + step)
+        pat.init_forward_metadata(fb)
+        out = pat.forward_decode(q, k, v, layer, fb)
+        assert pat.pat_eager._step_cache.steps == step, "steps after the first follow the first plan"
+        triton.init_forward_metadata(fb)
+        out_triton = triton.forward_decode(q, k, v, layer, fb, save_kv_cache=False)
+        _assert_close(out, _reference(runner, fb, q, layer.scaling))
+        _assert_close(out, out_triton)
+    assert pat.decode_stats.steps == 3 and pat.decode_stats.radix_steps == 3
+
+
 def test_radix_paths_follow_node_splits():
     """Paths are re-read every step: a split gives the shared part a new node id, and both requests name it."""
     runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
