@@ -159,6 +159,9 @@ class PatDecodeWrapper:
     ) -> None:
         """Plan one decode step.
 
+        With the same ``prefix_paths`` as the last full plan (a stable batch decoding: rows only grew), the last plan
+        is advanced instead of packing the tree again, for up to ``replan_every`` steps (see ``advance_plan``).
+
         Args:
             kv_indptr: int32/int64 ``[B + 1]``; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``. Best on
                 the CPU: a device tensor is copied to the host (a sync).
