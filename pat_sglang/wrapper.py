@@ -32,7 +32,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan
+from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, drop_requests
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -192,10 +192,13 @@ class PatDecodeWrapper:
         if host_indices is not None and self.page_size > 1:
             _check_page_runs(indptr, host_indices, self.page_size)
         cache = self._step_cache
-        plan = cache.follow(prefix_paths, indptr, lens, kv_data_type) if cache is not None else None
+        plan = None
+        if cache is not None:
+            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, fixed_launches=self._graph is not None)
         if plan is not None:
-            if host_indices is not None:
-                check_forest_slots(cache.forest, indptr, host_indices)
+            if host_indices is not None:  # the caller's paths against its slots (host indices only)
+                forest = cache.forest if cache.same_batch else forest_from_paths(indptr, prefix_paths)
+                check_forest_slots(forest, indptr, host_indices)
             self._install(plan, kv_indices, indptr)
             return
         self._step_cache = None
@@ -389,28 +392,71 @@ def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) ->
 
 
 class _StepCache:
-    """The last full plan made from radix paths, followed through later decode steps of the same paths."""
+    """The last full plan made from radix paths, followed through later decode steps of the same requests.
+
+    Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
+    paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
+    removed (requests finished; the rest keep their order) first drops those positions (``drop_requests``).
+    Anything else (a request joined, paths changed) plans afresh.
+    """
 
     def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
         # A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare
         # equal; entries are compared by value (tuples, as the SGLang backend makes them).
         self.paths = [p if isinstance(p, tuple) else list(p) for p in prefix_paths]
         self.kv_data_type = kv_data_type
-        self.forest = forest
+        self.forest = forest  # of the full plan; base_pos maps today's positions to its requests
+        self.base_pos = np.arange(forest.num_reqs)
         self.plan = plan
         self.steps = 0
         self.max_steps = steps
 
-    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type: torch.dtype) -> PatPlan | None:
-        """The cached plan advanced to ``indptr``, or None when the paths changed or a fresh plan is due."""
+    @property
+    def same_batch(self) -> bool:
+        return len(self.base_pos) == self.forest.num_reqs
+
+    def follow(
+        self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type: torch.dtype, *, fixed_launches: bool
+    ) -> PatPlan | None:
+        """The cached plan advanced to ``indptr``, or None when a fresh plan is due."""
         if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
             return None
-        if self.paths != list(prefix_paths):  # element-wise, in C: node ids and token counts of every path
-            return None
+        paths = list(prefix_paths)
+        if self.paths != paths:  # element-wise, in C: node ids and token counts of every path
+            keep = _left_out(self.paths, paths)
+            if keep is None or (lens < self.plan.step.seq_lens[keep]).any():
+                return None
+            self.base_pos = self.base_pos[keep]
+            self.plan = drop_requests(self.plan, keep, unique_kv_tokens=self._unique(), fixed_launches=fixed_launches)
+            self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
         plan = advance_plan(self.plan, indptr, lens)
         if plan is not None:
             self.steps += 1
         return plan
+
+    def _unique(self) -> int:
+        """Unique KV tokens of the remaining requests at their planning-time lengths (nodes with a member left)."""
+        f, pos = self.forest, self.base_pos
+        left = np.zeros(f.num_reqs)
+        left[pos] = 1
+        node_of_member = np.repeat(np.arange(f.num_nodes), f.node_sizes)
+        alive = np.bincount(node_of_member, weights=left[f.member_reqs], minlength=f.num_nodes) > 0
+        return int(f.node_length[alive].sum() + (f.seq_lens[pos] - f.path_end[pos]).sum())
+
+
+def _left_out(old: list, new: list) -> np.ndarray | None:
+    """Positions of ``old`` that ``new`` keeps, when ``new`` is ``old`` with some entries removed (order kept)."""
+    if len(new) >= len(old):
+        return None
+    keep, j = [], 0
+    for path in new:
+        while j < len(old) and old[j] != path:
+            j += 1
+        if j == len(old):
+            return None
+        keep.append(j)
+        j += 1
+    return np.asarray(keep, dtype=np.int64)
 
 
 class _GraphBuffers:

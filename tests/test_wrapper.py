@@ -130,8 +130,10 @@ def test_replan_and_reuse_across_layers():
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_steps_follow_the_last_plan(graph, page_size):
-    """Decode steps with the same radix paths advance the last plan (rows move, tails grow) and stay exact; new
-    paths, a shrinking request or REPLAN_EVERY steps plan afresh."""
+    """Decode steps advance the last plan while the batch keeps its paths (rows move, tails grow) or loses requests
+    (finished ones dropped), and stay exact; a joining request or replan_every steps plan afresh."""
+    from pat_sglang.packing import forest_from_paths
+
     dtype = torch.float16
     wl = make_workload("multi_agent", seed=3, scale=1 / 64, per_role=3, page_size=page_size)
     lay = wl.materialize(seed=3, page_size=page_size)
@@ -142,7 +144,7 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
     w = PatDecodeWrapper(8, 2, 64, page_size=page_size, device=DEVICE, shortest_split=8, replan_every=3, **kw)
     paths = [list(p) for p in wl.prefix_paths]
     fresh_plans = []
-    for step in range(6):
+    for step in range(8):
         if step:  # every request decodes one token (three for request 0): the last page's next slot, or a new page
             for i, row in enumerate(rows):
                 for _ in range(3 if i == 0 else 1):
@@ -151,18 +153,25 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
                     else:
                         row.append(next_page * page_size)
                         next_page += 1
-        if step == 5:  # the last request finishes: another batch, planned afresh
+        if step == 5:  # the last request finishes
             rows, paths = rows[:-1], paths[:-1]
+        if step == 6:  # request 1 finishes
+            rows, paths = rows[:1] + rows[2:], paths[:1] + paths[2:]
+        if step == 7:  # a request joins: request 0's shared prefix, a page of its own
+            shared = sum(n for _, n in paths[0])
+            rows.append(rows[0][:shared] + list(range(next_page * page_size, next_page * page_size + page_size)))
+            paths.append(list(paths[0]))
+            next_page += 1
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
-        base = w._step_cache.plan if w._step_cache else None
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
-        fresh_plans.append(w._step_cache.plan is not base)
+        fresh_plans.append(w._step_cache.steps == 0)
         q = random_q(len(rows), 8, 64, dtype, seed=step)
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
-    # step 0 plans; 1-3 follow; 4 is past replan_every = 3; 5 has other paths
-    assert fresh_plans == [True, False, False, False, True, True]
+        assert w.plan_info.unique_kv_tokens == forest_from_paths(indptr.numpy(), paths).unique_kv_tokens()
+    # 0 plans; 1-3 follow; 4 is past replan_every = 3; 5 and 6 drop finished requests; 7 has a new request
+    assert fresh_plans == [True, False, False, False, True, False, False, True]
 
 
 class TestBadInput:

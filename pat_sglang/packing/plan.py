@@ -52,7 +52,9 @@ class StepInfo:
     item_row: np.ndarray
     item_rel: np.ndarray
     item_tail: np.ndarray
+    item_cfg: np.ndarray  # index into the plan's launches
     kv_bytes_per_token: int
+    partial_bytes_per_row: int
 
     @cached_property
     def tail_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,7 +229,9 @@ def build_plan(
                 "max_partials_per_request"
             )
         piece_cost *= 2
-    if not fixed_configs:  # launch only the configs in use
+    if not fixed_configs:  # launch only the configs in use (item_cfg renumbered to match)
+        used = np.asarray([lc.num_items > 0 for lc in plan["launches"]], dtype=bool)
+        plan["item_cfg"] = (np.cumsum(used) - 1)[plan["item_cfg"]]
         plan["launches"] = tuple(lc for lc in plan["launches"] if lc.num_items > 0)
         plan["launch_info"] = np.asarray(
             [[lc.item_offset, lc.num_items] for lc in plan["launches"]], dtype=np.int64
@@ -247,7 +251,9 @@ def build_plan(
         item_row=pack_row[item_pack],
         item_rel=pack_rel[item_pack] + (plan["item_kv_start"] - pack_start[item_pack]),
         item_tail=np.where(last_piece, pack_tail[item_pack], -1),
+        item_cfg=plan.pop("item_cfg"),
         kv_bytes_per_token=packing.model.kv_bytes_per_token,
+        partial_bytes_per_row=packing.model.partial_bytes_per_row,
     )
     return PatPlan(
         num_reqs=num_reqs,
@@ -307,6 +313,96 @@ def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | No
     return advanced
 
 
+def drop_requests(plan: PatPlan, keep: np.ndarray, *, unique_kv_tokens: int, fixed_launches: bool) -> PatPlan:
+    """``plan`` (at its planning-time lengths) for the batch of the requests ``keep`` (increasing old indices).
+
+    Requests that leave take their entries with them: items left without a request are dropped, an item whose KV
+    row belonged to a leaving request reads the row of another of its requests (they hold the same slots there),
+    the merge list loses their rows, indices are renumbered. Partial slots keep their numbers (the workspace does
+    not shrink). ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left
+    empty (CUDA-graph mode), otherwise they are dropped. Follow with ``advance_plan`` for the grown lengths.
+    """
+    step = plan.step
+    assert step is not None, "only a plan made by build_plan can drop requests"
+    new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
+    new_of_old[keep] = np.arange(len(keep))
+    item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
+    entry_new = new_of_old[plan.entry_req]
+    kept = np.flatnonzero(entry_new >= 0)
+    counts = np.bincount(item_of_entry[kept], minlength=plan.num_items)
+    items = np.flatnonzero(counts > 0)  # order kept: still grouped by launch
+    # An item's KV row: its owner if it stays, else its first remaining request's row (same slots over the item).
+    first = kept[np.r_[True, item_of_entry[kept][1:] != item_of_entry[kept][:-1]]] if len(kept) else kept
+    first_req = np.full(plan.num_items, -1, dtype=np.int64)
+    first_req[item_of_entry[first]] = entry_new[first]
+    row = new_of_old[step.item_row]
+    row = np.where(row >= 0, row, first_req)[items]
+    entry_req = entry_new[kept]
+    old_dest = plan.entry_dest[kept]
+    entry_dest = np.where(old_dest < 0, -(entry_req + 1), old_dest)
+    num_entries = counts[items]
+    entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]]).astype(np.int64)
+
+    per_merge = np.diff(plan.merge_indptr)
+    merge_new = new_of_old[plan.merge_req]
+    stays = merge_new >= 0
+    merge_indices = plan.merge_indices[np.repeat(stays, per_merge)]
+    merge_req = merge_new[stays]
+
+    cfg = step.item_cfg[items]
+    per_cfg = np.bincount(cfg, minlength=len(plan.launches))
+    used = np.ones(len(plan.launches), dtype=bool) if fixed_launches else per_cfg > 0
+    cfg = (np.cumsum(used) - 1)[cfg]
+    per_cfg = per_cfg[used]
+    offsets = np.concatenate([[0], np.cumsum(per_cfg)[:-1]])
+    configs = [lc.config for lc, u in zip(plan.launches, used) if u]
+    launches = tuple(
+        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_cfg)
+    )
+
+    seq_lens = step.seq_lens[keep]
+    rel = step.item_rel[items]
+    item_len = plan.item_kv_len[items]
+    tail = step.item_tail[items]
+    group = plan.num_qo_heads // plan.num_kv_heads
+    heads = plan.num_kv_heads
+    kv_bytes = int((item_len * np.ceil(num_entries * group / 128.0)).sum()) * step.kv_bytes_per_token * heads
+    as32 = lambda a: np.asarray(a, dtype=np.int32)
+    return PatPlan(
+        num_reqs=len(keep),
+        num_qo_heads=plan.num_qo_heads,
+        num_kv_heads=heads,
+        head_dim=plan.head_dim,
+        launches=launches,
+        num_partials=plan.num_partials,
+        num_merge_reqs=len(merge_req),
+        item_kv_start=as32(np.concatenate([[0], np.cumsum(seq_lens)])[row] + rel),
+        item_kv_len=as32(item_len),
+        item_entry_start=as32(entry_start),
+        item_num_reqs=as32(num_entries),
+        entry_req=as32(entry_req),
+        entry_dest=as32(entry_dest),
+        merge_req=as32(merge_req),
+        merge_indptr=as32(np.concatenate([[0], np.cumsum(per_merge[stays])])),
+        merge_indices=as32(merge_indices),
+        launch_info=as32(np.stack([offsets, per_cfg], axis=1).reshape(-1)),
+        num_merge=as32([len(merge_req)]),
+        modelled_kv_bytes=kv_bytes,
+        modelled_partial_bytes=int((entry_dest >= 0).sum()) * group * step.partial_bytes_per_row * heads,
+        unique_kv_tokens=unique_kv_tokens,
+        request_kv_tokens=int(seq_lens.sum()),
+        step=StepInfo(
+            seq_lens=seq_lens,
+            item_row=row,
+            item_rel=rel,
+            item_tail=np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1),
+            item_cfg=cfg,
+            kv_bytes_per_token=step.kv_bytes_per_token,
+            partial_bytes_per_row=step.partial_bytes_per_row,
+        ),
+    )
+
+
 def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
     """Cut packs into items, order them (by config, longest first), assign destinations and the merge CSR."""
     item_pack = np.repeat(np.arange(len(lens)), pieces)
@@ -345,6 +441,7 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
         "order": order,
         "piece": piece,
         "item_pack": item_pack,
+        "item_cfg": item_cfg,
         "launches": launches,
         "item_kv_start": pack_start[item_pack] + item_off,
         "item_kv_len": item_len,
