@@ -32,7 +32,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, drop_requests
+from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -194,7 +194,8 @@ class PatDecodeWrapper:
         cache = self._step_cache
         plan = None
         if cache is not None:
-            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, fixed_launches=self._graph is not None)
+            graph = self._graph
+            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, graph.capacity if graph else None, graph)
         if plan is not None:
             if host_indices is not None:  # the caller's paths against its slots (host indices only)
                 forest = cache.forest if cache.same_batch else forest_from_paths(indptr, prefix_paths)
@@ -396,38 +397,54 @@ class _StepCache:
 
     Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
     paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
-    removed (requests finished; the rest keep their order) first drops those positions (``drop_requests``).
-    Anything else (a request joined, paths changed) plans afresh.
+    removed (requests finished; the rest keep their order), followed by requests with empty paths (CUDA-graph
+    padding, unshared newcomers; at most JOIN_SHARE of the tokens), is rebatched first (``rebatch_plan``).
+    Anything else (a sharing request joined, paths changed) plans afresh.
     """
+
+    JOIN_SHARE = 0.125  # newcomers are read unsplit, one item each: only a small share of the step's tokens
 
     def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
         # A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare
         # equal; entries are compared by value (tuples, as the SGLang backend makes them).
         self.paths = [p if isinstance(p, tuple) else list(p) for p in prefix_paths]
         self.kv_data_type = kv_data_type
-        self.forest = forest  # of the full plan; base_pos maps today's positions to its requests
+        self.forest = forest  # of the full plan; base_pos maps positions to its requests (-1: joined since)
         self.base_pos = np.arange(forest.num_reqs)
+        self.joined_len = np.zeros(forest.num_reqs, dtype=np.int64)  # per position: tokens when it joined
         self.plan = plan
         self.steps = 0
         self.max_steps = steps
 
     @property
     def same_batch(self) -> bool:
-        return len(self.base_pos) == self.forest.num_reqs
+        return len(self.base_pos) == self.forest.num_reqs and bool((self.base_pos >= 0).all())
 
-    def follow(
-        self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type: torch.dtype, *, fixed_launches: bool
-    ) -> PatPlan | None:
-        """The cached plan advanced to ``indptr``, or None when a fresh plan is due."""
+    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type, capacity, graph):
+        """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due."""
         if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
             return None
         paths = list(prefix_paths)
         if self.paths != paths:  # element-wise, in C: node ids and token counts of every path
-            keep = _left_out(self.paths, paths)
-            if keep is None or (lens < self.plan.step.seq_lens[keep]).any():
+            keep = _kept_positions(self.paths, paths)
+            if keep is None or (lens[: len(keep)] < self.plan.step.seq_lens[keep]).any():
                 return None
-            self.base_pos = self.base_pos[keep]
-            self.plan = drop_requests(self.plan, keep, unique_kv_tokens=self._unique(), fixed_launches=fixed_launches)
+            join_lens = lens[len(keep) :]
+            if join_lens.sum() > self.JOIN_SHARE * lens.sum():
+                return None
+            self.base_pos = np.concatenate([self.base_pos[keep], np.full(len(join_lens), -1)])
+            self.joined_len = np.concatenate([self.joined_len[keep], join_lens])
+            rebatched = rebatch_plan(
+                self.plan,
+                keep,
+                join_lens,
+                unique_kv_tokens=self._unique(),
+                fixed_launches=graph is not None,
+                capacity=capacity,
+            )
+            if rebatched is None:
+                return None
+            self.plan = rebatched
             self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
         plan = advance_plan(self.plan, indptr, lens)
         if plan is not None:
@@ -435,27 +452,28 @@ class _StepCache:
         return plan
 
     def _unique(self) -> int:
-        """Unique KV tokens of the remaining requests at their planning-time lengths (nodes with a member left)."""
-        f, pos = self.forest, self.base_pos
+        """Unique KV tokens of the batch at planning-time lengths: nodes with a member left, tails, newcomers."""
+        f, pos = self.forest, self.base_pos[self.base_pos >= 0]
         left = np.zeros(f.num_reqs)
         left[pos] = 1
         node_of_member = np.repeat(np.arange(f.num_nodes), f.node_sizes)
         alive = np.bincount(node_of_member, weights=left[f.member_reqs], minlength=f.num_nodes) > 0
-        return int(f.node_length[alive].sum() + (f.seq_lens[pos] - f.path_end[pos]).sum())
+        return int(f.node_length[alive].sum() + (f.seq_lens[pos] - f.path_end[pos]).sum() + self.joined_len.sum())
 
 
-def _left_out(old: list, new: list) -> np.ndarray | None:
-    """Positions of ``old`` that ``new`` keeps, when ``new`` is ``old`` with some entries removed (order kept)."""
-    if len(new) >= len(old):
-        return None
+def _kept_positions(old: list, new: list) -> np.ndarray | None:
+    """Positions of ``old`` that ``new`` keeps, when ``new`` is ``old`` with some entries removed (order kept) and
+    then only empty paths; None otherwise."""
     keep, j = [], 0
     for path in new:
         while j < len(old) and old[j] != path:
             j += 1
         if j == len(old):
-            return None
+            break
         keep.append(j)
         j += 1
+    if any(new[k] for k in range(len(keep), len(new))):
+        return None  # a newcomer that shares: plan afresh
     return np.asarray(keep, dtype=np.int64)
 
 

@@ -112,13 +112,15 @@ def test_forward_decode_matches_triton_and_reference(page_size):
 
 
 def test_decode_steps_advance_the_plan():
-    """Consecutive decode steps of one batch read the same radix paths, so pat advances its last plan instead of
-    packing the tree again; every step still equals SGLang's Triton backend and the fp32 reference."""
+    """Consecutive decode steps of one batch read the same radix paths (or fewer, as requests finish), so pat
+    advances its last plan instead of packing the tree again; every step still equals SGLang's Triton backend and
+    the fp32 reference."""
     runner, sched = _radix_batch(7)
     pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
     layer = make_layer(HQ, HKV, D, scaling=D**-0.5)
-    for step in range(3):
-        fb, batch = sched.decode_batch(pat)
+    for step in range(4):
+        # at step 3 two requests have finished: the plan drops them instead of packing the tree again
+        fb, batch = sched.decode_batch(pat, None if step < 3 else sched.reqs[:2] + sched.reqs[3:-1])
         fb.pat_prefix_paths = stash_batch_paths(runner, batch)
         q, k, v = _qkv(fb.batch_size, seed=10 + step)
         pat.init_forward_metadata(fb)
@@ -128,7 +130,7 @@ def test_decode_steps_advance_the_plan():
         out_triton = triton.forward_decode(q, k, v, layer, fb, save_kv_cache=False)
         _assert_close(out, _reference(runner, fb, q, layer.scaling))
         _assert_close(out, out_triton)
-    assert pat.decode_stats.steps == 3 and pat.decode_stats.radix_steps == 3
+    assert pat.decode_stats.steps == 4 and pat.decode_stats.radix_steps == 4
 
 
 def test_radix_paths_follow_node_splits():

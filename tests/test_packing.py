@@ -20,7 +20,7 @@ from pat_sglang.packing import (
     pack_forest,
 )
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import advance_plan, drop_requests, split_partial_share
+from pat_sglang.packing.plan import advance_plan, rebatch_plan, split_partial_share
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
@@ -167,37 +167,39 @@ def test_dp_implementations_agree_on_workloads(name, group):
     assert _groups(_dp_packing(forest, model)) == _groups(_packing(_Tree(forest), forest, model, Policy.AUTO))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     rf=random_forests(),
     heads=st.sampled_from(HEADS),
     num_sms=st.integers(1, 64),
     keep_bits=st.lists(st.booleans(), min_size=12, max_size=12),
-    growth=st.lists(st.integers(0, 30), min_size=12, max_size=12),
+    join_lens=st.lists(st.integers(1, 40), max_size=3),
+    growth=st.lists(st.integers(0, 30), min_size=15, max_size=15),
     fixed=st.booleans(),
 )
-def test_plan_without_leaving_requests_covers_the_rest(rf, heads, num_sms, keep_bits, growth, fixed):
-    """Requests leave the batch (the rest keep their paths, in order) and the rest grow: the plan with the leavers
-    dropped, then advanced, attends every (request, slot) pair of the remaining batch exactly once."""
+def test_rebatched_plan_covers_the_new_batch(rf, heads, num_sms, keep_bits, join_lens, growth, fixed):
+    """Requests leave the batch (the rest keep their paths, in order), unshared ones join at the end, and all grow:
+    the rebatched, then advanced plan attends every (request, slot) pair of the new batch exactly once."""
     indptr, _, _ = rf.layout()
     plan = _plan(forest_from_paths(indptr, rf.prefix_paths), indptr, heads, num_sms=num_sms)
     keep = np.flatnonzero(keep_bits[: len(rf.seq_lens)])
-    if len(keep) == 0:
+    if len(keep) + len(join_lens) == 0:
         return
-    paths = [rf.prefix_paths[i] for i in keep]
-    rest = RandomForest([rf.seq_lens[i] for i in keep], paths, rf.node_lengths)
-    indptr_rest, _, _ = rest.layout()
-    fresh = forest_from_paths(indptr_rest, paths)
-    dropped = drop_requests(plan, keep, unique_kv_tokens=fresh.unique_kv_tokens(), fixed_launches=fixed)
-    if not fixed:
-        _check_plan_covers_every_pair_once(dropped, *rest.layout(seed=2)[:2], dense=False)
-    assert dropped.request_kv_tokens == int(indptr_rest[-1])
-    grown = RandomForest([n + g for n, g in zip(rest.seq_lens, growth)], paths, rf.node_lengths)
+    paths = [rf.prefix_paths[i] for i in keep] + [[] for _ in join_lens]
+    lens = [rf.seq_lens[i] for i in keep] + join_lens
+    indptr_new = np.concatenate([[0], np.cumsum(lens)])
+    unique = forest_from_paths(indptr_new, paths).unique_kv_tokens()
+    got = rebatch_plan(plan, keep, np.asarray(join_lens), unique_kv_tokens=unique, fixed_launches=fixed)
+    if got is None:  # a newcomer needs a launch of its row count that this plan does not have
+        assert join_lens and not fixed
+        return
+    assert got.request_kv_tokens == sum(lens) and got.num_reqs == len(lens)
+    grown = RandomForest([n + g for n, g in zip(lens, growth)], paths, rf.node_lengths)
     indptr2, indices2, _ = grown.layout(seed=3)
-    advanced = advance_plan(dropped, indptr2)
+    advanced = advance_plan(got, indptr2)
     covered = [sum(n for _, n in p) for p in paths]
     if advanced is None:
-        assert any(g > 0 and n == c for n, c, g in zip(rest.seq_lens, covered, growth))
+        assert any(g > 0 and n == c for n, c, g in zip(lens, covered, growth))
         return
     if fixed:  # launches left empty stay (CUDA-graph mode: a fixed launch sequence)
         assert len(advanced.launches) == len(plan.launches)

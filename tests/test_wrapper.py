@@ -130,8 +130,9 @@ def test_replan_and_reuse_across_layers():
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_steps_follow_the_last_plan(graph, page_size):
-    """Decode steps advance the last plan while the batch keeps its paths (rows move, tails grow) or loses requests
-    (finished ones dropped), and stay exact; a joining request or replan_every steps plan afresh."""
+    """Decode steps advance the last plan while the batch keeps its paths (rows move, tails grow), loses requests
+    (finished ones dropped) or gains unshared ones, and stay exact; a sharing newcomer or replan_every steps plan
+    afresh."""
     from pat_sglang.packing import forest_from_paths
 
     dtype = torch.float16
@@ -139,29 +140,32 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
     lay = wl.materialize(seed=3, page_size=page_size)
     rows = [lay.kv_indices[lay.kv_indptr[i] : lay.kv_indptr[i + 1]].tolist() for i in range(wl.batch_size)]
     next_page = -(-lay.num_slots // page_size)
-    k, v = random_kv((next_page + 8 * wl.batch_size) * page_size, 2, 64, dtype, seed=5)
+    k, v = random_kv((next_page + 12 * (wl.batch_size + 2)) * page_size, 2, 64, dtype, seed=5)
     kw = {"use_cuda_graph": True, "max_batch_size": 16, "max_num_kv_tokens": 1 << 14} if graph else {}
-    w = PatDecodeWrapper(8, 2, 64, page_size=page_size, device=DEVICE, shortest_split=8, replan_every=3, **kw)
+    w = PatDecodeWrapper(8, 2, 64, page_size=page_size, device=DEVICE, shortest_split=8, replan_every=4, **kw)
     paths = [list(p) for p in wl.prefix_paths]
+
+    def new_page() -> list[int]:
+        nonlocal next_page
+        next_page += 1
+        return list(range((next_page - 1) * page_size, next_page * page_size))
+
     fresh_plans = []
-    for step in range(8):
+    for step in range(10):
         if step:  # every request decodes one token (three for request 0): the last page's next slot, or a new page
             for i, row in enumerate(rows):
                 for _ in range(3 if i == 0 else 1):
-                    if len(row) % page_size:
-                        row.append(row[-1] + 1)
-                    else:
-                        row.append(next_page * page_size)
-                        next_page += 1
-        if step == 5:  # the last request finishes
+                    row.append(row[-1] + 1 if len(row) % page_size else new_page()[0])
+        if step == 6:  # the last request finishes
             rows, paths = rows[:-1], paths[:-1]
-        if step == 6:  # request 1 finishes
+        if step == 7:  # request 1 finishes
             rows, paths = rows[:1] + rows[2:], paths[:1] + paths[2:]
-        if step == 7:  # a request joins: request 0's shared prefix, a page of its own
-            shared = sum(n for _, n in paths[0])
-            rows.append(rows[0][:shared] + list(range(next_page * page_size, next_page * page_size + page_size)))
+        if step == 8:  # a request that shares nothing joins (as CUDA-graph padding rows do)
+            rows.append(new_page()[:3])
+            paths.append([])
+        if step == 9:  # a request joins on request 0's shared prefix
+            rows.append(rows[0][: sum(n for _, n in paths[0])] + new_page())
             paths.append(list(paths[0]))
-            next_page += 1
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
@@ -170,8 +174,8 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
         assert w.plan_info.unique_kv_tokens == forest_from_paths(indptr.numpy(), paths).unique_kv_tokens()
-    # 0 plans; 1-3 follow; 4 is past replan_every = 3; 5 and 6 drop finished requests; 7 has a new request
-    assert fresh_plans == [True, False, False, False, True, False, False, True]
+    # 0 plans; 1-4 follow; 5 is past replan_every = 4; 6, 7 drop finished requests; 8 adds an unshared one; 9 plans
+    assert fresh_plans == [True, False, False, False, False, True, False, False, False, True]
 
 
 class TestBadInput:

@@ -313,35 +313,73 @@ def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | No
     return advanced
 
 
-def drop_requests(plan: PatPlan, keep: np.ndarray, *, unique_kv_tokens: int, fixed_launches: bool) -> PatPlan:
-    """``plan`` (at its planning-time lengths) for the batch of the requests ``keep`` (increasing old indices).
+def rebatch_plan(
+    plan: PatPlan,
+    keep: np.ndarray,
+    join_lens: np.ndarray,
+    *,
+    unique_kv_tokens: int,
+    fixed_launches: bool,
+    capacity: PlanCapacity | None = None,
+) -> PatPlan | None:
+    """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
+    by new requests that share nothing, of ``join_lens`` tokens (CUDA-graph padding rows, unshared newcomers).
 
     Requests that leave take their entries with them: items left without a request are dropped, an item whose KV
     row belonged to a leaving request reads the row of another of its requests (they hold the same slots there),
     the merge list loses their rows, indices are renumbered. Partial slots keep their numbers (the workspace does
-    not shrink). ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left
-    empty (CUDA-graph mode), otherwise they are dropped. Follow with ``advance_plan`` for the grown lengths.
+    not shrink). Each newcomer gets one item over its whole row, written directly, in the launch of its row count.
+    ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
+    (CUDA-graph mode), otherwise they are dropped. None when a newcomer has no launch of its size or the result
+    exceeds ``capacity``. Follow with ``advance_plan`` for the grown lengths.
     """
     step = plan.step
-    assert step is not None, "only a plan made by build_plan can drop requests"
+    assert step is not None, "only a plan made by build_plan can be rebatched"
+    group = plan.num_qo_heads // plan.num_kv_heads
+    num_join = len(join_lens)
+    join_launch = -1
+    if num_join:
+        block_m = BLOCK_M_CHOICES[int(block_m_index(np.asarray([group]))[0])]
+        fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m == block_m]
+        if not fits:
+            return None
+        join_launch = fits[0]
     new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
     new_of_old[keep] = np.arange(len(keep))
     item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
     entry_new = new_of_old[plan.entry_req]
     kept = np.flatnonzero(entry_new >= 0)
     counts = np.bincount(item_of_entry[kept], minlength=plan.num_items)
-    items = np.flatnonzero(counts > 0)  # order kept: still grouped by launch
+    items = np.flatnonzero(counts > 0)
     # An item's KV row: its owner if it stays, else its first remaining request's row (same slots over the item).
     first = kept[np.r_[True, item_of_entry[kept][1:] != item_of_entry[kept][:-1]]] if len(kept) else kept
     first_req = np.full(plan.num_items, -1, dtype=np.int64)
     first_req[item_of_entry[first]] = entry_new[first]
     row = new_of_old[step.item_row]
-    row = np.where(row >= 0, row, first_req)[items]
-    entry_req = entry_new[kept]
-    old_dest = plan.entry_dest[kept]
+    joiners = len(keep) + np.arange(num_join)
+
+    # Items: the remaining ones (still grouped by launch), then one per newcomer, regrouped by launch.
+    cfg = np.concatenate([step.item_cfg[items], np.full(num_join, join_launch, dtype=np.int64)])
+    order = np.argsort(cfg, kind="stable")
+    cfg = cfg[order]
+    row = np.concatenate([np.where(row >= 0, row, first_req)[items], joiners])[order]
+    rel = np.concatenate([step.item_rel[items], np.zeros(num_join, dtype=np.int64)])[order]
+    item_len = np.concatenate([plan.item_kv_len[items], join_lens])[order]
+    tail = step.item_tail[items]
+    tail = np.concatenate([np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1), joiners])[order]
+    num_entries = np.concatenate([counts[items], np.ones(num_join, dtype=np.int64)])
+    entry_req = np.concatenate([entry_new[kept], joiners])
+    old_dest = np.concatenate([plan.entry_dest[kept], -(joiners + 1)])
     entry_dest = np.where(old_dest < 0, -(entry_req + 1), old_dest)
-    num_entries = counts[items]
+    # Entries follow their items' new order.
+    starts = np.concatenate([[0], np.cumsum(num_entries)[:-1]])
+    num_entries = num_entries[order]
+    within = np.arange(int(num_entries.sum())) - np.repeat(np.cumsum(num_entries) - num_entries, num_entries)
+    take = np.repeat(starts[order], num_entries) + within
+    entry_req, entry_dest = entry_req[take], entry_dest[take]
     entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]]).astype(np.int64)
+    if capacity is not None and (len(cfg) > capacity.max_items or len(entry_req) > capacity.max_entries):
+        return None
 
     per_merge = np.diff(plan.merge_indptr)
     merge_new = new_of_old[plan.merge_req]
@@ -349,7 +387,6 @@ def drop_requests(plan: PatPlan, keep: np.ndarray, *, unique_kv_tokens: int, fix
     merge_indices = plan.merge_indices[np.repeat(stays, per_merge)]
     merge_req = merge_new[stays]
 
-    cfg = step.item_cfg[items]
     per_cfg = np.bincount(cfg, minlength=len(plan.launches))
     used = np.ones(len(plan.launches), dtype=bool) if fixed_launches else per_cfg > 0
     cfg = (np.cumsum(used) - 1)[cfg]
@@ -360,16 +397,12 @@ def drop_requests(plan: PatPlan, keep: np.ndarray, *, unique_kv_tokens: int, fix
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_cfg)
     )
 
-    seq_lens = step.seq_lens[keep]
-    rel = step.item_rel[items]
-    item_len = plan.item_kv_len[items]
-    tail = step.item_tail[items]
-    group = plan.num_qo_heads // plan.num_kv_heads
+    seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
     heads = plan.num_kv_heads
     kv_bytes = int((item_len * np.ceil(num_entries * group / 128.0)).sum()) * step.kv_bytes_per_token * heads
     as32 = lambda a: np.asarray(a, dtype=np.int32)
     return PatPlan(
-        num_reqs=len(keep),
+        num_reqs=len(seq_lens),
         num_qo_heads=plan.num_qo_heads,
         num_kv_heads=heads,
         head_dim=plan.head_dim,
@@ -395,7 +428,7 @@ def drop_requests(plan: PatPlan, keep: np.ndarray, *, unique_kv_tokens: int, fix
             seq_lens=seq_lens,
             item_row=row,
             item_rel=rel,
-            item_tail=np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1),
+            item_tail=tail,
             item_cfg=cfg,
             kv_bytes_per_token=step.kv_bytes_per_token,
             partial_bytes_per_row=step.partial_bytes_per_row,
