@@ -426,8 +426,9 @@ class _StepCache:
             return None
         paths = list(prefix_paths)
         if self.paths != paths:  # element-wise, in C: node ids and token counts of every path
-            keep = _kept_positions(self.paths, paths)
-            if keep is None or (lens[: len(keep)] < self.plan.step.seq_lens[keep]).any():
+            base = self.plan.step.seq_lens
+            keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
+            if keep is None:
                 return None
             join_lens = lens[len(keep) :]
             if join_lens.sum() > self.JOIN_SHARE * lens.sum():
@@ -461,12 +462,13 @@ class _StepCache:
         return int(f.node_length[alive].sum() + (f.seq_lens[pos] - f.path_end[pos]).sum() + self.joined_len.sum())
 
 
-def _kept_positions(old: list, new: list) -> np.ndarray | None:
-    """Positions of ``old`` that ``new`` keeps, when ``new`` is ``old`` with some entries removed (order kept) and
-    then only empty paths; None otherwise."""
+def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[int]) -> np.ndarray | None:
+    """An increasing choice of ``old`` positions for the leading entries of ``new``: equal paths, and no row
+    shorter than when planned (plans are by position, so any such choice is exact; the earliest one is found when
+    one exists). The entries of ``new`` past the chosen ones must have empty paths (newcomers); None otherwise."""
     keep, j = [], 0
-    for path in new:
-        while j < len(old) and old[j] != path:
+    for path, n in zip(new, new_lens):
+        while j < len(old) and (old[j] != path or old_lens[j] > n):
             j += 1
         if j == len(old):
             break
