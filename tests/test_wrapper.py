@@ -178,6 +178,19 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
     assert fresh_plans == [True, False, False, False, False, True, False, False, False, True]
 
 
+def test_kept_positions_match_paths_and_lengths():
+    from pat_sglang.wrapper import _kept_positions
+
+    a, b = [(1, 8)], [(1, 8), (2, 4)]
+    old, old_lens = [a, a, b, a, []], [10, 30, 20, 12, 5]
+    # request 1 (a, 30) left: the others grew by one; position 1 takes old position 3 (30 > 13 rules out old 1)
+    assert _kept_positions(old, [a, b, a, []], old_lens, [11, 21, 13, 6]).tolist() == [0, 2, 3, 4]
+    # a newcomer with an empty path may follow the kept ones; one that shares may not
+    assert _kept_positions(old, [a, a, b, a, [], []], old_lens, [11, 31, 21, 13, 6, 1]).tolist() == [0, 1, 2, 3, 4]
+    assert _kept_positions(old, [a, a, b, a, [], a], old_lens, [11, 31, 21, 13, 6, 9]) is None
+    assert _kept_positions(old, [b, a], old_lens, [21, 9]) is None, "a row shorter than planned matches nothing"
+
+
 class TestBadInput:
     def _planned(self, **kw):
         w = PatDecodeWrapper(8, 2, 64, device=DEVICE, **kw)
