@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -15,11 +16,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py"])
+@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py"])
 def test_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "usage" in out.stdout
+
+
+def test_profile_decode_says_it_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU it profiles (docs/PERF_NOTES.md)")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_decode.py")], capture_output=True, text=True)
+    assert out.returncode != 0 and "needs a GPU" in out.stderr
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
