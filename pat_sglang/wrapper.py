@@ -399,12 +399,12 @@ class _StepCache:
 
     Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
     paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
-    removed (requests finished; the rest keep their order), followed by requests with empty paths (CUDA-graph
-    padding, unshared newcomers; at most JOIN_SHARE of the tokens), is rebatched first (``rebatch_plan``).
-    Anything else (a sharing request joined, paths changed) plans afresh.
+    removed (requests finished; the rest keep their order), followed by newcomers whose paths are empty (CUDA-graph
+    padding, unshared requests) or equal to a remaining request's (its twin), is rebatched first (``rebatch_plan``).
+    Anything else (a newcomer on a new branch of the tree, changed paths) plans afresh.
     """
 
-    JOIN_SHARE = 0.125  # newcomers are read unsplit, one item each: only a small share of the step's tokens
+    JOIN_SHARE = 0.125  # newcomers' own tokens are read in few pieces: only a small share of the step's tokens
 
     def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
         # A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare
@@ -433,20 +433,35 @@ class _StepCache:
             if keep is None:
                 return None
             join_lens = lens[len(keep) :]
-            if join_lens.sum() > self.JOIN_SHARE * lens.sum():
-                return None
-            self.base_pos = np.concatenate([self.base_pos[keep], np.full(len(join_lens), -1)])
-            self.joined_len = np.concatenate([self.joined_len[keep], join_lens])
+            twins, path_ends = _twins(paths, len(keep))
+            if twins is None or (join_lens - path_ends).sum() > self.JOIN_SHARE * lens.sum():
+                return None  # a newcomer shares with no remaining request, or newcomers bring too many tokens
+            plan_lens = np.concatenate([base[keep], join_lens])
+            if (twins >= 0).any():
+                # The tree gained members: count its unique tokens afresh (and restart the bookkeeping from it).
+                forest = forest_from_paths(np.concatenate([[0], np.cumsum(plan_lens)]), paths)
+                unique = forest.unique_kv_tokens()
+            else:
+                forest = None
+                self.base_pos = np.concatenate([self.base_pos[keep], np.full(len(join_lens), -1)])
+                self.joined_len = np.concatenate([self.joined_len[keep], join_lens])
+                unique = self._unique()
             rebatched = rebatch_plan(
                 self.plan,
                 keep,
                 join_lens,
-                unique_kv_tokens=self._unique(),
+                unique_kv_tokens=unique,
                 fixed_launches=graph is not None,
                 capacity=capacity,
+                join_twin=twins,
+                join_path_end=path_ends,
             )
             if rebatched is None:
                 return None
+            if forest is not None:
+                self.forest = forest
+                self.base_pos = np.arange(len(plan_lens))
+                self.joined_len = np.zeros(len(plan_lens), dtype=np.int64)
             self.plan = rebatched
             self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
         plan = advance_plan(self.plan, indptr, lens)
@@ -467,7 +482,7 @@ class _StepCache:
 def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[int]) -> np.ndarray | None:
     """An increasing choice of ``old`` positions for the leading entries of ``new``: equal paths, and no row
     shorter than when planned (plans are by position, so any such choice is exact; the earliest one is found when
-    one exists). The entries of ``new`` past the chosen ones must have empty paths (newcomers); None otherwise."""
+    one exists). The entries of ``new`` past the chosen ones are newcomers (see ``_twins``)."""
     keep, j = [], 0
     for path, n in zip(new, new_lens):
         while j < len(old) and (old[j] != path or old_lens[j] > n):
@@ -476,9 +491,25 @@ def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[in
             break
         keep.append(j)
         j += 1
-    if any(new[k] for k in range(len(keep), len(new))):
-        return None  # a newcomer that shares: plan afresh
     return np.asarray(keep, dtype=np.int64)
+
+
+def _twins(paths: list, num_kept: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per newcomer (``paths[num_kept:]``): a remaining request with the same path (-1 for an empty path) and the
+    tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
+    kept = paths[:num_kept]
+    twins, ends = [], []
+    for path in paths[num_kept:]:
+        if not path:
+            twins.append(-1)
+            ends.append(0)
+            continue
+        try:
+            twins.append(kept.index(path))
+        except ValueError:
+            return None, np.zeros(0, dtype=np.int64)
+        ends.append(sum(n for _, n in path))
+    return np.asarray(twins, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
 class _GraphBuffers:

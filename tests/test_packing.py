@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from forests import RandomForest, random_forests
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from pat_sglang.packing import (
@@ -167,32 +167,46 @@ def test_dp_implementations_agree_on_workloads(name, group):
     assert _groups(_dp_packing(forest, model)) == _groups(_packing(_Tree(forest), forest, model, Policy.AUTO))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     rf=random_forests(),
     heads=st.sampled_from(HEADS),
     num_sms=st.integers(1, 64),
     keep_bits=st.lists(st.booleans(), min_size=12, max_size=12),
-    join_lens=st.lists(st.integers(1, 40), max_size=3),
+    joins=st.lists(st.tuples(st.integers(-1, 11), st.integers(0, 40)), max_size=3),
     growth=st.lists(st.integers(0, 30), min_size=15, max_size=15),
     fixed=st.booleans(),
 )
-def test_rebatched_plan_covers_the_new_batch(rf, heads, num_sms, keep_bits, join_lens, growth, fixed):
-    """Requests leave the batch (the rest keep their paths, in order), unshared ones join at the end, and all grow:
-    the rebatched, then advanced plan attends every (request, slot) pair of the new batch exactly once."""
+def test_rebatched_plan_covers_the_new_batch(rf, heads, num_sms, keep_bits, joins, growth, fixed):
+    """Requests leave the batch (the rest keep their paths, in order), newcomers join at the end (sharing nothing,
+    or with a remaining request's path), and all grow: the rebatched, then advanced plan attends every (request,
+    slot) pair of the new batch exactly once."""
     indptr, _, _ = rf.layout()
     plan = _plan(forest_from_paths(indptr, rf.prefix_paths), indptr, heads, num_sms=num_sms)
     keep = np.flatnonzero(keep_bits[: len(rf.seq_lens)])
-    if len(keep) + len(join_lens) == 0:
+    paths = [rf.prefix_paths[i] for i in keep]
+    lens = [rf.seq_lens[i] for i in keep]
+    twins, path_ends = [], []
+    for choice, extra in joins:
+        twin = choice if 0 <= choice < len(keep) and paths[choice] else -1
+        path_end = sum(n for _, n in paths[twin]) if twin >= 0 else 0
+        twins.append(twin)
+        path_ends.append(path_end)
+        paths.append(list(paths[twin]) if twin >= 0 else [])
+        lens.append(max(1, path_end + extra))
+    if not lens:
         return
-    paths = [rf.prefix_paths[i] for i in keep] + [[] for _ in join_lens]
-    lens = [rf.seq_lens[i] for i in keep] + join_lens
     indptr_new = np.concatenate([[0], np.cumsum(lens)])
     unique = forest_from_paths(indptr_new, paths).unique_kv_tokens()
-    got = rebatch_plan(plan, keep, np.asarray(join_lens), unique_kv_tokens=unique, fixed_launches=fixed)
-    if got is None:  # a newcomer needs a launch of its row count that this plan does not have
-        assert join_lens and not fixed
+    join_lens = np.asarray(lens[len(keep) :], dtype=np.int64)
+    got = rebatch_plan(
+        plan, keep, join_lens, unique_kv_tokens=unique, fixed_launches=fixed, join_twin=twins, join_path_end=path_ends
+    )
+    if got is None:  # a twin's tile is full, or its row is shorter than the twin's own pieces
+        assert any(t >= 0 for t in twins)
+        event("rebatch refused a twin")
         return
+    event(f"rebatched with {sum(t >= 0 for t in twins)} twin(s)")
     assert got.request_kv_tokens == sum(lens) and got.num_reqs == len(lens)
     grown = RandomForest([n + g for n, g in zip(lens, growth)], paths, rf.node_lengths)
     indptr2, indices2, _ = grown.layout(seed=3)

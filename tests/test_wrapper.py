@@ -131,7 +131,7 @@ def test_replan_and_reuse_across_layers():
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_steps_follow_the_last_plan(graph, page_size):
     """Decode steps advance the last plan while the batch keeps its paths (rows move, tails grow), loses requests
-    (finished ones dropped) or gains unshared ones, and stay exact; a sharing newcomer or replan_every steps plan
+    (finished ones dropped) or gains ones with an empty or a present path, and stay exact; replan_every steps plan
     afresh."""
     from pat_sglang.packing import forest_from_paths
 
@@ -151,11 +151,13 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         return list(range((next_page - 1) * page_size, next_page * page_size))
 
     fresh_plans = []
-    for step in range(10):
+    for step in range(11):
         if step:  # every request decodes one token (three for request 0): the last page's next slot, or a new page
             for i, row in enumerate(rows):
                 for _ in range(3 if i == 0 else 1):
                     row.append(row[-1] + 1 if len(row) % page_size else new_page()[0])
+        if step == 5:
+            w.replan_every = 10  # from the fresh plan of this step on: only changes of the tree plan afresh
         if step == 6:  # the last request finishes
             rows, paths = rows[:-1], paths[:-1]
         if step == 7:  # request 1 finishes
@@ -163,9 +165,12 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         if step == 8:  # a request that shares nothing joins (as CUDA-graph padding rows do)
             rows.append(new_page()[:3])
             paths.append([])
-        if step == 9:  # a request joins on request 0's shared prefix
+        if step == 9:  # a request joins on request 0's shared prefix (its twin)
             rows.append(rows[0][: sum(n for _, n in paths[0])] + new_page())
             paths.append(list(paths[0]))
+        if step == 10:  # a request joins on a new branch: planned afresh
+            rows.append(new_page() + new_page())
+            paths.append([("new branch", 2 * page_size)])
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
@@ -174,21 +179,25 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
         assert w.plan_info.unique_kv_tokens == forest_from_paths(indptr.numpy(), paths).unique_kv_tokens()
-    # 0 plans; 1-4 follow; 5 is past replan_every = 4; 6, 7 drop finished requests; 8 adds an unshared one; 9 plans
-    assert fresh_plans == [True, False, False, False, False, True, False, False, False, True]
+    # 0 plans; 1-4 follow; 5 is past replan_every = 4; 6, 7 drop finished requests; 8 adds an unshared request, 9 a
+    # twin; 10 a request on a new branch of the tree
+    assert fresh_plans == [True, False, False, False, False, True, False, False, False, False, True]
 
 
 def test_kept_positions_match_paths_and_lengths():
-    from pat_sglang.wrapper import _kept_positions
+    from pat_sglang.wrapper import _kept_positions, _twins
 
     a, b = [(1, 8)], [(1, 8), (2, 4)]
     old, old_lens = [a, a, b, a, []], [10, 30, 20, 12, 5]
     # request 1 (a, 30) left: the others grew by one; position 1 takes old position 3 (30 > 13 rules out old 1)
     assert _kept_positions(old, [a, b, a, []], old_lens, [11, 21, 13, 6]).tolist() == [0, 2, 3, 4]
-    # a newcomer with an empty path may follow the kept ones; one that shares may not
-    assert _kept_positions(old, [a, a, b, a, [], []], old_lens, [11, 31, 21, 13, 6, 1]).tolist() == [0, 1, 2, 3, 4]
-    assert _kept_positions(old, [a, a, b, a, [], a], old_lens, [11, 31, 21, 13, 6, 9]) is None
-    assert _kept_positions(old, [b, a], old_lens, [21, 9]) is None, "a row shorter than planned matches nothing"
+    # newcomers follow the kept ones: with an empty path, or with a remaining request's path (its twin)
+    new = [a, a, b, a, [], [], b]
+    assert _kept_positions(old, new, old_lens, [11, 31, 21, 13, 6, 1, 25]).tolist() == [0, 1, 2, 3, 4]
+    twins, ends = _twins(new, 5)
+    assert twins.tolist() == [-1, 2] and ends.tolist() == [0, 12]
+    assert _twins([a, [(3, 5)]], 1)[0] is None, "a newcomer on a new branch has no twin"
+    assert _kept_positions(old, [b, a], old_lens, [21, 9]).tolist() == [2], "a row shorter than planned: a newcomer"
 
 
 class TestBadInput:

@@ -321,29 +321,29 @@ def rebatch_plan(
     unique_kv_tokens: int,
     fixed_launches: bool,
     capacity: PlanCapacity | None = None,
+    join_twin: np.ndarray | None = None,
+    join_path_end: np.ndarray | None = None,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
-    by new requests that share nothing, of ``join_lens`` tokens (CUDA-graph padding rows, unshared newcomers).
+    by newcomers of ``join_lens`` tokens.
 
     Requests that leave take their entries with them: items left without a request are dropped, an item whose KV
     row belonged to a leaving request reads the row of another of its requests (they hold the same slots there),
-    the merge list loses their rows, indices are renumbered. Partial slots keep their numbers (the workspace does
-    not shrink). Each newcomer gets one item over its whole row, written directly, in the launch of its row count.
-    ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
-    (CUDA-graph mode), otherwise they are dropped. None when a newcomer has no launch of its size or the result
-    exceeds ``capacity``. Follow with ``advance_plan`` for the grown lengths.
+    the merge list loses their rows, indices are renumbered. Partial slots keep their numbers; new ones are added
+    past them. A newcomer that shares nothing (``join_twin`` -1: CUDA-graph padding, an unshared request) gets one
+    item over its whole row, written directly. A newcomer with the same radix path as remaining request
+    ``join_twin`` (new index; its path covers ``join_path_end`` tokens) joins that request's items over the shared
+    range (where their tiles have room) and gets its own copies of the twin's other items, its last one reaching
+    its own length. ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left
+    empty (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size,
+    a full tile, rows shorter than its twin's pieces) or the result exceeds ``capacity``. Follow with
+    ``advance_plan`` for the grown lengths.
     """
     step = plan.step
     assert step is not None, "only a plan made by build_plan can be rebatched"
     group = plan.num_qo_heads // plan.num_kv_heads
     num_join = len(join_lens)
-    join_launch = -1
-    if num_join:
-        block_m = BLOCK_M_CHOICES[int(block_m_index(np.asarray([group]))[0])]
-        fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m == block_m]
-        if not fits:
-            return None
-        join_launch = fits[0]
+    twin = np.full(num_join, -1, dtype=np.int64) if join_twin is None else np.asarray(join_twin, dtype=np.int64)
     new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
     new_of_old[keep] = np.arange(len(keep))
     item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
@@ -351,41 +351,103 @@ def rebatch_plan(
     kept = np.flatnonzero(entry_new >= 0)
     counts = np.bincount(item_of_entry[kept], minlength=plan.num_items)
     items = np.flatnonzero(counts > 0)
+    rank = np.full(plan.num_items, -1, dtype=np.int64)
+    rank[items] = np.arange(len(items))
     # An item's KV row: its owner if it stays, else its first remaining request's row (same slots over the item).
     first = kept[np.r_[True, item_of_entry[kept][1:] != item_of_entry[kept][:-1]]] if len(kept) else kept
     first_req = np.full(plan.num_items, -1, dtype=np.int64)
     first_req[item_of_entry[first]] = entry_new[first]
     row = new_of_old[step.item_row]
-    joiners = len(keep) + np.arange(num_join)
-
-    # Items: the remaining ones (still grouped by launch), then one per newcomer, regrouped by launch.
-    cfg = np.concatenate([step.item_cfg[items], np.full(num_join, join_launch, dtype=np.int64)])
-    order = np.argsort(cfg, kind="stable")
-    cfg = cfg[order]
-    row = np.concatenate([np.where(row >= 0, row, first_req)[items], joiners])[order]
-    rel = np.concatenate([step.item_rel[items], np.zeros(num_join, dtype=np.int64)])[order]
-    item_len = np.concatenate([plan.item_kv_len[items], join_lens])[order]
     tail = step.item_tail[items]
-    tail = np.concatenate([np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1), joiners])[order]
-    num_entries = np.concatenate([counts[items], np.ones(num_join, dtype=np.int64)])
-    entry_req = np.concatenate([entry_new[kept], joiners])
-    old_dest = np.concatenate([plan.entry_dest[kept], -(joiners + 1)])
-    entry_dest = np.where(old_dest < 0, -(entry_req + 1), old_dest)
-    # Entries follow their items' new order.
-    starts = np.concatenate([[0], np.cumsum(num_entries)[:-1]])
-    num_entries = num_entries[order]
-    within = np.arange(int(num_entries.sum())) - np.repeat(np.cumsum(num_entries) - num_entries, num_entries)
-    take = np.repeat(starts[order], num_entries) + within
-    entry_req, entry_dest = entry_req[take], entry_dest[take]
+    # Item table (remaining items first) and entry table (item, request, destination), extended per newcomer.
+    it_row = [np.where(row >= 0, row, first_req)[items]]
+    it_rel, it_len = [step.item_rel[items]], [plan.item_kv_len[items].astype(np.int64)]
+    it_tail = [np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1)]
+    it_cfg = [step.item_cfg[items]]
+    en_item, en_req = [rank[item_of_entry[kept]]], [entry_new[kept]]
+    old_dest = plan.entry_dest[kept]
+    en_dest = [np.where(old_dest < 0, -(entry_new[kept] + 1), old_dest)]
+    merge_extra_req: list[int] = []
+    merge_extra_slots: list[np.ndarray] = []
+    num_partials = plan.num_partials
+    num_items = len(items)
+    block_m = np.asarray([lc.config.block_m for lc in plan.launches])
+    base_count = counts[items].copy()
+    fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m >= group]
+    solo = [min(fits, key=lambda k: plan.launches[k].config.block_m)] if fits else []  # the narrowest tile
+    for t in range(num_join):
+        n, length = len(keep) + t, int(join_lens[t])
+        if twin[t] < 0:  # one item over the whole row
+            if not solo:
+                return None
+            it_row.append(np.asarray([n]))
+            it_rel.append(np.zeros(1, dtype=np.int64))
+            it_len.append(np.asarray([length]))
+            it_tail.append(np.asarray([n]))
+            it_cfg.append(np.asarray([solo[0]]))
+            en_item.append(np.asarray([num_items]))
+            en_req.append(np.asarray([n]))
+            en_dest.append(np.asarray([-(n + 1)]))
+            num_items += 1
+            continue
+        j, path_end = int(twin[t]), int(join_path_end[t])
+        mine = en_item[0][en_req[0] == j]  # the twin's items (remaining-item ranks)
+        rel, ln = it_rel[0][mine], it_len[0][mine]
+        shared = rel + ln <= path_end
+        joined = mine[shared]
+        if ((base_count[joined] + 1) * group > block_m[it_cfg[0][joined]]).any():
+            return None  # a tile of the shared range is full
+        base_count[joined] += 1
+        own = mine[~shared]
+        own_rel, own_len = rel[~shared], ln[~shared].copy()
+        last = it_tail[0][own] == j
+        own_len[last] = length - own_rel[last]
+        covered = int(ln[shared].sum() + own_len.sum())
+        if covered != length or (own_len < 1).any():
+            return None  # the newcomer's row does not continue the twin's pieces
+        copies = num_items + np.arange(len(own))
+        it_row.append(np.full(len(own), n))
+        it_rel.append(own_rel)
+        it_len.append(own_len)
+        it_tail.append(np.where(last, n, -1))
+        it_cfg.append(it_cfg[0][own])
+        num_items += len(own)
+        where = np.concatenate([joined, copies])
+        en_item.append(where)
+        en_req.append(np.full(len(where), n))
+        if len(where) == 1:
+            en_dest.append(np.asarray([-(n + 1)]))
+        else:
+            slots = num_partials + np.arange(len(where))
+            num_partials += len(where)
+            en_dest.append(slots)
+            merge_extra_req.append(n)
+            merge_extra_slots.append(slots)
+
+    cat = lambda parts: np.concatenate(parts).astype(np.int64)
+    row, rel, item_len, tail, cfg = cat(it_row), cat(it_rel), cat(it_len), cat(it_tail), cat(it_cfg)
+    en_item, entry_req, entry_dest = cat(en_item), cat(en_req), cat(en_dest)
+    order = np.argsort(cfg, kind="stable")  # items regrouped by launch
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))
+    row, rel, item_len, tail, cfg = row[order], rel[order], item_len[order], tail[order], cfg[order]
+    by_item = np.argsort(place[en_item], kind="stable")
+    entry_req, entry_dest = entry_req[by_item], entry_dest[by_item]
+    num_entries = np.bincount(place[en_item], minlength=len(order))
     entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]]).astype(np.int64)
-    if capacity is not None and (len(cfg) > capacity.max_items or len(entry_req) > capacity.max_entries):
+    if capacity is not None and (
+        len(order) > capacity.max_items or len(entry_req) > capacity.max_entries or num_partials > capacity.max_partials
+    ):
         return None
 
     per_merge = np.diff(plan.merge_indptr)
     merge_new = new_of_old[plan.merge_req]
     stays = merge_new >= 0
-    merge_indices = plan.merge_indices[np.repeat(stays, per_merge)]
-    merge_req = merge_new[stays]
+    merge_indices = cat([plan.merge_indices[np.repeat(stays, per_merge)], *merge_extra_slots])
+    merge_req = cat([merge_new[stays], np.asarray(merge_extra_req, dtype=np.int64)])
+    merge_counts = cat([per_merge[stays], [len(x) for x in merge_extra_slots]])
+    if capacity is not None and len(merge_req) > capacity.max_merge_reqs:
+        return None
 
     per_cfg = np.bincount(cfg, minlength=len(plan.launches))
     used = np.ones(len(plan.launches), dtype=bool) if fixed_launches else per_cfg > 0
@@ -407,7 +469,7 @@ def rebatch_plan(
         num_kv_heads=heads,
         head_dim=plan.head_dim,
         launches=launches,
-        num_partials=plan.num_partials,
+        num_partials=num_partials,
         num_merge_reqs=len(merge_req),
         item_kv_start=as32(np.concatenate([[0], np.cumsum(seq_lens)])[row] + rel),
         item_kv_len=as32(item_len),
@@ -416,7 +478,7 @@ def rebatch_plan(
         entry_req=as32(entry_req),
         entry_dest=as32(entry_dest),
         merge_req=as32(merge_req),
-        merge_indptr=as32(np.concatenate([[0], np.cumsum(per_merge[stays])])),
+        merge_indptr=as32(np.concatenate([[0], np.cumsum(merge_counts)])),
         merge_indices=as32(merge_indices),
         launch_info=as32(np.stack([offsets, per_cfg], axis=1).reshape(-1)),
         num_merge=as32([len(merge_req)]),
