@@ -9,6 +9,7 @@ merge kernel. It never synchronises with the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from pat_sglang.kernels import (
 )
 from pat_sglang.packing import (
     ByteModel,
+    Forest,
     PatPlan,
     Policy,
     PrefixPath,
@@ -200,7 +202,7 @@ class PatDecodeWrapper:
             plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, graph.capacity if graph else None, graph)
         if plan is not None:
             if host_indices is not None:  # the caller's paths against its slots (host indices only)
-                forest = cache.forest if cache.same_batch else forest_from_paths(indptr, prefix_paths)
+                forest = cache.forest if cache.forest is not None else forest_from_paths(indptr, prefix_paths)
                 check_forest_slots(forest, indptr, host_indices)
             self._install(plan, kv_indices, indptr)
             return
@@ -400,7 +402,7 @@ class _StepCache:
     Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
     paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
     removed (requests finished; the rest keep their order), followed by newcomers whose paths are empty (CUDA-graph
-    padding, unshared requests) or equal to a remaining request's (its twin), is rebatched first (``rebatch_plan``).
+    padding, unshared requests) or equal to a remaining request's (a twin), is rebatched first (``rebatch_plan``).
     Anything else (a newcomer on a new branch of the tree, changed paths) plans afresh.
     """
 
@@ -411,72 +413,60 @@ class _StepCache:
         # equal; entries are compared by value (tuples, as the SGLang backend makes them).
         self.paths = [p if isinstance(p, tuple) else list(p) for p in prefix_paths]
         self.kv_data_type = kv_data_type
-        self.forest = forest  # of the full plan; base_pos maps positions to its requests (-1: joined since)
-        self.base_pos = np.arange(forest.num_reqs)
-        self.joined_len = np.zeros(forest.num_reqs, dtype=np.int64)  # per position: tokens when it joined
+        self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
         self.plan = plan
         self.steps = 0
         self.max_steps = steps
-
-    @property
-    def same_batch(self) -> bool:
-        return len(self.base_pos) == self.forest.num_reqs and bool((self.base_pos >= 0).all())
 
     def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type, capacity, graph):
         """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due."""
         if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
             return None
         paths = list(prefix_paths)
-        if self.paths != paths:  # element-wise, in C: node ids and token counts of every path
-            base = self.plan.step.seq_lens
-            keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
-            if keep is None:
-                return None
-            join_lens = lens[len(keep) :]
-            twins, path_ends = _twins(paths, len(keep))
-            if twins is None or (join_lens - path_ends).sum() > self.JOIN_SHARE * lens.sum():
-                return None  # a newcomer shares with no remaining request, or newcomers bring too many tokens
-            plan_lens = np.concatenate([base[keep], join_lens])
-            if (twins >= 0).any():
-                # The tree gained members: count its unique tokens afresh (and restart the bookkeeping from it).
-                forest = forest_from_paths(np.concatenate([[0], np.cumsum(plan_lens)]), paths)
-                unique = forest.unique_kv_tokens()
-            else:
-                forest = None
-                self.base_pos = np.concatenate([self.base_pos[keep], np.full(len(join_lens), -1)])
-                self.joined_len = np.concatenate([self.joined_len[keep], join_lens])
-                unique = self._unique()
-            rebatched = rebatch_plan(
-                self.plan,
-                keep,
-                join_lens,
-                unique_kv_tokens=unique,
-                fixed_launches=graph is not None,
-                capacity=capacity,
-                join_twin=twins,
-                join_path_end=path_ends,
-            )
-            if rebatched is None:
-                return None
-            if forest is not None:
-                self.forest = forest
-                self.base_pos = np.arange(len(plan_lens))
-                self.joined_len = np.zeros(len(plan_lens), dtype=np.int64)
-            self.plan = rebatched
-            self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
-        plan = advance_plan(self.plan, indptr, lens)
+        plan = None
+        if self.paths == paths:  # element-wise, in C: node ids and token counts of every path
+            plan = advance_plan(self.plan, indptr, lens)
+        # Other paths, or equal ones with a row shorter than planned (an equal request took a leaver's place).
+        if plan is None and self._rebatch(paths, lens, capacity, graph):
+            plan = advance_plan(self.plan, indptr, lens)
         if plan is not None:
             self.steps += 1
         return plan
 
-    def _unique(self) -> int:
-        """Unique KV tokens of the batch at planning-time lengths: nodes with a member left, tails, newcomers."""
-        f, pos = self.forest, self.base_pos[self.base_pos >= 0]
-        left = np.zeros(f.num_reqs)
-        left[pos] = 1
-        node_of_member = np.repeat(np.arange(f.num_nodes), f.node_sizes)
-        alive = np.bincount(node_of_member, weights=left[f.member_reqs], minlength=f.num_nodes) > 0
-        return int(f.node_length[alive].sum() + (f.seq_lens[pos] - f.path_end[pos]).sum() + self.joined_len.sum())
+    def _rebatch(self, paths: list, lens: np.ndarray, capacity, graph) -> bool:
+        """Make the cached plan the plan of ``paths`` at their planning-time lengths (leavers dropped, newcomers
+        added); False when that cannot be done."""
+        base = self.plan.step.seq_lens
+        keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
+        join_lens = lens[len(keep) :]
+        twins, path_ends = _twins(paths, len(keep))
+        if twins is None or (join_lens - path_ends).sum() > self.JOIN_SHARE * lens.sum():
+            return False  # a newcomer shares with no remaining request, or newcomers bring too many tokens
+        plan_lens = np.concatenate([base[keep], join_lens])
+        rebatched = rebatch_plan(
+            self.plan,
+            keep,
+            join_lens,
+            unique_kv_tokens=_unique_tokens(paths, plan_lens),
+            fixed_launches=graph is not None,
+            capacity=capacity,
+            join_twin=twins,
+            join_path_end=path_ends,
+        )
+        if rebatched is None:
+            return False
+        self.plan, self.forest = rebatched, None
+        self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
+        return True
+
+
+def _unique_tokens(paths: list, lens: np.ndarray) -> int:
+    """KV tokens of the batch counted once: every radix node once, plus each request's tokens past its path."""
+    try:
+        nodes = set(chain.from_iterable(paths))
+    except TypeError:  # unhashable entries: count through the forest
+        return forest_from_paths(np.concatenate([[0], np.cumsum(lens)]), paths).unique_kv_tokens()
+    return int(lens.sum()) + sum(n for _, n in nodes) - sum(n for path in paths for _, n in path)
 
 
 def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[int]) -> np.ndarray | None:
@@ -494,22 +484,18 @@ def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[in
     return np.asarray(keep, dtype=np.int64)
 
 
-def _twins(paths: list, num_kept: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """Per newcomer (``paths[num_kept:]``): a remaining request with the same path (-1 for an empty path) and the
-    tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
+def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Per newcomer (``paths[num_kept:]``): the remaining requests with the same path, in order (none for an empty
+    path), and the tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
     kept = paths[:num_kept]
     twins, ends = [], []
     for path in paths[num_kept:]:
-        if not path:
-            twins.append(-1)
-            ends.append(0)
-            continue
-        try:
-            twins.append(kept.index(path))
-        except ValueError:
+        same = [k for k, p in enumerate(kept) if p == path] if path else []
+        if path and not same:
             return None, np.zeros(0, dtype=np.int64)
+        twins.append(np.asarray(same, dtype=np.int64))
         ends.append(sum(n for _, n in path))
-    return np.asarray(twins, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    return twins, np.asarray(ends, dtype=np.int64)
 
 
 class _GraphBuffers:

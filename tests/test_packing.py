@@ -190,7 +190,9 @@ def test_rebatched_plan_covers_the_new_batch(rf, heads, num_sms, keep_bits, join
     for choice, extra in joins:
         twin = choice if 0 <= choice < len(keep) and paths[choice] else -1
         path_end = sum(n for _, n in paths[twin]) if twin >= 0 else 0
-        twins.append(twin)
+        # every remaining request on the twin's path is a candidate, the chosen one first
+        same = [k for k in range(len(keep)) if twin >= 0 and paths[k] == paths[twin] and k != twin]
+        twins.append(np.asarray([twin] + same if twin >= 0 else [], dtype=np.int64))
         path_ends.append(path_end)
         paths.append(list(paths[twin]) if twin >= 0 else [])
         lens.append(max(1, path_end + extra))
@@ -203,10 +205,10 @@ def test_rebatched_plan_covers_the_new_batch(rf, heads, num_sms, keep_bits, join
         plan, keep, join_lens, unique_kv_tokens=unique, fixed_launches=fixed, join_twin=twins, join_path_end=path_ends
     )
     if got is None:  # a twin's tile is full, or its row is shorter than the twin's own pieces
-        assert any(t >= 0 for t in twins)
+        assert any(len(t) for t in twins)
         event("rebatch refused a twin")
         return
-    event(f"rebatched with {sum(t >= 0 for t in twins)} twin(s)")
+    event(f"rebatched with {sum(len(t) > 0 for t in twins)} twin(s)")
     assert got.request_kv_tokens == sum(lens) and got.num_reqs == len(lens)
     grown = RandomForest([n + g for n, g in zip(lens, growth)], paths, rf.node_lengths)
     indptr2, indices2, _ = grown.layout(seed=3)

@@ -195,7 +195,8 @@ def test_kept_positions_match_paths_and_lengths():
     new = [a, a, b, a, [], [], b]
     assert _kept_positions(old, new, old_lens, [11, 31, 21, 13, 6, 1, 25]).tolist() == [0, 1, 2, 3, 4]
     twins, ends = _twins(new, 5)
-    assert twins.tolist() == [-1, 2] and ends.tolist() == [0, 12]
+    assert [t.tolist() for t in twins] == [[], [2]] and ends.tolist() == [0, 12]
+    assert [t.tolist() for t in _twins([a, b, a, a], 3)[0]] == [[0, 2]], "every remaining request on that path"
     assert _twins([a, [(3, 5)]], 1)[0] is None, "a newcomer on a new branch has no twin"
     assert _kept_positions(old, [b, a], old_lens, [21, 9]).tolist() == [2], "a row shorter than planned: a newcomer"
 

@@ -321,7 +321,7 @@ def rebatch_plan(
     unique_kv_tokens: int,
     fixed_launches: bool,
     capacity: PlanCapacity | None = None,
-    join_twin: np.ndarray | None = None,
+    join_twin: list | None = None,
     join_path_end: np.ndarray | None = None,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
@@ -330,20 +330,20 @@ def rebatch_plan(
     Requests that leave take their entries with them: items left without a request are dropped, an item whose KV
     row belonged to a leaving request reads the row of another of its requests (they hold the same slots there),
     the merge list loses their rows, indices are renumbered. Partial slots keep their numbers; new ones are added
-    past them. A newcomer that shares nothing (``join_twin`` -1: CUDA-graph padding, an unshared request) gets one
-    item over its whole row, written directly. A newcomer with the same radix path as remaining request
-    ``join_twin`` (new index; its path covers ``join_path_end`` tokens) joins that request's items over the shared
-    range (where their tiles have room) and gets its own copies of the twin's other items, its last one reaching
-    its own length. ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left
-    empty (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size,
-    a full tile, rows shorter than its twin's pieces) or the result exceeds ``capacity``. Follow with
-    ``advance_plan`` for the grown lengths.
+    past them. A newcomer that shares nothing (``join_twin`` empty or -1: CUDA-graph padding, an unshared request)
+    gets one item over its whole row, written directly. A newcomer with the same radix path as the remaining
+    requests ``join_twin[t]`` (new indices, candidates in order; the path covers ``join_path_end`` tokens) takes
+    the first of them whose shared-range items all have room in their tiles (else the first): it joins the twin's
+    shared-range items that have room and gets its own copies of the others, the last one reaching its own length.
+    ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
+    (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, a row
+    shorter than the twin's pieces) or the result exceeds ``capacity``. Follow with ``advance_plan``.
     """
     step = plan.step
     assert step is not None, "only a plan made by build_plan can be rebatched"
     group = plan.num_qo_heads // plan.num_kv_heads
     num_join = len(join_lens)
-    twin = np.full(num_join, -1, dtype=np.int64) if join_twin is None else np.asarray(join_twin, dtype=np.int64)
+    twins_of = [np.zeros(0, dtype=np.int64)] * num_join if join_twin is None else [np.atleast_1d(t) for t in join_twin]
     new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
     new_of_old[keep] = np.arange(len(keep))
     item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
@@ -377,7 +377,7 @@ def rebatch_plan(
     solo = [min(fits, key=lambda k: plan.launches[k].config.block_m)] if fits else []  # the narrowest tile
     for t in range(num_join):
         n, length = len(keep) + t, int(join_lens[t])
-        if twin[t] < 0:  # one item over the whole row
+        if len(twins_of[t]) == 0 or twins_of[t][0] < 0:  # shares nothing: one item over the whole row
             if not solo:
                 return None
             it_row.append(np.asarray([n]))
@@ -390,21 +390,15 @@ def rebatch_plan(
             en_dest.append(np.asarray([-(n + 1)]))
             num_items += 1
             continue
-        j, path_end = int(twin[t]), int(join_path_end[t])
-        mine = en_item[0][en_req[0] == j]  # the twin's items (remaining-item ranks)
-        rel, ln = it_rel[0][mine], it_len[0][mine]
-        shared = rel + ln <= path_end
-        joined = mine[shared]
-        if ((base_count[joined] + 1) * group > block_m[it_cfg[0][joined]]).any():
-            return None  # a tile of the shared range is full
-        base_count[joined] += 1
-        own = mine[~shared]
-        own_rel, own_len = rel[~shared], ln[~shared].copy()
-        last = it_tail[0][own] == j
-        own_len[last] = length - own_rel[last]
-        covered = int(ln[shared].sum() + own_len.sum())
-        if covered != length or (own_len < 1).any():
+        path_end = int(join_path_end[t])
+        fit = _twin_fit(twins_of[t], path_end, length, en_item[0], en_req[0], it_rel[0], it_len[0], it_tail[0],
+                        (block_m[it_cfg[0]] // group) - base_count)  # fmt: skip
+        if fit is None:
             return None  # the newcomer's row does not continue the twin's pieces
+        j, joined, own, own_len = fit
+        base_count[joined] += 1
+        own_rel = it_rel[0][own]
+        last = it_tail[0][own] == j
         copies = num_items + np.arange(len(own))
         it_row.append(np.full(len(own), n))
         it_rel.append(own_rel)
@@ -496,6 +490,28 @@ def rebatch_plan(
             partial_bytes_per_row=step.partial_bytes_per_row,
         ),
     )
+
+
+def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room):
+    """The newcomer's share of a twin: (twin, the twin's items it joins, the twin's items it copies onto its own row,
+    its lengths for those copies), or None when its row does not continue the twin's pieces.
+
+    It joins the twin's items over the shared range ``[0, path_end)`` that have room in their tiles, and copies the
+    rest (private pieces; shared ones with full tiles, which it then reads once more itself). The first candidate
+    whose shared items all have room is taken, else the first candidate."""
+    shared_e = rel[e_item] + ln[e_item] <= path_end
+    full = np.isin(e_req, candidates) & shared_e & (room[e_item] < 1)
+    roomy = candidates[~np.isin(candidates, e_req[full])]
+    for j in roomy.tolist() or candidates[:1].tolist():
+        mine = e_item[e_req == j]
+        joins = (rel[mine] + ln[mine] <= path_end) & (room[mine] >= 1)
+        own = mine[~joins]
+        own_len = ln[own].copy()
+        last = tail[own] == j
+        own_len[last] = length - rel[own][last]
+        if int(ln[mine[joins]].sum() + own_len.sum()) == length and (own_len >= 1).all():
+            return j, mine[joins], own, own_len
+    return None
 
 
 def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
