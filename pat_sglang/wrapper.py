@@ -162,9 +162,9 @@ class PatDecodeWrapper:
         """Plan one decode step.
 
         With the ``prefix_paths`` of the last full plan (a stable batch decoding: rows only grew), some of them gone
-        (requests finished), or followed by empty paths (CUDA-graph padding, unshared newcomers), the last plan is
-        rebatched and advanced instead of packing the tree again, for up to ``replan_every`` steps (see
-        ``rebatch_plan`` and ``advance_plan``).
+        (requests finished), or followed by newcomers whose paths are empty (CUDA-graph padding) or already in the
+        batch, the last plan is rebatched and advanced instead of packing the tree again, for up to
+        ``replan_every`` steps (see ``rebatch_plan`` and ``advance_plan``).
 
         Args:
             kv_indptr: int32/int64 ``[B + 1]``; request i owns ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``. Best on
