@@ -333,11 +333,12 @@ def rebatch_plan(
     past them. A newcomer that shares nothing (``join_twin`` empty or -1: CUDA-graph padding, an unshared request)
     gets one item over its whole row, written directly. A newcomer with the same radix path as the remaining
     requests ``join_twin[t]`` (new indices, candidates in order; the path covers ``join_path_end`` tokens) takes
-    the first of them whose shared-range items all have room in their tiles (else the first): it joins the twin's
-    shared-range items that have room and gets its own copies of the others, the last one reaching its own length.
+    the first of them whose shared-range items all have room in their tiles: it joins those items and gets its own
+    copies of the twin's private pieces, the last one reaching its own length.
     ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
-    (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, a row
-    shorter than the twin's pieces) or the result exceeds ``capacity``. Follow with ``advance_plan``.
+    (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, no twin
+    with room, a row shorter than the twin's pieces) or the result exceeds ``capacity``. Follow with
+    ``advance_plan``.
     """
     step = plan.step
     assert step is not None, "only a plan made by build_plan can be rebatched"
@@ -394,7 +395,7 @@ def rebatch_plan(
         fit = _twin_fit(twins_of[t], path_end, length, en_item[0], en_req[0], it_rel[0], it_len[0], it_tail[0],
                         (block_m[it_cfg[0]] // group) - base_count)  # fmt: skip
         if fit is None:
-            return None  # the newcomer's row does not continue the twin's pieces
+            return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
         j, joined, own, own_len = fit
         base_count[joined] += 1
         own_rel = it_rel[0][own]
@@ -494,23 +495,23 @@ def rebatch_plan(
 
 def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room):
     """The newcomer's share of a twin: (twin, the twin's items it joins, the twin's items it copies onto its own row,
-    its lengths for those copies), or None when its row does not continue the twin's pieces.
+    its lengths for those copies), or None.
 
-    It joins the twin's items over the shared range ``[0, path_end)`` that have room in their tiles, and copies the
-    rest (private pieces; shared ones with full tiles, which it then reads once more itself). The first candidate
-    whose shared items all have room is taken, else the first candidate."""
+    It joins the twin's items over the shared range ``[0, path_end)`` and copies its private pieces (the last one
+    reaching the newcomer's length). Twins whose shared tiles have no room are passed over (reading a shared range
+    again would cost every later step more than a fresh plan costs once); so are twins whose pieces the
+    newcomer's row does not continue."""
     shared_e = rel[e_item] + ln[e_item] <= path_end
     full = np.isin(e_req, candidates) & shared_e & (room[e_item] < 1)
-    roomy = candidates[~np.isin(candidates, e_req[full])]
-    for j in roomy.tolist() or candidates[:1].tolist():
+    for j in candidates[~np.isin(candidates, e_req[full])].tolist():
         mine = e_item[e_req == j]
-        joins = (rel[mine] + ln[mine] <= path_end) & (room[mine] >= 1)
-        own = mine[~joins]
+        shared = rel[mine] + ln[mine] <= path_end
+        own = mine[~shared]
         own_len = ln[own].copy()
         last = tail[own] == j
         own_len[last] = length - rel[own][last]
-        if int(ln[mine[joins]].sum() + own_len.sum()) == length and (own_len >= 1).all():
-            return j, mine[joins], own, own_len
+        if int(ln[mine[shared]].sum() + own_len.sum()) == length and (own_len >= 1).all():
+            return j, mine[shared], own, own_len
     return None
 
 
