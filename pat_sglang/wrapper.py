@@ -198,8 +198,7 @@ class PatDecodeWrapper:
         cache = self._step_cache
         plan = None
         if cache is not None:
-            graph = self._graph
-            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, graph.capacity if graph else None, graph)
+            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, self._graph)
         if plan is not None:
             if host_indices is not None:  # the caller's paths against its slots (host indices only)
                 forest = cache.forest if cache.forest is not None else forest_from_paths(indptr, prefix_paths)
@@ -409,16 +408,14 @@ class _StepCache:
     JOIN_SHARE = 0.125  # newcomers' own tokens are read in few pieces: only a small share of the step's tokens
 
     def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
-        # A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare
-        # equal; entries are compared by value (tuples, as the SGLang backend makes them).
-        self.paths = [p if isinstance(p, tuple) else list(p) for p in prefix_paths]
+        self.paths = _copy_paths(prefix_paths)
         self.kv_data_type = kv_data_type
         self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
         self.plan = plan
         self.steps = 0
         self.max_steps = steps
 
-    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type, capacity, graph):
+    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type, graph):
         """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due."""
         if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
             return None
@@ -427,13 +424,13 @@ class _StepCache:
         if self.paths == paths:  # element-wise, in C: node ids and token counts of every path
             plan = advance_plan(self.plan, indptr, lens)
         # Other paths, or equal ones with a row shorter than planned (an equal request took a leaver's place).
-        if plan is None and self._rebatch(paths, lens, capacity, graph):
+        if plan is None and self._rebatch(paths, lens, graph):
             plan = advance_plan(self.plan, indptr, lens)
         if plan is not None:
             self.steps += 1
         return plan
 
-    def _rebatch(self, paths: list, lens: np.ndarray, capacity, graph) -> bool:
+    def _rebatch(self, paths: list, lens: np.ndarray, graph: _GraphBuffers | None) -> bool:
         """Make the cached plan the plan of ``paths`` at their planning-time lengths (leavers dropped, newcomers
         added); False when that cannot be done."""
         base = self.plan.step.seq_lens
@@ -449,15 +446,21 @@ class _StepCache:
             join_lens,
             unique_kv_tokens=_unique_tokens(paths, plan_lens),
             fixed_launches=graph is not None,
-            capacity=capacity,
+            capacity=graph.capacity if graph is not None else None,
             join_twin=twins,
             join_path_end=path_ends,
         )
         if rebatched is None:
             return False
         self.plan, self.forest = rebatched, None
-        self.paths = [p if isinstance(p, tuple) else list(p) for p in paths]
+        self.paths = _copy_paths(paths)
         return True
+
+
+def _copy_paths(paths) -> list:
+    """A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare equal;
+    entries are compared by value (tuples, as the SGLang backend makes them)."""
+    return [p if isinstance(p, tuple) else list(p) for p in paths]
 
 
 def _unique_tokens(paths: list, lens: np.ndarray) -> int:

@@ -8,7 +8,7 @@ one request only are folded into that request's tail ``[path_end[i], seq_len[i])
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
 
@@ -72,10 +72,6 @@ class Forest:
     def unique_kv_tokens(self) -> int:
         """KV tokens a step must read at least once: shared nodes once, tails once each."""
         return int(self.node_length.sum() + (self.seq_lens - self.path_end).sum())
-
-    def with_seq_lens(self, seq_lens: np.ndarray) -> Forest:
-        """The same tree for a later decode step whose requests grew: only the tails change."""
-        return replace(self, seq_lens=seq_lens)
 
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -229,17 +229,9 @@ def build_plan(
                 "max_partials_per_request"
             )
         piece_cost *= 2
-    if not fixed_configs:  # launch only the configs in use (item_cfg renumbered to match)
-        used = np.asarray([lc.num_items > 0 for lc in plan["launches"]], dtype=bool)
-        plan["item_cfg"] = (np.cumsum(used) - 1)[plan["item_cfg"]]
-        plan["launches"] = tuple(lc for lc in plan["launches"] if lc.num_items > 0)
-        plan["launch_info"] = np.asarray(
-            [[lc.item_offset, lc.num_items] for lc in plan["launches"]], dtype=np.int64
-        ).reshape(-1)
-
-    item_len, item_reqs = plan["item_kv_len"], plan["item_num_reqs"]
-    kv_bytes = int(
-        (item_len * np.ceil(item_reqs * group / 128.0)).sum() * packing.model.kv_bytes_per_token * num_kv_heads
+    # Without fixed_configs every config is some pack's choice, so no launch is empty.
+    kv_bytes = _modelled_kv_bytes(
+        plan["item_kv_len"], plan["item_num_reqs"], group, packing.model.kv_bytes_per_token, num_kv_heads
     )
     num_partials = len(plan["merge_indices"])
     partial_bytes = num_partials * group * packing.model.partial_bytes_per_row * num_kv_heads
@@ -330,7 +322,7 @@ def rebatch_plan(
     Requests that leave take their entries with them: items left without a request are dropped, an item whose KV
     row belonged to a leaving request reads the row of another of its requests (they hold the same slots there),
     the merge list loses their rows, indices are renumbered. Partial slots keep their numbers; new ones are added
-    past them. A newcomer that shares nothing (``join_twin`` empty or -1: CUDA-graph padding, an unshared request)
+    past them. A newcomer that shares nothing (``join_twin[t]`` empty: CUDA-graph padding, an unshared request)
     gets one item over its whole row, written directly. A newcomer with the same radix path as the remaining
     requests ``join_twin[t]`` (new indices, candidates in order; the path covers ``join_path_end`` tokens) takes
     the first of them whose shared-range items all have room in their tiles: it joins those items and gets its own
@@ -344,7 +336,7 @@ def rebatch_plan(
     assert step is not None, "only a plan made by build_plan can be rebatched"
     group = plan.num_qo_heads // plan.num_kv_heads
     num_join = len(join_lens)
-    twins_of = [np.zeros(0, dtype=np.int64)] * num_join if join_twin is None else [np.atleast_1d(t) for t in join_twin]
+    twins_of = [np.zeros(0, dtype=np.int64)] * num_join if join_twin is None else [np.asarray(t) for t in join_twin]
     new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
     new_of_old[keep] = np.arange(len(keep))
     item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
@@ -378,7 +370,7 @@ def rebatch_plan(
     solo = [min(fits, key=lambda k: plan.launches[k].config.block_m)] if fits else []  # the narrowest tile
     for t in range(num_join):
         n, length = len(keep) + t, int(join_lens[t])
-        if len(twins_of[t]) == 0 or twins_of[t][0] < 0:  # shares nothing: one item over the whole row
+        if len(twins_of[t]) == 0:  # shares nothing: one item over the whole row
             if not solo:
                 return None
             it_row.append(np.asarray([n]))
@@ -444,19 +436,15 @@ def rebatch_plan(
     if capacity is not None and len(merge_req) > capacity.max_merge_reqs:
         return None
 
-    per_cfg = np.bincount(cfg, minlength=len(plan.launches))
-    used = np.ones(len(plan.launches), dtype=bool) if fixed_launches else per_cfg > 0
+    used = np.ones(len(plan.launches), dtype=bool)
+    if not fixed_launches:
+        used = np.bincount(cfg, minlength=len(plan.launches)) > 0
     cfg = (np.cumsum(used) - 1)[cfg]
-    per_cfg = per_cfg[used]
-    offsets = np.concatenate([[0], np.cumsum(per_cfg)[:-1]])
-    configs = [lc.config for lc, u in zip(plan.launches, used) if u]
-    launches = tuple(
-        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_cfg)
-    )
+    launches, launch_info = _launches([lc.config for lc, u in zip(plan.launches, used) if u], cfg)
 
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
     heads = plan.num_kv_heads
-    kv_bytes = int((item_len * np.ceil(num_entries * group / 128.0)).sum()) * step.kv_bytes_per_token * heads
+    kv_bytes = _modelled_kv_bytes(item_len, num_entries, group, step.kv_bytes_per_token, heads)
     as32 = lambda a: np.asarray(a, dtype=np.int32)
     return PatPlan(
         num_reqs=len(seq_lens),
@@ -475,7 +463,7 @@ def rebatch_plan(
         merge_req=as32(merge_req),
         merge_indptr=as32(np.concatenate([[0], np.cumsum(merge_counts)])),
         merge_indices=as32(merge_indices),
-        launch_info=as32(np.stack([offsets, per_cfg], axis=1).reshape(-1)),
+        launch_info=as32(launch_info),
         num_merge=as32([len(merge_req)]),
         modelled_kv_bytes=kv_bytes,
         modelled_partial_bytes=int((entry_dest >= 0).sum()) * group * step.partial_bytes_per_row * heads,
@@ -544,11 +532,7 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     first = np.flatnonzero(np.r_[True, sorted_req[1:] != sorted_req[:-1]]) if len(sorted_req) else by_req
     merge_req, counts = sorted_req[first], np.diff(np.append(first, len(sorted_req)))
 
-    per_config = np.bincount(item_cfg, minlength=len(configs))
-    offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]])
-    launches = tuple(
-        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
-    )
+    launches, launch_info = _launches(configs, item_cfg)
     return {
         "order": order,
         "piece": piece,
@@ -564,9 +548,26 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
         "merge_req": merge_req,
         "merge_indptr": np.concatenate([[0], np.cumsum(counts)]),
         "merge_indices": entry_dest[~direct][by_req],
-        "launch_info": np.asarray([[lc.item_offset, lc.num_items] for lc in launches], dtype=np.int64).reshape(-1),
+        "launch_info": launch_info,
         "num_merge": np.asarray([len(merge_req)], dtype=np.int64),
     }
+
+
+def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
+    """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
+    ``launch_info`` (first item, item count) as the kernels read it."""
+    per_config = np.bincount(item_cfg, minlength=len(configs))
+    offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
+    launches = tuple(
+        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
+    )
+    return launches, np.stack([offsets, per_config], axis=1).reshape(-1)
+
+
+def _modelled_kv_bytes(item_len, item_num_reqs, group: int, kv_bytes_per_token: int, num_kv_heads: int) -> int:
+    """KV bytes the items read: each item once per 128-row tile of its requests' rows, per KV head."""
+    tiles = np.ceil(np.asarray(item_num_reqs) * group / 128.0)
+    return int((np.asarray(item_len) * tiles).sum()) * kv_bytes_per_token * num_kv_heads
 
 
 def _need(plan: dict) -> PlanCapacity:

@@ -23,14 +23,11 @@ _TILES_D256 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 8, 1)}
 
 def block_m_for_rows(rows: int) -> int:
     """The smallest BLOCK_M in {16, 32, 64, 128} that holds ``rows`` query rows."""
-    for m in BLOCK_M_CHOICES:
-        if rows <= m:
-            return m
-    raise ValueError(f"a pack has {rows} rows; at most {BLOCK_M_CHOICES[-1]} fit one tile")
+    return BLOCK_M_CHOICES[int(block_m_index(np.asarray([rows]))[0])]
 
 
 def block_m_index(rows: np.ndarray) -> np.ndarray:
-    """Vectorised ``block_m_for_rows``: the index into BLOCK_M_CHOICES of each pack's BLOCK_M."""
+    """Per pack, the index into BLOCK_M_CHOICES of the smallest BLOCK_M that holds its ``rows`` query rows."""
     idx = np.searchsorted(BLOCK_M_CHOICES, rows)
     if len(idx) and int(idx.max()) >= len(BLOCK_M_CHOICES):
         raise ValueError(f"a pack has {int(rows.max())} rows; at most {BLOCK_M_CHOICES[-1]} fit one tile")
