@@ -38,6 +38,8 @@ from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
+# Work-queue counters for this many launches per run (a plan has at most one launch per tile config).
+MAX_LAUNCHES = 64
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
@@ -122,6 +124,8 @@ class PatDecodeWrapper:
         self._partial_lse = torch.empty(0, num_qo_heads, dtype=torch.float32, device=self.device)
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
+        # Each launch's work-queue counters (see pack_attention); every launch leaves its pair at zero.
+        self._work_queues = torch.zeros(2 * MAX_LAUNCHES, dtype=torch.int32, device=self.device)
         self._num_merge: torch.Tensor | None = None
 
         self.use_cuda_graph = use_cuda_graph
@@ -312,11 +316,13 @@ class PatDecodeWrapper:
                 self._partial_o,
                 self._partial_lse,
                 self._launch_info[2 * i : 2 * i + 2],
+                self._work_queues[2 * i : 2 * i + 2],
                 config=lc.config,
                 num_programs=graph.num_programs if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
             )
 
+        assert len(plan.launches) <= MAX_LAUNCHES, "a plan has at most one launch per tile config"
         if self.device.type == "cuda" and len(plan.launches) > 1:
             self._fork_join(launch, len(plan.launches))
         else:
@@ -514,9 +520,12 @@ class _GraphBuffers:
 
         self.max_batch_size = max_batch_size
         group = w.num_qo_heads // w.num_kv_heads
-        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N.
+        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N. The
+        # replay starts the launches one after another (~2 µs apart on the H200, scripts/profile_decode.py), so the
+        # narrowest goes first: private tails use it, and it has work in nearly every step; then widest first.
         block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)})
-        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in reversed(block_ms))
+        order = block_ms[:1] + block_ms[:0:-1]
+        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in order)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * CTAS_PER_SM * w.num_sms
         self.capacity = PlanCapacity(

@@ -10,6 +10,7 @@ a step is slow, and whether empty launches of the fixed sequence cost anything).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,11 +24,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 
-def profile_case(case: Case, replays: int) -> tuple[float, dict[str, tuple[float, float]]]:
-    """(µs per replay from CUDA events, {kernel: (launches per replay, mean µs)}) of graph-mode pat."""
+def profile_case(case: Case, replays: int, programs_per_sm: int | None = None, serial: bool = False) -> dict:
+    """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (CUDA events), each kernel's launches per
+    replay and mean µs, the replay's timeline (each launch's start offset and duration, mean over replays, in start
+    order) and the plan's launches (tile config, items, KV tokens)."""
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
     pat = PatDecodeWrapper(
         *heads,
@@ -43,6 +47,21 @@ def profile_case(case: Case, replays: int) -> tuple[float, dict[str, tuple[float
         prefix_paths=case.workload.prefix_paths,
         kv_data_type=case.dtype,
     )
+    if programs_per_sm is not None:  # an experiment: another persistent grid size than the wrapper's
+        pat._graph.num_programs = programs_per_sm * pat.num_sms
+    if serial:  # an experiment: every tile config's launch on the current stream, one after another
+        pat._fork_join = lambda launch, count: [launch(i) for i in range(count)]
+    plan = pat.plan_info
+    launches = []
+    for lc in plan.launches:
+        lens = plan.item_kv_len[lc.item_offset : lc.item_offset + lc.num_items]
+        rows = plan.item_num_reqs[lc.item_offset : lc.item_offset + lc.num_items] * (heads[0] // heads[1])
+        c = lc.config
+        launches.append(
+            f"BLOCK_M {c.block_m:3d} BLOCK_N {c.block_n:3d} warps {c.num_warps} stages {c.num_stages}: "
+            f"{lc.num_items:5d} items x {heads[1]} KV heads, KV tokens {int(lens.sum()):8d} "
+            f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
+        )
     replay = graphed(lambda: pat.run(case.q, case.k, case.v))
     for _ in range(10):
         replay()
@@ -57,12 +76,34 @@ def profile_case(case: Case, replays: int) -> tuple[float, dict[str, tuple[float
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(replays):
             replay()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()  # replays apart, so each one's timeline starts at its first kernel
+    events = sorted(
+        (ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda ev: ev.time_range.start,
+    )
     kernels: dict[str, list[float]] = defaultdict(list)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[ev.name].append(ev.device_time)
-    return wall_us, {name: (len(t) / replays, sum(t) / len(t)) for name, t in kernels.items()}
+    for ev in events:
+        kernels[ev.name].append(ev.device_time)
+    per_replay = len(events) // replays
+    timeline: list[tuple[str, list[float], list[float]]] = []
+    spans = []
+    if per_replay and len(events) == per_replay * replays:
+        for r in range(replays):
+            chunk = events[r * per_replay : (r + 1) * per_replay]
+            t0 = chunk[0].time_range.start
+            spans.append(max(ev.time_range.end for ev in chunk) - t0)
+            for i, ev in enumerate(chunk):
+                if r == 0:
+                    timeline.append((ev.name, [], []))
+                timeline[i][1].append(ev.time_range.start - t0)
+                timeline[i][2].append(ev.time_range.end - ev.time_range.start)
+    return {
+        "wall_us": wall_us,
+        "kernels": {name: (len(t) / replays, sum(t) / len(t)) for name, t in kernels.items()},
+        "timeline": [(name, statistics.median(s), statistics.median(d)) for name, s, d in timeline],
+        "span_us": statistics.median(spans) if spans else float("nan"),
+        "launches": launches,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[None],
+                   help="experiment: persistent grid sizes to compare (default: the wrapper's)")  # fmt: skip
+    p.add_argument("--serial", action="store_true", help="experiment: also time the launches on one stream")
+    p.add_argument("--split-share", type=float, nargs="+", default=[],
+                   help="experiment: also time with these MAX_SPLIT_PARTIAL_SHARE values")  # fmt: skip
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_decode.py times CUDA kernels: it needs a GPU")
@@ -83,11 +129,33 @@ def main(argv: list[str] | None = None) -> None:
             hq, hkv, d = HEAD_CONFIGS[heads_name]
             wl = make_workload(name, seed=args.seed, page_size=args.page_size)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
-            wall_us, kernels = profile_case(case, args.replays)
-            busy = sum(n * us for n, us in kernels.values())
-            print(f"\n{name} / {heads_name}: {wall_us:.1f} µs per replay, kernels busy {busy:.1f} µs (sum)")
-            for kernel, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+            for pps in args.programs_per_sm:
+                for serial in (False, True) if args.serial else (False,):
+                    if pps is not None or serial:
+                        r = profile_case(case, args.replays, pps, serial)
+                        print(f"{name} / {heads_name}: programs per SM {pps}, serial {serial}: {r['wall_us']:.1f} µs")
+            for share in args.split_share:
+                default = plan_module.MAX_SPLIT_PARTIAL_SHARE
+                plan_module.MAX_SPLIT_PARTIAL_SHARE = share
+                try:
+                    r = profile_case(case, args.replays)
+                finally:
+                    plan_module.MAX_SPLIT_PARTIAL_SHARE = default
+                items = ", ".join(line.split(": ", 1)[1].split(",")[0] for line in r["launches"])
+                print(f"{name} / {heads_name}: split share {share}: {r['wall_us']:.1f} µs ({items})")
+            r = profile_case(case, args.replays)
+            busy = sum(n * us for n, us in r["kernels"].values())
+            print(
+                f"\n{name} / {heads_name}: {r['wall_us']:.1f} µs per replay (events), one replay's kernels span "
+                f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum)"
+            )
+            for line in r["launches"]:
+                print(f"  plan: {line}")
+            for kernel, (n, us) in sorted(r["kernels"].items(), key=lambda kv: -kv[1][0] * kv[1][1]):
                 print(f"  {n:4.1f} x {us:8.1f} µs  {kernel[:90]}")
+            print("  timeline of a replay (median start offset and duration, µs):")
+            for kernel, t, d in r["timeline"]:
+                print(f"    +{t:7.1f}  {d:7.1f}  {kernel[:80]}")
 
 
 if __name__ == "__main__":

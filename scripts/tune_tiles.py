@@ -59,9 +59,24 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
     po = torch.empty(1, hkv * group, head_dim, device=dev)
     plse = torch.empty(1, hkv * group, device=dev)
 
+    launch_info = torch.tensor([0, num_items], dtype=torch.int32, device=dev)
+    queue = torch.zeros(2, dtype=torch.int32, device=dev)
+
     def fn():
         pack_attention(
-            q, k, v, kv_indices, items, out, po, plse, config=cfg, item_offset=0, num_items=num_items, sm_scale=0.08
+            q,
+            k,
+            v,
+            kv_indices,
+            items,
+            out,
+            po,
+            plse,
+            launch_info,
+            queue,
+            config=cfg,
+            num_programs=num_items * hkv,
+            sm_scale=0.08,
         )
 
     fn()

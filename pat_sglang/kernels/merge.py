@@ -12,6 +12,9 @@ import triton.language as tl
 
 from pat_sglang.kernels.common import padded_head_dim
 
+# Partials a merge program combines per step.
+MERGE_BLOCK_P = 16
+
 
 @triton.jit
 def _merge_kernel(
@@ -29,6 +32,7 @@ def _merge_kernel(
     stride_out_h,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
@@ -41,18 +45,26 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
 
+    # BLOCK_P partials at a time: their loads are independent, so a request with many KV splits (one long
+    # request: 64) costs a few dependent steps rather than one per partial.
     m = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for j in range(begin, end):
-        slot = tl.load(merge_indices_ptr + j).to(tl.int64)
-        lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head)
-        o = tl.load(partial_o_ptr + slot * stride_po_p + head * stride_po_h + dims, mask=dim_mask, other=0.0)
-        m_new = tl.maximum(m, lse)
+    for j0 in range(begin, end, BLOCK_P):
+        js = j0 + tl.arange(0, BLOCK_P)
+        j_mask = js < end
+        slot = tl.load(merge_indices_ptr + js, mask=j_mask, other=0).to(tl.int64)
+        lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=j_mask, other=float("-inf"))
+        o = tl.load(
+            partial_o_ptr + slot[:, None] * stride_po_p + head * stride_po_h + dims[None, :],
+            mask=j_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         scale_old = tl.exp(m - m_new)
         w = tl.exp(lse - m_new)
-        denom = denom * scale_old + w
-        acc = acc * scale_old + w * o
+        denom = denom * scale_old + tl.sum(w, axis=0)
+        acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
         m = m_new
     out = acc / denom
     tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
@@ -100,5 +112,6 @@ def merge_partials(
         out.stride(1),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
+        BLOCK_P=MERGE_BLOCK_P,
         num_warps=4 if head_dim >= 128 else 2,
     )
