@@ -38,6 +38,8 @@ from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
+# Graph mode: programs per SM of each BLOCK_M's persistent grid (others: CTAS_PER_SM).
+GRAPH_PROGRAMS_PER_SM: dict[int, int] = {}
 # Work-queue counters for this many launches per run (a plan has at most one launch per tile config).
 MAX_LAUNCHES = 64
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -318,7 +320,7 @@ class PatDecodeWrapper:
                 self._launch_info[2 * i : 2 * i + 2],
                 self._work_queues[2 * i : 2 * i + 2],
                 config=lc.config,
-                num_programs=graph.num_programs if graph else lc.num_items * self.num_kv_heads,
+                num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
             )
 
@@ -520,12 +522,10 @@ class _GraphBuffers:
 
         self.max_batch_size = max_batch_size
         group = w.num_qo_heads // w.num_kv_heads
-        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N. The
-        # replay starts the launches one after another (~2 µs apart on the H200, scripts/profile_decode.py), so the
-        # narrowest goes first: private tails use it, and it has work in nearly every step; then widest first.
-        block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)})
-        order = block_ms[:1] + block_ms[:0:-1]
-        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in order)
+        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
+        # first: wide packs are the longest work, and a launch's programs occupy SMs until its queue is empty.
+        block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
+        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in block_ms)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * CTAS_PER_SM * w.num_sms
         self.capacity = PlanCapacity(
@@ -534,8 +534,8 @@ class _GraphBuffers:
             max_partials=max_partials,
             max_merge_reqs=max_batch_size,
         )
-        # A persistent grid per config: programs stride over that config's (item, KV head) pairs.
-        self.num_programs = CTAS_PER_SM * w.num_sms
+        # A persistent grid per config: its programs take that config's (item, KV head) pairs from a work queue.
+        self.grids = tuple(GRAPH_PROGRAMS_PER_SM.get(c.block_m, CTAS_PER_SM) * w.num_sms for c in self.configs)
         cap = self.capacity
         self.sizes = {
             "item_kv_start": cap.max_items,

@@ -5,6 +5,7 @@ config, the LSE merge), beside the replay's wall time from CUDA events. For the 
 a step is slow, and whether empty launches of the fixed sequence cost anything).
 
     python scripts/profile_decode.py --workload single_long tree_of_thought --heads llama3-8b qwen2.5-7b
+    python scripts/profile_decode.py --variants wide-first narrow-first serial   # experiments beside the defaults
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import argparse
 import statistics
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -25,10 +28,62 @@ from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
+from pat_sglang.packing import tiles as tiles_module  # noqa: E402
+from pat_sglang.packing.plan import CTAS_PER_SM  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
+from pat_sglang.wrapper import GRAPH_PROGRAMS_PER_SM  # noqa: E402
+
+# Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
+# programs per SM per BLOCK_M, all launches on one stream, the split partial share.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "narrow-first": {"order": "narrow"},
+    "wide-first": {"order": "wide"},
+    "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
+    "narrow-3-wide-1": {"order": "narrow", "programs_per_sm": {16: 3, 128: 1, 64: 2}},
+    "serial": {"order": "wide", "serial": True},
+    "split-share-1": {"split_share": 1.0},
+    "wide-piece-256": {"wide_piece": 256},
+    "wide-piece-512": {"wide_piece": 512},
+    "tile128-w8": {"tile128": (64, 8, 2)},
+    "tile128-w8-s3": {"tile128": (64, 8, 3)},
+    "tile128-n32-s3": {"tile128": (32, 4, 3)},
+    "wide-piece-512-w8": {"wide_piece": 512, "tile128": (64, 8, 2)},
+}
 
 
-def profile_case(case: Case, replays: int, programs_per_sm: int | None = None, serial: bool = False) -> dict:
+@contextmanager
+def _patched(module, name: str, value):
+    if value is None:
+        yield
+        return
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:
+    variant = variant or {}
+    with (
+        _patched(plan_module, "MAX_SPLIT_PARTIAL_SHARE", variant.get("split_share")),
+        _patched(plan_module, "WIDE_PIECE_TOKENS", variant.get("wide_piece")),
+        _patched(
+            tiles_module,
+            "_TILES_D128",
+            {**tiles_module._TILES_D128, 128: variant["tile128"]} if "tile128" in variant else None,
+        ),
+    ):
+        tiles_module._tile.cache_clear()
+        try:
+            return _profile_case(case, replays, variant, timeline)
+        finally:
+            tiles_module._tile.cache_clear()
+
+
+def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> dict:
     """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (CUDA events), each kernel's launches per
     replay and mean µs, the replay's timeline (each launch's start offset and duration, mean over replays, in start
     order) and the plan's launches (tile config, items, KV tokens)."""
@@ -41,16 +96,21 @@ def profile_case(case: Case, replays: int, programs_per_sm: int | None = None, s
         max_batch_size=case.batch,
         max_num_kv_tokens=int(case.kv_indptr_np[-1]),
     )
+    graph = pat._graph
+    if "order" in variant:
+        wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
+        graph.configs = tuple(wide_first if variant["order"] == "wide" else wide_first[-1:] + wide_first[:-1])
+    if "programs_per_sm" in variant or "order" in variant:
+        per_sm = {**GRAPH_PROGRAMS_PER_SM, **variant.get("programs_per_sm", {})}
+        graph.grids = tuple(per_sm.get(c.block_m, CTAS_PER_SM) * pat.num_sms for c in graph.configs)
+    if variant.get("serial"):
+        pat._fork_join = lambda launch, count: [launch(i) for i in range(count)]
     pat.plan(
         torch.from_numpy(case.kv_indptr_np),
         case.kv_indices,
         prefix_paths=case.workload.prefix_paths,
         kv_data_type=case.dtype,
     )
-    if programs_per_sm is not None:  # an experiment: another persistent grid size than the wrapper's
-        pat._graph.num_programs = programs_per_sm * pat.num_sms
-    if serial:  # an experiment: every tile config's launch on the current stream, one after another
-        pat._fork_join = lambda launch, count: [launch(i) for i in range(count)]
     plan = pat.plan_info
     launches = []
     for lc in plan.launches:
@@ -63,15 +123,10 @@ def profile_case(case: Case, replays: int, programs_per_sm: int | None = None, s
             f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
         )
     replay = graphed(lambda: pat.run(case.q, case.k, case.v))
-    for _ in range(10):
-        replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        replay()
-    end.record()
-    torch.cuda.synchronize()
-    wall_us = 1e3 * start.elapsed_time(end) / replays
+    # Median of many replays with the L2 flushed between them (as bench_decode.py times).
+    wall_us = 1e3 * triton.testing.do_bench(replay, warmup=25, rep=100, return_mode="median")
+    if not timeline:
+        return {"wall_us": wall_us, "launches": launches}
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(replays):
@@ -115,11 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[None],
-                   help="experiment: persistent grid sizes to compare (default: the wrapper's)")  # fmt: skip
-    p.add_argument("--serial", action="store_true", help="experiment: also time the launches on one stream")
-    p.add_argument("--split-share", type=float, nargs="+", default=[],
-                   help="experiment: also time with these MAX_SPLIT_PARTIAL_SHARE values")  # fmt: skip
+    p.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS),
+                   help="experiments to time beside the wrapper's defaults (see VARIANTS)")  # fmt: skip
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_decode.py times CUDA kernels: it needs a GPU")
@@ -129,24 +181,14 @@ def main(argv: list[str] | None = None) -> None:
             hq, hkv, d = HEAD_CONFIGS[heads_name]
             wl = make_workload(name, seed=args.seed, page_size=args.page_size)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
-            for pps in args.programs_per_sm:
-                for serial in (False, True) if args.serial else (False,):
-                    if pps is not None or serial:
-                        r = profile_case(case, args.replays, pps, serial)
-                        print(f"{name} / {heads_name}: programs per SM {pps}, serial {serial}: {r['wall_us']:.1f} µs")
-            for share in args.split_share:
-                default = plan_module.MAX_SPLIT_PARTIAL_SHARE
-                plan_module.MAX_SPLIT_PARTIAL_SHARE = share
-                try:
-                    r = profile_case(case, args.replays)
-                finally:
-                    plan_module.MAX_SPLIT_PARTIAL_SHARE = default
-                items = ", ".join(line.split(": ", 1)[1].split(",")[0] for line in r["launches"])
-                print(f"{name} / {heads_name}: split share {share}: {r['wall_us']:.1f} µs ({items})")
+            for v in args.variants:
+                r = profile_case(case, args.replays, VARIANTS[v], timeline=False)
+                print(f"{name} / {heads_name}: variant {v}: {r['wall_us']:.1f} µs")
             r = profile_case(case, args.replays)
             busy = sum(n * us for n, us in r["kernels"].values())
             print(
-                f"\n{name} / {heads_name}: {r['wall_us']:.1f} µs per replay (events), one replay's kernels span "
+                f"\n{name} / {heads_name}: {r['wall_us']:.1f} µs per replay (median, L2 flushed), one replay's kernels "
+                f"span "
                 f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum)"
             )
             for line in r["launches"]:

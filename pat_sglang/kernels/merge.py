@@ -12,8 +12,16 @@ import triton.language as tl
 
 from pat_sglang.kernels.common import padded_head_dim
 
-# Partials a merge program combines per step.
-MERGE_BLOCK_P = 16
+
+@triton.jit
+def _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims, dim_mask,
+                  stride_po_p, stride_po_h, stride_plse_p):  # fmt: skip
+    """Partial ``j`` of a request's list as (LSE, O row); past ``end``: (-inf, 0), which adds nothing."""
+    valid = j < end
+    slot = tl.load(merge_indices_ptr + j, mask=valid, other=0).to(tl.int64)
+    lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=valid, other=float("-inf"))
+    o = tl.load(partial_o_ptr + slot * stride_po_p + head * stride_po_h + dims, mask=valid & dim_mask, other=0.0)
+    return lse, o
 
 
 @triton.jit
@@ -32,7 +40,6 @@ def _merge_kernel(
     stride_out_h,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
@@ -45,26 +52,30 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
 
-    # BLOCK_P partials at a time: their loads are independent, so a request with many KV splits (one long
-    # request: 64) costs a few dependent steps rather than one per partial.
+    # Four partials per step, each a vector over the head (no reduction across rows or warps): the four loads are
+    # independent, so a request with many KV splits (one long request: 64) takes a quarter of the dependent steps,
+    # and a request with two partials costs one step. (A [16, D] tile per step was measured slower on the H200:
+    # its cross-warp reductions cost more than the chain on short lists; docs/PERF_NOTES.md.)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for j0 in range(begin, end, BLOCK_P):
-        js = j0 + tl.arange(0, BLOCK_P)
-        j_mask = js < end
-        slot = tl.load(merge_indices_ptr + js, mask=j_mask, other=0).to(tl.int64)
-        lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=j_mask, other=float("-inf"))
-        o = tl.load(
-            partial_o_ptr + slot[:, None] * stride_po_p + head * stride_po_h + dims[None, :],
-            mask=j_mask[:, None] & dim_mask[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
+    for j in range(begin, end, 4):
+        lse0, o0 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims, dim_mask,
+                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+        lse1, o1 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 1, end, head, dims, dim_mask,
+                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+        lse2, o2 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 2, end, head, dims, dim_mask,
+                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+        lse3, o3 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 3, end, head, dims, dim_mask,
+                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+        m_new = tl.maximum(tl.maximum(m, lse0), tl.maximum(tl.maximum(lse1, lse2), lse3))
         scale_old = tl.exp(m - m_new)
-        w = tl.exp(lse - m_new)
-        denom = denom * scale_old + tl.sum(w, axis=0)
-        acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
+        w0 = tl.exp(lse0 - m_new)
+        w1 = tl.exp(lse1 - m_new)
+        w2 = tl.exp(lse2 - m_new)
+        w3 = tl.exp(lse3 - m_new)
+        denom = denom * scale_old + (w0 + w1 + w2 + w3)
+        acc = acc * scale_old + (w0 * o0 + w1 * o1 + w2 * o2 + w3 * o3)
         m = m_new
     out = acc / denom
     tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
@@ -112,6 +123,5 @@ def merge_partials(
         out.stride(1),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
-        BLOCK_P=MERGE_BLOCK_P,
         num_warps=4 if head_dim >= 128 else 2,
     )
