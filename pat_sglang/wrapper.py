@@ -40,8 +40,6 @@ from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
 NUM_SIDE_STREAMS = 4
 # Graph mode: programs per SM of each BLOCK_M's persistent grid (others: CTAS_PER_SM).
 GRAPH_PROGRAMS_PER_SM: dict[int, int] = {}
-# Work-queue counters for this many launches per run (a plan has at most one launch per tile config).
-MAX_LAUNCHES = 64
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
@@ -126,8 +124,6 @@ class PatDecodeWrapper:
         self._partial_lse = torch.empty(0, num_qo_heads, dtype=torch.float32, device=self.device)
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
-        # Each launch's work-queue counters (see pack_attention); every launch leaves its pair at zero.
-        self._work_queues = torch.zeros(2 * MAX_LAUNCHES, dtype=torch.int32, device=self.device)
         self._num_merge: torch.Tensor | None = None
 
         self.use_cuda_graph = use_cuda_graph
@@ -318,13 +314,11 @@ class PatDecodeWrapper:
                 self._partial_o,
                 self._partial_lse,
                 self._launch_info[2 * i : 2 * i + 2],
-                self._work_queues[2 * i : 2 * i + 2],
                 config=lc.config,
                 num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
             )
 
-        assert len(plan.launches) <= MAX_LAUNCHES, "a plan has at most one launch per tile config"
         if self.device.type == "cuda" and len(plan.launches) > 1:
             self._fork_join(launch, len(plan.launches))
         else:
@@ -523,7 +517,7 @@ class _GraphBuffers:
         self.max_batch_size = max_batch_size
         group = w.num_qo_heads // w.num_kv_heads
         # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
-        # first: wide packs are the longest work, and a launch's programs occupy SMs until its queue is empty.
+        # first: wide packs are the longest work, and a launch's programs occupy SMs until its pairs are done.
         block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
         self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in block_ms)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
@@ -534,7 +528,7 @@ class _GraphBuffers:
             max_partials=max_partials,
             max_merge_reqs=max_batch_size,
         )
-        # A persistent grid per config: its programs take that config's (item, KV head) pairs from a work queue.
+        # A persistent grid per config: its programs stride over that config's (item, KV head) pairs.
         self.grids = tuple(GRAPH_PROGRAMS_PER_SM.get(c.block_m, CTAS_PER_SM) * w.num_sms for c in self.configs)
         cap = self.capacity
         self.sizes = {

@@ -60,7 +60,6 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
     plse = torch.empty(1, hkv * group, device=dev)
 
     launch_info = torch.tensor([0, num_items], dtype=torch.int32, device=dev)
-    queue = torch.zeros(2, dtype=torch.int32, device=dev)
 
     def fn():
         pack_attention(
@@ -73,7 +72,6 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
             po,
             plse,
             launch_info,
-            queue,
             config=cfg,
             num_programs=num_items * hkv,
             sm_scale=0.08,

@@ -34,11 +34,6 @@ def _launch(first: int, count: int) -> torch.Tensor:
     return torch.tensor([first, count], dtype=torch.int32, device=DEVICE)
 
 
-def _queue() -> torch.Tensor:
-    """A fresh work queue (zero counters), as the wrapper keeps one per launch."""
-    return torch.zeros(2, dtype=torch.int32, device=DEVICE)
-
-
 def _workspace(num_partials: int, num_heads: int, head_dim: int):
     # Filled with NaN so that a slot the kernel forgot to write cannot pass for a result.
     o = torch.full((num_partials, num_heads, head_dim), float("nan"), device=DEVICE)
@@ -66,19 +61,7 @@ def test_one_pack_shared_range(dtype, head_dim, group, kv_len):
     cfg = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
     scale = default_sm_scale(head_dim)
     pack_attention(
-        q,
-        k,
-        v,
-        slots,
-        items,
-        out,
-        po,
-        plse,
-        _launch(0, 1),
-        _queue(),
-        config=cfg,
-        num_programs=1 * k.shape[1],
-        sm_scale=scale,
+        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
     )
     ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(out, ref, dtype)
@@ -99,19 +82,7 @@ def test_wide_pack(dtype, block_m):
     cfg = TileConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
     scale = 0.3
     pack_attention(
-        q,
-        k,
-        v,
-        slots,
-        items,
-        out,
-        po,
-        plse,
-        _launch(0, 1),
-        _queue(),
-        config=cfg,
-        num_programs=1 * k.shape[1],
-        sm_scale=scale,
+        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
     )
     ref_o, ref_lse = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(po, ref_o, dtype)
@@ -134,19 +105,7 @@ def test_merge_identity(dtype, split_at):
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
     scale = default_sm_scale(head_dim)
     pack_attention(
-        q,
-        k,
-        v,
-        slots,
-        items,
-        out,
-        po,
-        plse,
-        _launch(0, 2),
-        _queue(),
-        config=cfg,
-        num_programs=2 * k.shape[1],
-        sm_scale=scale,
+        q, k, v, slots, items, out, po, plse, _launch(0, 2), config=cfg, num_programs=2 * k.shape[1], sm_scale=scale
     )
     as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
     merge_partials(po, plse, as_t([0, 1]), as_t([0, 2, 4]), as_t([0, 2, 1, 3]), as_t([2]), out, num_programs=2)
@@ -181,9 +140,7 @@ def test_launch_covers_only_its_items():
     po, plse = _workspace(1, 1, head_dim)
     items = _items([0, 16], [16, 16], [0, 1], [1, 1], [0, 1], [-1, -2])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
-    pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(1, 1), _queue(), config=cfg, num_programs=1, sm_scale=0.125
-    )
+    pack_attention(q, k, v, slots, items, out, po, plse, _launch(1, 1), config=cfg, num_programs=1, sm_scale=0.125)
     ref, _ = attention_reference(q[1:], k[16:], v[16:], 0.125)
     assert_close(out[1:], ref, dtype)
     assert torch.isnan(out[0].float()).all()
@@ -197,9 +154,8 @@ def test_tile_config_rejects_bad_blocks():
 
 
 @pytest.mark.parametrize("num_programs", [1, 3, 64])
-def test_work_queue_covers_all_work(num_programs):
-    """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids),
-    and the queue's counters are back at zero after the launch."""
+def test_persistent_grid_strides_over_all_work(num_programs):
+    """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids)."""
     dtype, head_dim, num_kv_heads, group = torch.float16, 64, 2, 2
     k, v = random_kv(60, num_kv_heads, head_dim, dtype)
     q = random_q(3, num_kv_heads * group, head_dim, dtype)
@@ -208,32 +164,16 @@ def test_work_queue_covers_all_work(num_programs):
     po, plse = _workspace(1, num_kv_heads * group, head_dim)
     items = _items([0, 20, 40], [20, 20, 20], [0, 1, 2], [1, 1, 1], [0, 1, 2], [-1, -2, -3])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
-    queue = _queue()
-    for launch in range(2):  # the queue is left zero, so the same queue serves the next launch
-        out.fill_(float("nan"))
-        pack_attention(
-            q,
-            k,
-            v,
-            slots,
-            items,
-            out,
-            po,
-            plse,
-            _launch(0, 3),
-            queue,
-            config=cfg,
-            num_programs=num_programs,
-            sm_scale=0.1,
-        )
-        assert queue.tolist() == [0, 0], f"launch {launch} left its work queue at {queue.tolist()}"
-        for r in range(3):
-            ref, _ = attention_reference(q[r : r + 1], k[20 * r : 20 * r + 20], v[20 * r : 20 * r + 20], 0.1)
-            assert_close(out[r : r + 1], ref, dtype)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 3), config=cfg, num_programs=num_programs, sm_scale=0.1
+    )
+    for r in range(3):
+        ref, _ = attention_reference(q[r : r + 1], k[20 * r : 20 * r + 20], v[20 * r : 20 * r + 20], 0.1)
+        assert_close(out[r : r + 1], ref, dtype)
 
 
 def test_empty_launch_touches_nothing():
-    """A launch of zero items (graph mode's fixed sequence has them) writes no output and leaves its queue at zero."""
+    """A launch of zero items (graph mode's fixed sequence has them) writes no output."""
     dtype, head_dim = torch.float16, 64
     k, v = random_kv(16, 1, head_dim, dtype)
     q = random_q(1, 1, head_dim, dtype)
@@ -242,7 +182,5 @@ def test_empty_launch_touches_nothing():
     po, plse = _workspace(1, 1, head_dim)
     items = _items([0], [16], [0], [1], [0], [-1])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
-    queue = _queue()
-    pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 0), queue, config=cfg, num_programs=4, sm_scale=0.1)
+    pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 0), config=cfg, num_programs=4, sm_scale=0.1)
     assert torch.isnan(out.float()).all()
-    assert queue.tolist() == [0, 0]

@@ -56,7 +56,6 @@ def _pack_attn_kernel(
     partial_o_ptr,
     partial_lse_ptr,
     launch_ptr,
-    queue_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -79,55 +78,46 @@ def _pack_attn_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items) of this tile config, on the device, so that a CUDA graph
-    # captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs from a work queue:
-    # queue_ptr[0] counts pairs handed out, so a program that finishes a short pair takes the next one (items come
-    # longest first) and the grid's tail is at most one pair long. queue_ptr[1] counts programs done; the last one
-    # resets both for the next launch.
+    # captured with a fixed grid replays any later plan. Programs stride over (item, KV head) pairs.
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
-    if num_work > 0:
-        work = tl.atomic_add(queue_ptr, 1)
-        while work < num_work:
-            _pack_attn_item(
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                kv_indices_ptr,
-                item_kv_start_ptr,
-                item_kv_len_ptr,
-                item_entry_start_ptr,
-                item_num_reqs_ptr,
-                entry_req_ptr,
-                entry_dest_ptr,
-                out_ptr,
-                partial_o_ptr,
-                partial_lse_ptr,
-                item_offset + work // NUM_KV_HEADS,
-                work % NUM_KV_HEADS,
-                sm_scale_log2,
-                stride_q_b,
-                stride_q_h,
-                stride_k_s,
-                stride_k_h,
-                stride_v_s,
-                stride_v_h,
-                stride_out_b,
-                stride_out_h,
-                stride_po_p,
-                stride_po_h,
-                stride_plse_p,
-                GROUP,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                BLOCK_M,
-                BLOCK_N,
-                UPCAST,
-                DOT_PRECISION,
-            )
-            work = tl.atomic_add(queue_ptr, 1)
-        if tl.atomic_add(queue_ptr + 1, 1) == tl.num_programs(0) - 1:
-            tl.atomic_xchg(queue_ptr, 0)
-            tl.atomic_xchg(queue_ptr + 1, 0)
+    for work in range(tl.program_id(0), num_work, tl.num_programs(0)):
+        _pack_attn_item(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            kv_indices_ptr,
+            item_kv_start_ptr,
+            item_kv_len_ptr,
+            item_entry_start_ptr,
+            item_num_reqs_ptr,
+            entry_req_ptr,
+            entry_dest_ptr,
+            out_ptr,
+            partial_o_ptr,
+            partial_lse_ptr,
+            item_offset + work // NUM_KV_HEADS,
+            work % NUM_KV_HEADS,
+            sm_scale_log2,
+            stride_q_b,
+            stride_q_h,
+            stride_k_s,
+            stride_k_h,
+            stride_v_s,
+            stride_v_h,
+            stride_out_b,
+            stride_out_h,
+            stride_po_p,
+            stride_po_h,
+            stride_plse_p,
+            GROUP,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_M,
+            BLOCK_N,
+            UPCAST,
+            DOT_PRECISION,
+        )
 
 
 @triton.jit
@@ -261,7 +251,6 @@ def pack_attention(
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
     launch_info: torch.Tensor,
-    work_queue: torch.Tensor,
     *,
     config: TileConfig,
     num_programs: int,
@@ -278,11 +267,9 @@ def pack_attention(
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
         launch_info: int32 ``[2]`` on the device: (first item, number of items) of this config. Read by the kernel,
             so a CUDA graph captured once replays later plans.
-        work_queue: int32 ``[2]`` on the device, zero before the launch (and left zero after it): the counters of
-            the programs' work queue. Launches that may run at the same time need their own.
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
-        num_programs: grid size. Programs take (item, KV head) pairs from the work queue until none is left:
-            ``items x Hkv`` programs do one pair each (eager); a fixed, smaller grid loops (CUDA graphs).
+        num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
+            each (eager); a fixed, smaller grid loops (CUDA graphs).
     """
     if num_programs <= 0:
         return
@@ -312,7 +299,6 @@ def pack_attention(
         partial_o,
         partial_lse,
         launch_info,
-        work_queue,
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
