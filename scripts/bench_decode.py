@@ -116,8 +116,9 @@ def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
         return indptr, torch.from_numpy(np.concatenate(grown)).to(case.device)
 
     def timed(w: PatDecodeWrapper, layout: tuple[torch.Tensor, torch.Tensor]) -> float:
+        step_paths = [[tuple(n) for n in p] for p in paths]  # new objects each step, as the SGLang backend reads them
         t0 = time.perf_counter()
-        w.plan(*layout, prefix_paths=paths, kv_data_type=case.dtype)
+        w.plan(*layout, prefix_paths=step_paths, kv_data_type=case.dtype)
         return time.perf_counter() - t0
 
     base = step_layout(0)

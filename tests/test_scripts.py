@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py"])
+@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py", "profile_plan.py"])
 def test_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -28,6 +28,20 @@ def test_profile_decode_says_it_needs_a_gpu():
         pytest.skip("on a GPU it profiles (docs/PERF_NOTES.md)")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_decode.py")], capture_output=True, text=True)
     assert out.returncode != 0 and "needs a GPU" in out.stderr
+
+
+def test_profile_plan_smoke():
+    """The plan's phase timings run on the CPU device (the real fresh-plan and decode-step paths, every step
+    followed) and print one row per workload."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_plan.py"), "--workload", "system_prompt", "tree_of_thought"]
+    out = subprocess.run([*cmd, "--batch", "8", "--reps", "3", "--device", "cpu"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert (
+        "step advance" in lines[1]
+        and lines[2].split()[0] == "system_prompt"
+        and lines[3].split()[0] == "tree_of_thought"
+    )
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
