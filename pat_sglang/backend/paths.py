@@ -29,23 +29,24 @@ class StashedPaths:
 _last: dict[int, StashedPaths] = {}  # by id(model_runner): one runner per process and TP rank
 
 
-def radix_path(req: Any, seq_len: int) -> list[tuple[int, int]] | None:
-    """``req``'s path from the radix root, clipped to its protected prefix, or None when it has no tree node."""
+def radix_path(req: Any, seq_len: int, memo: dict | None = None) -> list[tuple[int, int]] | None:
+    """``req``'s path from the radix root, clipped to its protected prefix, or None when it has no tree node.
+
+    ``memo`` (one dict per batch, while the tree cannot change) keeps every visited node's path from the root, so
+    requests under the same nodes walk only their own.
+    """
     node = getattr(req, "last_node", None)
     if node is None or not hasattr(node, "parent"):
         return None
-    chain = []
-    while node is not None and node.parent is not None:  # the root has no parent and holds no tokens
-        value = node.value
-        if value is None:  # evicted: the tree no longer vouches for these slots
-            return None
-        if len(value):
-            chain.append((int(node.id), len(value)))
-        node = node.parent
-    chain.reverse()
+    chain = _root_path(node, {} if memo is None else memo)
+    if chain is None:
+        return None  # a node on the path was evicted: the tree no longer vouches for these slots
+    nodes, total = chain
     limit = min(int(getattr(req, "cache_protected_len", 0)), seq_len)
+    if total <= limit:
+        return list(nodes)
     path, covered = [], 0
-    for node_id, n in chain:
+    for node_id, n in nodes:
         if covered + n > limit:
             break  # a node past the protected prefix (or a partial page): leave it private
         path.append((node_id, n))
@@ -53,13 +54,33 @@ def radix_path(req: Any, seq_len: int) -> list[tuple[int, int]] | None:
     return path
 
 
+def _root_path(node: Any, memo: dict) -> tuple[tuple[tuple[int, int], ...], int] | None:
+    """``node``'s non-empty nodes from the root down to it as ``(node_id, num_tokens)`` and their token count, or
+    None when one of them was evicted; every node walked is memoised (by object identity)."""
+    walked = []
+    while node is not None and node.parent is not None and id(node) not in memo:  # the root holds no tokens
+        walked.append(node)
+        node = node.parent
+    chain = memo[id(node)] if node is not None and node.parent is not None else ((), 0)
+    for n in reversed(walked):
+        if chain is not None:
+            value = n.value
+            if value is None:
+                chain = None
+            elif k := len(value):
+                chain = (chain[0] + ((int(n.id), k),), chain[1] + k)
+        memo[id(n)] = chain
+    return chain
+
+
 def batch_paths(reqs: Any, seq_lens: list[int]) -> PrefixPaths | None:
     """Paths of a decode batch, or None (derive from slots) when any request has no tree node."""
     if reqs is None or len(reqs) != len(seq_lens):
         return None
+    memo: dict = {}
     paths = []
     for req, n in zip(reqs, seq_lens):
-        p = radix_path(req, n)
+        p = radix_path(req, n, memo)
         if p is None:
             return None
         paths.append(p)
