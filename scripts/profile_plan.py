@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.backend.paths import batch_paths  # noqa: E402
 from pat_sglang.packing import ByteModel, build_plan, forest_from_paths, pack_forest  # noqa: E402
 from pat_sglang.packing.plan import advance_plan  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
@@ -36,6 +37,33 @@ SHARING = ["system_prompt", "multi_agent", "rag", "parallel_sampling", "tree_of_
 
 def _median_us(samples: list[float]) -> float:
     return 1e6 * statistics.median(samples)
+
+
+class _TreeNode:
+    """What the backend reads of SGLang's radix TreeNode: id, value (a tensor of slots), parent."""
+
+    def __init__(self, node_id: int, num_tokens: int, parent: _TreeNode | None) -> None:
+        self.id, self.value, self.parent = node_id, torch.arange(num_tokens), parent
+
+
+class _Req:
+    def __init__(self, last_node: _TreeNode, cache_protected_len: int) -> None:
+        self.last_node, self.cache_protected_len = last_node, cache_protected_len
+
+
+def _stand_in_tree(wl) -> list[_Req]:
+    """The workload's radix tree as stand-in nodes; each request ends at its own leaf (the private part of its
+    prompt, inserted and protected) under its path, as a decode request of SGLang's radix cache does."""
+    root = _TreeNode(-1, 0, None)
+    made: dict[int, _TreeNode] = {}
+    reqs = []
+    for i, (path, seq_len) in enumerate(zip(wl.prefix_paths, wl.seq_lens)):
+        node = root
+        for node_id, n in path:
+            node = made.setdefault(node_id, _TreeNode(node_id, n, node))
+        covered = sum(n for _, n in path)
+        reqs.append(_Req(_TreeNode(10**9 + i, max(1, int(seq_len) - covered), node), int(seq_len)))
+    return reqs
 
 
 def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, device: torch.device) -> dict[str, float]:
@@ -129,6 +157,14 @@ def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, devic
     out["step paths =="] = _median_us(compare)
     out["step advance"] = _median_us(advance)
     out["step upload"] = _median_us(upload)
+    # The backend's other per-step host work: reading every request's radix path (ForwardBatch.init_new).
+    reqs, lens = _stand_in_tree(wl), [int(n) for n in wl.seq_lens]
+    walks = []
+    for _ in range(max(5, reps // 4)):
+        t0 = time.perf_counter()
+        assert batch_paths(reqs, lens) is not None
+        walks.append(time.perf_counter() - t0)
+    out["radix paths"] = _median_us(walks)
     return out
 
 
