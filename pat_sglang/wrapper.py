@@ -38,7 +38,8 @@ from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
-# Graph mode: programs per SM of each BLOCK_M's persistent grid (others: CTAS_PER_SM).
+# Graph mode: programs per SM of each BLOCK_M's persistent grid (others: CTAS_PER_SM). Empty: 1 per SM for BLOCK_M
+# 128 and 2 for 64 measured level or slower on the H200 (docs/PERF_NOTES.md); scripts/profile_decode.py varies it.
 GRAPH_PROGRAMS_PER_SM: dict[int, int] = {}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.

@@ -30,8 +30,9 @@ MAX_SPLITS = 64
 CTAS_PER_SM = 4
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
-# Longest KV piece of a wide pack (0: no cap). One program does a piece; a single wide-tile program per SM reaches a
-# fraction of the SM's matmul rate, so wide packs are cut finer than their bytes alone would ask.
+# Longest KV piece of a wide pack (0: no cap, its partial traffic bounds it instead). Caps of 512 and 256 tokens were
+# measured slower on the H200 (system_prompt/llama3-8b 144 -> 175 / 210 µs: partials and merge outgrow the gain;
+# docs/PERF_NOTES.md); scripts/profile_decode.py varies it.
 WIDE_PIECE_TOKENS = 0
 
 
