@@ -35,6 +35,7 @@ from pat_sglang.packing import (
     pack_forest,
 )
 from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -61,8 +62,9 @@ class PatDecodeWrapper:
         policy: merge-or-split policy (``Policy.AUTO`` picks by modelled bytes; the others exist for benchmarks).
         shortest_split: shortest KV piece a split makes (a tuning knob; tests lower it to split tiny batches).
         use_cuda_graph: plan into fixed device buffers and launch a fixed sequence of fixed-size grids, so that a
-            ``run`` captured in a CUDA graph replays every later plan (FlashInfer's ``use_cuda_graph``). Needs
-            ``max_batch_size`` and ``max_num_kv_tokens``; a plan that does not fit raises ValueError.
+            ``run`` captured in a CUDA graph replays every later plan of at most the captured batch size (SGLang
+            pads each step to it; FlashInfer's ``use_cuda_graph``). Needs ``max_batch_size`` and
+            ``max_num_kv_tokens``; a plan that does not fit raises ValueError.
         max_batch_size: largest batch a graph-mode plan takes.
         max_num_kv_tokens: largest ``len(kv_indices)`` a graph-mode plan takes.
         max_partials_per_request: graph-mode workspace per request (KV splits are cut to fit).
@@ -320,10 +322,13 @@ class PatDecodeWrapper:
                 sm_scale=scale,
             )
 
-        if self.device.type == "cuda" and len(plan.launches) > 1:
-            self._fork_join(launch, len(plan.launches))
+        # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
+        # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
+        active = graph.launches_for(plan) if graph else tuple(range(len(plan.launches)))
+        if self.device.type == "cuda" and len(active) > 1:
+            self._fork_join(launch, active)
         else:
-            for i in range(len(plan.launches)):
+            for i in active:
                 launch(i)
         merge_partials(
             self._partial_o,
@@ -331,22 +336,24 @@ class PatDecodeWrapper:
             *self._merge,
             self._num_merge,
             out,
-            num_programs=graph.max_batch_size if graph else plan.num_merge_reqs,
+            # At most one merge per request: the batch size bounds the graph's grid too.
+            num_programs=plan.num_reqs if graph else plan.num_merge_reqs,
         )
         return out
 
-    def _fork_join(self, launch, count: int) -> None:
-        """Run ``launch(i)`` for each tile config on side streams forked from and joined back into the current one."""
+    def _fork_join(self, launch, indices: Sequence[int]) -> None:
+        """Run ``launch(i)`` for each tile config in ``indices`` on side streams forked from and joined back into the
+        current one."""
         main = torch.cuda.current_stream(self.device)
         if not self._streams:
             self._streams = [torch.cuda.Stream(self.device) for _ in range(NUM_SIDE_STREAMS)]
         fork = torch.cuda.Event()
         fork.record(main)
-        used = self._streams[: min(count, len(self._streams))]
+        used = self._streams[: min(len(indices), len(self._streams))]
         for s in used:
             s.wait_event(fork)
-        for i in range(count):
-            with torch.cuda.stream(used[i % len(used)]):
+        for k, i in enumerate(indices):
+            with torch.cuda.stream(used[k % len(used)]):
                 launch(i)
         for s in used:
             done = torch.cuda.Event()
@@ -513,10 +520,10 @@ class _GraphBuffers:
 
     def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
         from pat_sglang.packing.plan import CTAS_PER_SM, PlanCapacity
-        from pat_sglang.packing.tiles import block_m_for_rows, choose_tile
+        from pat_sglang.packing.tiles import choose_tile
 
         self.max_batch_size = max_batch_size
-        group = w.num_qo_heads // w.num_kv_heads
+        self.group = group = w.num_qo_heads // w.num_kv_heads
         # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
         # first: wide packs are the longest work, and a launch's programs occupy SMs until its pairs are done.
         block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
@@ -566,6 +573,15 @@ class _GraphBuffers:
         w._partial_o = torch.zeros(max_partials, w.num_qo_heads, w.head_dim, dtype=torch.float32, device=w.device)
         w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
         self.wrapper = w
+
+    def launches_for(self, plan: PatPlan) -> tuple[int, ...]:
+        """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,
+        so wider tiles stay empty in every plan of that batch size (checked here on the host)."""
+        widest = block_m_for_rows(min(plan.num_reqs * self.group, BLOCK_M_CHOICES[-1]))
+        active = tuple(i for i, c in enumerate(self.configs) if c.block_m <= widest)
+        if sum(lc.num_items for lc in plan.launches) != sum(plan.launches[i].num_items for i in active):
+            raise RuntimeError(f"a plan of {plan.num_reqs} requests has packs wider than BLOCK_M {widest}")
+        return active
 
     def upload(self, plan: PatPlan, kv_indices: torch.Tensor, nnz: int) -> None:
         if nnz > self.max_num_kv_tokens:

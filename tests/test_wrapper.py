@@ -313,6 +313,31 @@ def test_graph_mode_buffers_take_every_later_plan():
         assert len(w.plan_info.launches) == len(w._graph.configs)
 
 
+def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
+    """A pack holds at most the batch's requests, so a graph captured for a small batch launches only the narrow
+    tiles (one launch at B = 1, GQA 4) and merges over B programs; the results stay exact."""
+    import pat_sglang.wrapper as wrapper_module
+
+    launched = []
+    real = wrapper_module.pack_attention
+    monkeypatch.setattr(
+        wrapper_module, "pack_attention", lambda *a, **kw: launched.append(kw["config"]) or real(*a, **kw)
+    )
+    w = _graph_wrapper()
+    assert sorted(c.block_m for c in w._graph.configs) == [16, 32, 64, 128]
+    for batch, widest in ((1, 16), (3, 16), (5, 32), (24, 128)):
+        wl = make_workload("system_prompt", batch=batch, scale=1 / 64)
+        lay = wl.materialize()
+        indptr, indices = torch.from_numpy(lay.kv_indptr), torch.from_numpy(lay.kv_indices).to(DEVICE)
+        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+        q = random_q(batch, 8, 64, torch.float16)
+        k, v = random_kv(lay.num_slots, 2, 64, torch.float16)
+        launched.clear()
+        assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
+        assert max(c.block_m for c in launched) == widest, f"B = {batch}"
+        assert len(launched) == sum(c.block_m <= widest for c in w._graph.configs)
+
+
 def test_graph_mode_refuses_what_does_not_fit():
     w = _graph_wrapper()
     big = make_workload("no_sharing", batch=30, scale=1 / 64)
