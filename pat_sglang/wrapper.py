@@ -39,9 +39,6 @@ from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
-# Graph mode: programs per SM of each BLOCK_M's persistent grid (others: CTAS_PER_SM). Empty: 1 per SM for BLOCK_M
-# 128 and 2 for 64 measured level or slower on the H200 (docs/PERF_NOTES.md); scripts/profile_decode.py varies it.
-GRAPH_PROGRAMS_PER_SM: dict[int, int] = {}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
@@ -536,8 +533,9 @@ class _GraphBuffers:
             max_partials=max_partials,
             max_merge_reqs=max_batch_size,
         )
-        # A persistent grid per config: its programs stride over that config's (item, KV head) pairs.
-        self.grids = tuple(GRAPH_PROGRAMS_PER_SM.get(c.block_m, CTAS_PER_SM) * w.num_sms for c in self.configs)
+        # A persistent grid per config: its programs stride over that config's (item, KV head) pairs. (Fewer programs
+        # for the wide configs measured level or slower on the H200: docs/PERF_NOTES.md.)
+        self.grids = (CTAS_PER_SM * w.num_sms,) * len(self.configs)
         cap = self.capacity
         self.sizes = {
             "item_kv_start": cap.max_items,

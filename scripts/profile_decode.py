@@ -31,10 +31,9 @@ from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
 from pat_sglang.packing.plan import CTAS_PER_SM  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
-from pat_sglang.wrapper import GRAPH_PROGRAMS_PER_SM  # noqa: E402
 
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
-# programs per SM per BLOCK_M, all launches on one stream, the split partial share.
+# programs per SM per BLOCK_M, all launches on one stream, the split partial share, the BLOCK_M-128 tile.
 VARIANTS: dict[str, dict] = {
     "default": {},
     "narrow-first": {"order": "narrow"},
@@ -43,12 +42,9 @@ VARIANTS: dict[str, dict] = {
     "narrow-3-wide-1": {"order": "narrow", "programs_per_sm": {16: 3, 128: 1, 64: 2}},
     "serial": {"order": "wide", "serial": True},
     "split-share-1": {"split_share": 1.0},
-    "wide-piece-256": {"wide_piece": 256},
-    "wide-piece-512": {"wide_piece": 512},
     "tile128-w8": {"tile128": (64, 8, 2)},
     "tile128-w8-s3": {"tile128": (64, 8, 3)},
     "tile128-n32-s3": {"tile128": (32, 4, 3)},
-    "wide-piece-512-w8": {"wide_piece": 512, "tile128": (64, 8, 2)},
 }
 
 
@@ -69,7 +65,6 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
     variant = variant or {}
     with (
         _patched(plan_module, "MAX_SPLIT_PARTIAL_SHARE", variant.get("split_share")),
-        _patched(plan_module, "WIDE_PIECE_TOKENS", variant.get("wide_piece")),
         _patched(
             tiles_module,
             "_TILES_D128",
@@ -84,9 +79,9 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
 
 
 def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> dict:
-    """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (CUDA events), each kernel's launches per
-    replay and mean µs, the replay's timeline (each launch's start offset and duration, mean over replays, in start
-    order) and the plan's launches (tile config, items, KV tokens)."""
+    """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (do_bench median, L2 flushed), each
+    kernel's launches per replay and mean µs, the replay's timeline (each launch's start offset and duration, median
+    over replays, in start order) and the plan's launches (tile config, items, KV tokens)."""
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
     pat = PatDecodeWrapper(
         *heads,
@@ -101,10 +96,10 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
         wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
         graph.configs = tuple(wide_first if variant["order"] == "wide" else wide_first[-1:] + wide_first[:-1])
     if "programs_per_sm" in variant or "order" in variant:
-        per_sm = {**GRAPH_PROGRAMS_PER_SM, **variant.get("programs_per_sm", {})}
+        per_sm = variant.get("programs_per_sm", {})
         graph.grids = tuple(per_sm.get(c.block_m, CTAS_PER_SM) * pat.num_sms for c in graph.configs)
     if variant.get("serial"):
-        pat._fork_join = lambda launch, count: [launch(i) for i in range(count)]
+        pat._fork_join = lambda launch, indices: [launch(i) for i in indices]
     pat.plan(
         torch.from_numpy(case.kv_indptr_np),
         case.kv_indices,

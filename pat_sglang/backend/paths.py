@@ -61,7 +61,7 @@ def _root_path(node: Any, memo: dict) -> tuple[tuple[tuple[int, int], ...], int]
     while node is not None and node.parent is not None and id(node) not in memo:  # the root holds no tokens
         walked.append(node)
         node = node.parent
-    chain = memo[id(node)] if node is not None and node.parent is not None else ((), 0)
+    chain = memo.get(id(node), ((), 0))  # a memoised node's path, or the root's (never memoised): empty
     for n in reversed(walked):
         if chain is not None:
             value = n.value

@@ -30,10 +30,6 @@ MAX_SPLITS = 64
 CTAS_PER_SM = 4
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
-# Longest KV piece of a wide pack (0: no cap, its partial traffic bounds it instead). Caps of 512 and 256 tokens were
-# measured slower on the H200 (system_prompt/llama3-8b 144 -> 175 / 210 µs: partials and merge outgrow the gain;
-# docs/PERF_NOTES.md); scripts/profile_decode.py varies it.
-WIDE_PIECE_TOKENS = 0
 
 
 @dataclass(frozen=True)
@@ -210,10 +206,6 @@ def build_plan(
     share = split_partial_share(len(lens), num_kv_heads, num_sms)
     floor = rows * packing.model.partial_bytes_per_row / (share * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
-    wide = rows > WIDE_PACK_ROWS
-    if WIDE_PIECE_TOKENS:
-        # A wide pack is compute-bound: its partials' bytes matter less than its pieces' length (one program each).
-        shortest = np.where(wide, shortest_split, shortest)
 
     # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
@@ -222,8 +214,6 @@ def build_plan(
     align = max(page_size, 16)
     while True:
         want = np.ceil(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
-        if WIDE_PIECE_TOKENS:
-            want = np.where(wide, np.maximum(want, -(-lens // WIDE_PIECE_TOKENS)), want)
         n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), MAX_SPLITS))
         per_piece = -(-lens // n)  # ceil(lens / n), then up to a multiple of the alignment
         size = -(-per_piece // align) * align
