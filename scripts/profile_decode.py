@@ -11,6 +11,7 @@ a step is slow, and whether empty launches of the fixed sequence cost anything).
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 from collections import defaultdict
@@ -27,24 +28,33 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.packing import packs as packs_module  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
 from pat_sglang.packing.plan import CTAS_PER_SM  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
+pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")  # the package exports a same-named function
+
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
-# programs per SM per BLOCK_M, all launches on one stream, the split partial share, the BLOCK_M-128 tile.
+# programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
+# the split partial share, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages, register cap) as in
+# pat_sglang/packing/tiles.py), packs of at most 64 rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
     "narrow-first": {"order": "narrow"},
     "wide-first": {"order": "wide"},
     "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
-    "narrow-3-wide-1": {"order": "narrow", "programs_per_sm": {16: 3, 128: 1, 64: 2}},
     "serial": {"order": "wide", "serial": True},
     "split-share-1": {"split_share": 1.0},
-    "tile128-w8": {"tile128": (64, 8, 2)},
-    "tile128-w8-s3": {"tile128": (64, 8, 3)},
-    "tile128-n32-s3": {"tile128": (32, 4, 3)},
+    "ctas3": {"ctas": 3},
+    "tile128-w4": {"tiles": {128: (64, 4, 2, None)}},  # the 128-row tile before 2026-11-29 (spills)
+    "tile128-w8": {"tiles": {128: (64, 8, 2, None)}},
+    "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168)}},
+    "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None)}},
+    "cap16": {"tiles": {16: (64, 4, 3, 128)}},  # four tail programs per SM resident (three without the cap)
+    "w2-16": {"tiles": {16: (64, 2, 3, None)}},
+    "rows-64": {"max_pack_rows": 64},
 }
 
 
@@ -65,10 +75,12 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
     variant = variant or {}
     with (
         _patched(plan_module, "MAX_SPLIT_PARTIAL_SHARE", variant.get("split_share")),
+        _patched(packs_module, "MAX_PACK_ROWS", variant.get("max_pack_rows")),
+        _patched(plan_module, "CTAS_PER_SM", variant.get("ctas")),
         _patched(
             tiles_module,
             "_TILES_D128",
-            {**tiles_module._TILES_D128, 128: variant["tile128"]} if "tile128" in variant else None,
+            {**tiles_module._TILES_D128, **variant["tiles"]} if "tiles" in variant else None,
         ),
     ):
         tiles_module._tile.cache_clear()
@@ -117,11 +129,12 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
             f"{lc.num_items:5d} items x {heads[1]} KV heads, KV tokens {int(lens.sum()):8d} "
             f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
         )
+    compiled = _compiled_kernels(lambda: pat.run(case.q, case.k, case.v))
     replay = graphed(lambda: pat.run(case.q, case.k, case.v))
     # Median of many replays with the L2 flushed between them (as bench_decode.py times).
     wall_us = 1e3 * triton.testing.do_bench(replay, warmup=25, rep=100, return_mode="median")
     if not timeline:
-        return {"wall_us": wall_us, "launches": launches}
+        return {"wall_us": wall_us, "launches": launches, "compiled": compiled}
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(replays):
@@ -153,7 +166,36 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
         "timeline": [(name, statistics.median(s), statistics.median(d)) for name, s, d in timeline],
         "span_us": statistics.median(spans) if spans else float("nan"),
         "launches": launches,
+        "compiled": compiled,
     }
+
+
+class _Recorder:
+    """Stands in for the pack kernel's JIT function and notes each compiled specialization's resources."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.seen: dict[str, str] = {}
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            k = launch(*args, **kwargs)
+            name = "BLOCK_M {BLOCK_M:3d} BLOCK_N {BLOCK_N:3d} warps {num_warps} stages {num_stages}".format(**kwargs)
+            name += f" maxnreg {kwargs.get('maxnreg')}"
+            self.seen[name] = f"{k.n_regs} regs, {k.n_spills} spills, {k.metadata.shared} B shared"
+            return k
+
+        return run
+
+
+def _compiled_kernels(fn) -> dict[str, str]:
+    """Registers, spills and shared memory of each pack-kernel specialization ``fn`` launches (run once, eagerly)."""
+    with _patched(pack_module, "_pack_attn_kernel", _Recorder(pack_module._pack_attn_kernel)):
+        fn()
+        torch.cuda.synchronize()
+        return pack_module._pack_attn_kernel.seen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS),
                    help="experiments to time beside the wrapper's defaults (see VARIANTS)")  # fmt: skip
+    p.add_argument("--variant-timelines", action="store_true", help="profile each variant's replay too")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_decode.py times CUDA kernels: it needs a GPU")
@@ -177,22 +220,28 @@ def main(argv: list[str] | None = None) -> None:
             wl = make_workload(name, seed=args.seed, page_size=args.page_size)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
             for v in args.variants:
-                r = profile_case(case, args.replays, VARIANTS[v], timeline=False)
+                r = profile_case(case, args.replays, VARIANTS[v], timeline=args.variant_timelines)
                 print(f"{name} / {heads_name}: variant {v}: {r['wall_us']:.1f} µs")
-            r = profile_case(case, args.replays)
-            busy = sum(n * us for n, us in r["kernels"].values())
-            print(
-                f"\n{name} / {heads_name}: {r['wall_us']:.1f} µs per replay (median, L2 flushed), one replay's kernels "
-                f"span "
-                f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum)"
-            )
-            for line in r["launches"]:
-                print(f"  plan: {line}")
-            for kernel, (n, us) in sorted(r["kernels"].items(), key=lambda kv: -kv[1][0] * kv[1][1]):
-                print(f"  {n:4.1f} x {us:8.1f} µs  {kernel[:90]}")
-            print("  timeline of a replay (median start offset and duration, µs):")
-            for kernel, t, d in r["timeline"]:
-                print(f"    +{t:7.1f}  {d:7.1f}  {kernel[:80]}")
+                if args.variant_timelines:
+                    _print_profile(f"{name} / {heads_name} / {v}", r)
+            _print_profile(f"{name} / {heads_name}", profile_case(case, args.replays))
+
+
+def _print_profile(title: str, r: dict) -> None:
+    busy = sum(n * us for n, us in r["kernels"].values())
+    print(
+        f"\n{title}: {r['wall_us']:.1f} µs per replay (median, L2 flushed), one replay's kernels span "
+        f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum)"
+    )
+    for line in r["launches"]:
+        print(f"  plan: {line}")
+    for config, resources in r["compiled"].items():
+        print(f"  compiled: {config}: {resources}")
+    for kernel, (n, us) in sorted(r["kernels"].items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+        print(f"  {n:4.1f} x {us:8.1f} µs  {kernel[:90]}")
+    print("  timeline of a replay (median start offset and duration, µs):")
+    for kernel, t, d in r["timeline"]:
+        print(f"    +{t:7.1f}  {d:7.1f}  {kernel[:80]}")
 
 
 if __name__ == "__main__":

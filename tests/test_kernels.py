@@ -16,6 +16,7 @@ from pat_sglang.kernels import (
     merge_reference,
     pack_attention,
 )
+from pat_sglang.packing.tiles import choose_tile
 
 
 def _items(kv_start, kv_len, entry_start, num_reqs, entry_req, entry_dest) -> PackItems:
@@ -90,6 +91,29 @@ def test_wide_pack(dtype, block_m):
     assert torch.isnan(out).all(), "a partial-only pack must not touch the output"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [4, 7])
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+def test_production_tiles(dtype, group, block_m):
+    """The tile table's own configs (warps, stages and register caps as planned) on a full pack of 128-wide heads,
+    the llama3-8b and qwen2.5-7b GQA groups, KV a few tiles long, outputs written directly."""
+    num_kv_heads, head_dim, kv_len = 2, 128, 150
+    batch = block_m // group
+    cfg = choose_tile(batch * group, head_dim, kv_len)
+    assert cfg.block_m == block_m
+    k, v = random_kv(kv_len + 10, num_kv_heads, head_dim, dtype)
+    q = random_q(batch, num_kv_heads * group, head_dim, dtype)
+    slots = torch.randperm(kv_len + 10, generator=torch.Generator().manual_seed(block_m))[:kv_len]
+    slots = slots.to(torch.int32).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(1, num_kv_heads * group, head_dim)
+    items = _items([0], [kv_len], [0], [batch], list(range(batch)), [-(r + 1) for r in range(batch)])
+    scale = default_sm_scale(head_dim)
+    pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=3, sm_scale=scale)
+    ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
+    assert_close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("split_at", [1, 17, 50])
 def test_merge_identity(dtype, split_at):
@@ -114,7 +138,7 @@ def test_merge_identity(dtype, split_at):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_partials", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("num_partials", [1, 2, 5, 8, 9, 17, 64])
 def test_merge_kernel_vs_reference(dtype, num_partials):
     heads, head_dim = 4, 80
     g = torch.Generator().manual_seed(num_partials)
@@ -154,6 +178,8 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=48, block_n=32, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="block_n"):
         TileConfig(block_m=16, block_n=8, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="max_regs"):
+        TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, max_regs=300)
 
 
 @pytest.mark.parametrize("num_programs", [1, 3, 64])

@@ -40,6 +40,8 @@ def _merge_kernel(
     stride_out_h,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    LONG_LIST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
@@ -52,31 +54,50 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
 
-    # Four partials per step, each a vector over the head (no reduction across rows or warps): the four loads are
-    # independent, so a request with many KV splits (one long request: 64) takes a quarter of the dependent steps,
-    # and a request with two partials costs one step. (A [16, D] tile per step was measured slower on the H200:
-    # its cross-warp reductions cost more than the chain on short lists; docs/PERF_NOTES.md.)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for j in range(begin, end, 4):
-        lse0, o0 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims, dim_mask,
-                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-        lse1, o1 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 1, end, head, dims, dim_mask,
-                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-        lse2, o2 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 2, end, head, dims, dim_mask,
-                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-        lse3, o3 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 3, end, head, dims, dim_mask,
-                                 stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-        m_new = tl.maximum(tl.maximum(m, lse0), tl.maximum(tl.maximum(lse1, lse2), lse3))
-        scale_old = tl.exp(m - m_new)
-        w0 = tl.exp(lse0 - m_new)
-        w1 = tl.exp(lse1 - m_new)
-        w2 = tl.exp(lse2 - m_new)
-        w3 = tl.exp(lse3 - m_new)
-        denom = denom * scale_old + (w0 + w1 + w2 + w3)
-        acc = acc * scale_old + (w0 * o0 + w1 * o1 + w2 * o2 + w3 * o3)
-        m = m_new
+    if end - begin > LONG_LIST:
+        # A long list (one long request split over many programs: up to 64 partials) in [BLOCK_P, D] tiles: a few
+        # steps, each one cross-row reduction.
+        offs = tl.arange(0, BLOCK_P)
+        for j in range(begin, end, BLOCK_P):
+            valid = j + offs < end
+            slot = tl.load(merge_indices_ptr + j + offs, mask=valid, other=0).to(tl.int64)
+            lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=valid, other=float("-inf"))
+            o = tl.load(
+                partial_o_ptr + slot[:, None] * stride_po_p + head * stride_po_h + dims[None, :],
+                mask=valid[:, None] & dim_mask[None, :],
+                other=0.0,
+            )
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            scale_old = tl.exp(m - m_new)
+            w = tl.exp(lse - m_new)
+            denom = denom * scale_old + tl.sum(w, axis=0)
+            acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
+            m = m_new
+    else:
+        # Short lists (most requests: two or three partials): four partials per step, each a vector over the head
+        # (no reduction across rows or warps), the four loads independent. (The tile path was measured 2.4x slower
+        # on two-partial lists on the H200: its cross-warp reductions cost more than the chain; docs/PERF_NOTES.md.)
+        for j in range(begin, end, 4):
+            lse0, o0 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims,
+                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse1, o1 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 1, end, head, dims,
+                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse2, o2 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 2, end, head, dims,
+                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse3, o3 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 3, end, head, dims,
+                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            m_new = tl.maximum(tl.maximum(m, lse0), tl.maximum(tl.maximum(lse1, lse2), lse3))
+            scale_old = tl.exp(m - m_new)
+            w0 = tl.exp(lse0 - m_new)
+            w1 = tl.exp(lse1 - m_new)
+            w2 = tl.exp(lse2 - m_new)
+            w3 = tl.exp(lse3 - m_new)
+            denom = denom * scale_old + (w0 + w1 + w2 + w3)
+            acc = acc * scale_old + (w0 * o0 + w1 * o1 + w2 * o2 + w3 * o3)
+            m = m_new
     out = acc / denom
     tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
@@ -123,5 +144,7 @@ def merge_partials(
         out.stride(1),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
+        LONG_LIST=8,
+        BLOCK_P=32,
         num_warps=4 if head_dim >= 128 else 2,
     )

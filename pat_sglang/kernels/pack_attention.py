@@ -32,12 +32,17 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Register cap per thread (ptxas ``maxnreg``), or None for the compiler's choice. Persistent grids assume a number
+    # of resident programs per SM; the cap keeps that many within the register file.
+    max_regs: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {self.block_m}")
         if self.block_n not in (16, 32, 64, 128):
             raise ValueError(f"block_n must be one of 16, 32, 64, 128, got {self.block_n}")
+        if self.max_regs is not None and not 32 <= self.max_regs <= 255:
+            raise ValueError(f"max_regs must be None or within 32..255, got {self.max_regs}")
 
 
 @triton.jit
@@ -78,7 +83,9 @@ def _pack_attn_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items) of this tile config, on the device, so that a CUDA graph
-    # captured with a fixed grid replays any later plan. Programs stride over (item, KV head) pairs.
+    # captured with a fixed grid replays any later plan. Programs stride over (item, KV head) pairs. (A snake order,
+    # long and short pairs alternating per program, was measured on the H200: better only when the whole grid is
+    # resident at once, worse otherwise, since late-starting programs then take the long pairs; docs/PERF_NOTES.md.)
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
     for work in range(tl.program_id(0), num_work, tl.num_programs(0)):
@@ -284,6 +291,8 @@ def pack_attention(
     # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
     upcast = interpreting() and q.dtype == torch.bfloat16
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # The interpreter takes no register cap.
+    options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
     _pack_attn_kernel[(num_programs,)](
         q,
         k_buffer,
@@ -321,6 +330,7 @@ def pack_attention(
         DOT_PRECISION=dot_precision,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **options,
     )
 
 
