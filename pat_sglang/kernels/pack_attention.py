@@ -32,8 +32,8 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # Register cap per thread (ptxas ``maxnreg``), or None for the compiler's choice. Persistent grids assume a number
-    # of resident programs per SM; the cap keeps that many within the register file.
+    # Register cap per thread (ptxas ``maxnreg``), or None for the compiler's choice: it trades spills for programs
+    # resident per SM (the 128-row tile's two warpgroups at 128 leave room for tail programs on the same SM).
     max_regs: int | None = None
 
     def __post_init__(self) -> None:

@@ -17,9 +17,9 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # docs/runs/tune_tiles_d128-0db0183.json): 4.2-4.3 TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32),
 # 3.5 on 16-request packs (64). For 128-row packs, two warpgroups under a 128-register cap: the one-warpgroup tile
 # (64, 4, 2) used 255 registers and spilled 128-184 of them (scripts/profile_decode.py prints each compiled tile's
-# registers and spills), and in graph mode, beside the private tails, two warpgroups were 5-15% faster on most sharing
-# workloads (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the accumulator within shared memory and
-# registers (not yet swept).
+# registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
+# sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
+# accumulator within shared memory and registers (not yet swept).
 _TILES_D128 = {16: (64, 4, 3, None), 32: (64, 2, 2, None), 64: (64, 4, 3, None), 128: (64, 8, 2, 128)}
 _TILES_D256 = {16: (32, 4, 2, None), 32: (32, 4, 2, None), 64: (32, 4, 2, None), 128: (32, 8, 1, None)}
 
