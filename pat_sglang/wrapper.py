@@ -34,8 +34,8 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, advance_plan, rebatch_plan
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows
+from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, PlanCapacity, advance_plan, rebatch_plan
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, choose_tile
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -516,8 +516,8 @@ class _GraphBuffers:
     """
 
     def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
-        from pat_sglang.packing.plan import CTAS_PER_SM, PlanCapacity
-        from pat_sglang.packing.tiles import choose_tile
+        # Read at construction, not import (scripts/profile_decode.py's CTAS_PER_SM variant patches the module).
+        from pat_sglang.packing.plan import CTAS_PER_SM
 
         self.max_batch_size = max_batch_size
         self.group = group = w.num_qo_heads // w.num_kv_heads
