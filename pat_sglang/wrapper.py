@@ -125,6 +125,8 @@ class PatDecodeWrapper:
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
         self._num_merge: torch.Tensor | None = None
+        # Two zeros per launch for the configs whose schedule is "queue" (each launch leaves its pair zero).
+        self._work_queues = torch.zeros(0, dtype=torch.int32, device=self.device)
 
         self.use_cuda_graph = use_cuda_graph
         self._graph: _GraphBuffers | None = None
@@ -301,6 +303,8 @@ class PatDecodeWrapper:
         assert self._items is not None and self._merge is not None and self._kv_indices is not None
 
         graph = self._graph
+        if self._work_queues.numel() < 2 * len(plan.launches):  # eager plans only: graph buffers hold every launch
+            self._work_queues = torch.zeros(2 * len(plan.launches), dtype=torch.int32, device=self.device)
 
         def launch(i: int) -> None:
             lc = plan.launches[i]
@@ -317,6 +321,7 @@ class PatDecodeWrapper:
                 config=lc.config,
                 num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
+                work_queue=self._work_queues[2 * i : 2 * i + 2],
             )
 
         # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
@@ -570,6 +575,7 @@ class _GraphBuffers:
         w._kv_indices = self.kv_indices
         w._partial_o = torch.zeros(max_partials, w.num_qo_heads, w.head_dim, dtype=torch.float32, device=w.device)
         w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
+        w._work_queues = torch.zeros(2 * len(self.configs), dtype=torch.int32, device=w.device)
         self.wrapper = w
 
     def launches_for(self, plan: PatPlan) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.packing import packs as packs_module  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
@@ -38,8 +39,8 @@ pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")  # th
 
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
-# the split partial share, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages, register cap) as in
-# pat_sglang/packing/tiles.py), packs of at most 64 rows.
+# the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
+# register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
     "narrow-first": {"order": "narrow"},
@@ -48,12 +49,20 @@ VARIANTS: dict[str, dict] = {
     "serial": {"order": "wide", "serial": True},
     "split-share-1": {"split_share": 1.0},
     "ctas3": {"ctas": 3},
-    "tile128-w4": {"tiles": {128: (64, 4, 2, None)}},  # the 128-row tile before 2026-11-29 (spills)
-    "tile128-w8": {"tiles": {128: (64, 8, 2, None)}},
-    "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168)}},
-    "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None)}},
-    "cap16": {"tiles": {16: (64, 4, 3, 128)}},  # four tail programs per SM resident (three without the cap)
-    "w2-16": {"tiles": {16: (64, 2, 3, None)}},
+    "splits128": {"max_splits": 128},
+    "tile128-w4": {"tiles": {128: (64, 4, 2, None, "stride")}},  # the 128-row tile before 2026-11-29 (spills)
+    "tile128-w8": {"tiles": {128: (64, 8, 2, None, "stride")}},
+    "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168, "stride")}},
+    "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None, "stride")}},
+    "cap16": {"tiles": {16: (64, 4, 3, 128, "stride")}},  # four tail programs per SM resident (three without the cap)
+    "w2-16": {"tiles": {16: (64, 2, 3, None, "stride")}},
+    "queue16": {"tiles": {16: (64, 4, 3, None, "queue")}},
+    "snake16": {"tiles": {16: (64, 4, 3, None, "snake")}},
+    "cap16-queue16": {"tiles": {16: (64, 4, 3, 128, "queue")}},
+    "cap16-snake16": {"tiles": {16: (64, 4, 3, 128, "snake")}},
+    "cap16-queue16-splits128": {"tiles": {16: (64, 4, 3, 128, "queue")}, "max_splits": 128},
+    "queue-all": {"schedule_all": "queue"},
+    "cap16-queue-all": {"tiles": {16: (64, 4, 3, 128, "stride")}, "schedule_all": "queue"},
     "rows-64": {"max_pack_rows": 64},
 }
 
@@ -71,17 +80,25 @@ def _patched(module, name: str, value):
         setattr(module, name, old)
 
 
+def _tile_table(variant: dict) -> dict | None:
+    """The D<=128 tile table a variant runs: its entries over the default ones, every schedule set by
+    ``schedule_all``."""
+    if "tiles" not in variant and "schedule_all" not in variant:
+        return None
+    table = {**tiles_module._TILES_D128, **variant.get("tiles", {})}
+    if "schedule_all" in variant:
+        table = {m: (*entry[:4], variant["schedule_all"]) for m, entry in table.items()}
+    return table
+
+
 def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:
     variant = variant or {}
     with (
         _patched(plan_module, "MAX_SPLIT_PARTIAL_SHARE", variant.get("split_share")),
         _patched(packs_module, "MAX_PACK_ROWS", variant.get("max_pack_rows")),
         _patched(plan_module, "CTAS_PER_SM", variant.get("ctas")),
-        _patched(
-            tiles_module,
-            "_TILES_D128",
-            {**tiles_module._TILES_D128, **variant["tiles"]} if "tiles" in variant else None,
-        ),
+        _patched(plan_module, "MAX_SPLITS", variant.get("max_splits")),
+        _patched(tiles_module, "_TILES_D128", _tile_table(variant)),
     ):
         tiles_module._tile.cache_clear()
         try:
@@ -130,11 +147,15 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
             f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
         )
     compiled = _compiled_kernels(lambda: pat.run(case.q, case.k, case.v))
-    replay = graphed(lambda: pat.run(case.q, case.k, case.v))
+    out = torch.empty_like(case.q)
+    replay = graphed(lambda: pat.run(case.q, case.k, case.v, out=out))
     # Median of many replays with the L2 flushed between them (as bench_decode.py times).
     wall_us = 1e3 * triton.testing.do_bench(replay, warmup=25, rep=100, return_mode="median")
+    # Every variant's output after all those replays against the fp32 reference (schedules and queues included).
+    ref = decode_attention_reference(case.q, case.k, case.v, case.kv_indptr, case.kv_indices)
+    max_err = (out.float() - ref).abs().max().item()
     if not timeline:
-        return {"wall_us": wall_us, "launches": launches, "compiled": compiled}
+        return {"wall_us": wall_us, "max_err": max_err, "launches": launches, "compiled": compiled}
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(replays):
@@ -162,6 +183,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
                 timeline[i][2].append(ev.time_range.end - ev.time_range.start)
     return {
         "wall_us": wall_us,
+        "max_err": max_err,
         "kernels": {name: (len(t) / replays, sum(t) / len(t)) for name, t in kernels.items()},
         "timeline": [(name, statistics.median(s), statistics.median(d)) for name, s, d in timeline],
         "span_us": statistics.median(spans) if spans else float("nan"),
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
             for v in args.variants:
                 r = profile_case(case, args.replays, VARIANTS[v], timeline=args.variant_timelines)
-                print(f"{name} / {heads_name}: variant {v}: {r['wall_us']:.1f} µs")
+                print(f"{name} / {heads_name}: variant {v}: {r['wall_us']:.1f} µs, max error {r['max_err']:.1e}")
                 if args.variant_timelines:
                     _print_profile(f"{name} / {heads_name} / {v}", r)
             _print_profile(f"{name} / {heads_name}", profile_case(case, args.replays))
@@ -231,7 +253,7 @@ def _print_profile(title: str, r: dict) -> None:
     busy = sum(n * us for n, us in r["kernels"].values())
     print(
         f"\n{title}: {r['wall_us']:.1f} µs per replay (median, L2 flushed), one replay's kernels span "
-        f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum)"
+        f"{r['span_us']:.1f} µs (profiler), kernels busy {busy:.1f} µs (sum), max error {r['max_err']:.1e} vs fp32"
     )
     for line in r["launches"]:
         print(f"  plan: {line}")

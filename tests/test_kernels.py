@@ -180,22 +180,43 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=16, block_n=8, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="max_regs"):
         TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, max_regs=300)
+    with pytest.raises(ValueError, match="schedule"):
+        TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, schedule="lifo")
 
 
-@pytest.mark.parametrize("num_programs", [1, 3, 64])
-def test_persistent_grid_strides_over_all_work(num_programs):
-    """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids)."""
+@pytest.mark.parametrize("schedule", ["stride", "snake", "queue"])
+@pytest.mark.parametrize("num_programs", [1, 3, 4, 64])
+def test_persistent_grid_covers_all_work(schedule, num_programs):
+    """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids),
+    in every schedule; the queue is left at zero, so a second launch (a graph replay) works the same."""
     dtype, head_dim, num_kv_heads, group = torch.float16, 64, 2, 2
     k, v = random_kv(60, num_kv_heads, head_dim, dtype)
     q = random_q(3, num_kv_heads * group, head_dim, dtype)
     slots = torch.arange(60, dtype=torch.int32, device=DEVICE)
-    out = torch.full_like(q, float("nan"))
-    po, plse = _workspace(1, num_kv_heads * group, head_dim)
     items = _items([0, 20, 40], [20, 20, 20], [0, 1, 2], [1, 1, 1], [0, 1, 2], [-1, -2, -3])
-    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
-    pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, 3), config=cfg, num_programs=num_programs, sm_scale=0.1
-    )
-    for r in range(3):
-        ref, _ = attention_reference(q[r : r + 1], k[20 * r : 20 * r + 20], v[20 * r : 20 * r + 20], 0.1)
-        assert_close(out[r : r + 1], ref, dtype)
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule=schedule)
+    queue = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        po, plse = _workspace(1, num_kv_heads * group, head_dim)
+        pack_attention(
+            q, k, v, slots, items, out, po, plse, _launch(0, 3), config=cfg, num_programs=num_programs, sm_scale=0.1,
+            work_queue=queue,
+        )  # fmt: skip
+        for r in range(3):
+            ref, _ = attention_reference(q[r : r + 1], k[20 * r : 20 * r + 20], v[20 * r : 20 * r + 20], 0.1)
+            assert_close(out[r : r + 1], ref, dtype)
+        assert queue.tolist() == [0, 0]
+
+
+def test_queue_schedule_needs_a_work_queue():
+    dtype, head_dim = torch.float16, 64
+    k, v = random_kv(16, 1, head_dim, dtype)
+    q = random_q(1, 1, head_dim, dtype)
+    slots = torch.arange(16, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+    po, plse = _workspace(1, 1, head_dim)
+    items = _items([0], [16], [0], [1], [0], [-1])
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule="queue")
+    with pytest.raises(ValueError, match="work_queue"):
+        pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=0.1)

@@ -313,6 +313,31 @@ def test_graph_mode_buffers_take_every_later_plan():
         assert len(w.plan_info.launches) == len(w._graph.configs)
 
 
+@pytest.mark.parametrize("schedule", ["snake", "queue"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
+    """Every tile on another schedule (profile_decode's variants): exact, step after step, in both modes (the
+    queues are per launch, so concurrent launches and later replays do not mix them up)."""
+    from pat_sglang.packing import tiles as tiles_module
+
+    table = {m: (*entry[:4], schedule) for m, entry in tiles_module._TILES_D128.items()}
+    monkeypatch.setattr(tiles_module, "_TILES_D128", table)
+    tiles_module._tile.cache_clear()
+    try:
+        w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)
+        for wl, indptr, indices, num_slots in _graph_steps():
+            w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+            assert {lc.config.schedule for lc in w.plan_info.launches} == {schedule}
+            q = random_q(wl.batch_size, 8, 64, torch.float16)
+            k, v = random_kv(num_slots, 2, 64, torch.float16)
+            ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
+            for _ in range(2):
+                assert_close(w.run(q, k, v), ref, torch.float16)
+        assert not w._work_queues.any(), "every launch leaves its queue at zero"
+    finally:
+        tiles_module._tile.cache_clear()
+
+
 def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
     """A pack holds at most the batch's requests, so a graph captured for a small batch launches only the narrow
     tiles (one launch at B = 1, GQA 4) and merges over B programs; the results stay exact."""

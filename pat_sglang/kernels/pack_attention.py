@@ -22,6 +22,7 @@ from pat_sglang.kernels.common import interpreting, padded_head_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+SCHEDULES = ("stride", "snake", "queue")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class TileConfig:
     # Register cap per thread (ptxas ``maxnreg``), or None for the compiler's choice: it trades spills for programs
     # resident per SM (the 128-row tile's two warpgroups at 128 leave room for tail programs on the same SM).
     max_regs: int | None = None
+    # How a launch's programs take (item, KV head) pairs (items come longest first): "stride" (program p takes
+    # p, p + P, ...), "snake" (odd rounds reversed, so a program that took a long pair next takes a short one; it
+    # balances only when the whole grid is resident at once) or "queue" (an atomic counter hands out the next
+    # pair to whichever program is free; needs a work queue buffer).
+    schedule: str = "stride"
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
@@ -43,6 +49,8 @@ class TileConfig:
             raise ValueError(f"block_n must be one of 16, 32, 64, 128, got {self.block_n}")
         if self.max_regs is not None and not 32 <= self.max_regs <= 255:
             raise ValueError(f"max_regs must be None or within 32..255, got {self.max_regs}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @triton.jit
@@ -61,6 +69,7 @@ def _pack_attn_kernel(
     partial_o_ptr,
     partial_lse_ptr,
     launch_ptr,
+    queue_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -81,14 +90,22 @@ def _pack_attn_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SCHEDULE: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items) of this tile config, on the device, so that a CUDA graph
-    # captured with a fixed grid replays any later plan. Programs stride over (item, KV head) pairs. (A snake order,
-    # long and short pairs alternating per program, was measured on the H200: better only when the whole grid is
-    # resident at once, worse otherwise, since late-starting programs then take the long pairs; docs/PERF_NOTES.md.)
+    # captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says (see
+    # TileConfig.schedule); the queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
+    # last program resets both for the next launch (no extra launch, works inside a CUDA graph).
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
-    for work in range(tl.program_id(0), num_work, tl.num_programs(0)):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    work = pid
+    if SCHEDULE == 2:
+        if num_work > 0:
+            work = tl.atomic_add(queue_ptr, 1)
+    rnd = 0
+    while work < num_work:
         _pack_attn_item(
             q_ptr,
             k_ptr,
@@ -125,6 +142,20 @@ def _pack_attn_kernel(
             UPCAST,
             DOT_PRECISION,
         )
+        if SCHEDULE == 2:
+            work = tl.atomic_add(queue_ptr, 1)
+        else:
+            rnd += 1
+            lane = pid
+            if SCHEDULE == 1:
+                if rnd % 2 == 1:
+                    lane = nprog - 1 - pid
+            work = rnd * nprog + lane
+    if SCHEDULE == 2:
+        if num_work > 0:
+            if tl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
+                tl.atomic_xchg(queue_ptr, 0)
+                tl.atomic_xchg(queue_ptr + 1, 0)
 
 
 @triton.jit
@@ -262,6 +293,7 @@ def pack_attention(
     config: TileConfig,
     num_programs: int,
     sm_scale: float,
+    work_queue: torch.Tensor | None = None,
 ) -> None:
     """Launch the pack kernel over the items of one tile config.
 
@@ -277,6 +309,8 @@ def pack_attention(
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
         num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
             each (eager); a fixed, smaller grid loops (CUDA graphs).
+        work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero), for a
+            config whose schedule is "queue"; one per launch that may run concurrently.
     """
     if num_programs <= 0:
         return
@@ -288,6 +322,8 @@ def pack_attention(
         _check_last_dim_contiguous(name, t)
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
+    if config.schedule == "queue" and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
+        raise ValueError("work_queue: a config with schedule 'queue' needs an int32 tensor of 2 zeros")
     # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
     upcast = interpreting() and q.dtype == torch.bfloat16
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -308,6 +344,7 @@ def pack_attention(
         partial_o,
         partial_lse,
         launch_info,
+        work_queue if work_queue is not None else launch_info,  # not read unless the schedule is "queue"
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -328,6 +365,7 @@ def pack_attention(
         BLOCK_N=config.block_n,
         UPCAST=upcast,
         DOT_PRECISION=dot_precision,
+        SCHEDULE=SCHEDULES.index(config.schedule),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **options,

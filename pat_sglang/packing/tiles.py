@@ -12,7 +12,7 @@ from pat_sglang.kernels.pack_attention import TileConfig
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 _POW2 = 1 << np.arange(9)  # 1 .. 256
 
-# (BLOCK_N, num_warps, num_stages, max_regs) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The
+# (BLOCK_N, num_warps, num_stages, max_regs, schedule) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The
 # D<=128 table is the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29;
 # docs/runs/tune_tiles_d128-0db0183.json): 4.2-4.3 TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32),
 # 3.5 on 16-request packs (64). For 128-row packs, two warpgroups under a 128-register cap: the one-warpgroup tile
@@ -20,8 +20,18 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
 # sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
 # accumulator within shared memory and registers (not yet swept).
-_TILES_D128 = {16: (64, 4, 3, None), 32: (64, 2, 2, None), 64: (64, 4, 3, None), 128: (64, 8, 2, 128)}
-_TILES_D256 = {16: (32, 4, 2, None), 32: (32, 4, 2, None), 64: (32, 4, 2, None), 128: (32, 8, 1, None)}
+_TILES_D128 = {
+    16: (64, 4, 3, None, "stride"),
+    32: (64, 2, 2, None, "stride"),
+    64: (64, 4, 3, None, "stride"),
+    128: (64, 8, 2, 128, "stride"),
+}
+_TILES_D256 = {
+    16: (32, 4, 2, None, "stride"),
+    32: (32, 4, 2, None, "stride"),
+    64: (32, 4, 2, None, "stride"),
+    128: (32, 8, 1, None, "stride"),
+}
 
 
 def block_m_for_rows(rows: int) -> int:
@@ -59,8 +69,8 @@ def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
 @cache
 def _tile(block_m: int, head_dim: int, kv_len: int) -> TileConfig:
     table = _TILES_D256 if padded_head_dim(head_dim) > 128 else _TILES_D128
-    block_n, num_warps, num_stages, max_regs = table[block_m]
+    block_n, num_warps, num_stages, max_regs, schedule = table[block_m]
     # Short ranges: no point in a KV tile much wider than the range itself.
     while block_n > 16 and block_n >= 2 * kv_len:
         block_n //= 2
-    return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, max_regs=max_regs)
+    return TileConfig(block_m, block_n, num_warps, num_stages, max_regs=max_regs, schedule=schedule)
