@@ -32,17 +32,22 @@ from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.packing import packs as packs_module  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
-from pat_sglang.packing.plan import CTAS_PER_SM  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")  # the package exports a same-named function
 
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
-# programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
+# programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids, capped by the compiled
+# kernels' residency unless "resident" is False), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
 # register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
+    # The state before resident grids: stride everywhere, 4 programs per SM for the grids and the split target,
+    # at most 64 splits, no easing of a split target that just misses one wave.
+    "before": {"schedule_all": "stride", "resident": False, "max_splits": 64, "wave_slack": 0.0},
+    "stride-all": {"schedule_all": "stride"},
+    "not-resident": {"resident": False},
     "narrow-first": {"order": "narrow"},
     "wide-first": {"order": "wide"},
     "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
@@ -50,19 +55,19 @@ VARIANTS: dict[str, dict] = {
     "split-share-1": {"split_share": 1.0},
     "ctas3": {"ctas": 3},
     "splits128": {"max_splits": 128},
-    "tile128-w4": {"tiles": {128: (64, 4, 2, None, "stride")}},  # the 128-row tile before 2026-11-29 (spills)
-    "tile128-w8": {"tiles": {128: (64, 8, 2, None, "stride")}},
-    "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168, "stride")}},
-    "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None, "stride")}},
-    "cap16": {"tiles": {16: (64, 4, 3, 128, "stride")}},  # four tail programs per SM resident (three without the cap)
-    "w2-16": {"tiles": {16: (64, 2, 3, None, "stride")}},
+    "tile128-w4": {"tiles": {128: (64, 4, 2, None, "auto")}},  # the 128-row tile before 2026-11-29 (spills)
+    "tile128-w8": {"tiles": {128: (64, 8, 2, None, "auto")}},
+    "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168, "auto")}},
+    "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None, "auto")}},
+    "cap16": {"tiles": {16: (64, 4, 3, 128, "auto")}},  # four tail programs per SM resident at GQA 7 (three without)
+    "w2-16": {"tiles": {16: (64, 2, 3, None, "auto")}},
     "queue16": {"tiles": {16: (64, 4, 3, None, "queue")}},
     "snake16": {"tiles": {16: (64, 4, 3, None, "snake")}},
     "cap16-queue16": {"tiles": {16: (64, 4, 3, 128, "queue")}},
     "cap16-snake16": {"tiles": {16: (64, 4, 3, 128, "snake")}},
     "cap16-queue16-splits128": {"tiles": {16: (64, 4, 3, 128, "queue")}, "max_splits": 128},
     "queue-all": {"schedule_all": "queue"},
-    "cap16-queue-all": {"tiles": {16: (64, 4, 3, 128, "stride")}, "schedule_all": "queue"},
+    "cap16-queue-all": {"tiles": {16: (64, 4, 3, 128, "auto")}, "schedule_all": "queue"},
     "rows-64": {"max_pack_rows": 64},
 }
 
@@ -98,6 +103,7 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
         _patched(packs_module, "MAX_PACK_ROWS", variant.get("max_pack_rows")),
         _patched(plan_module, "CTAS_PER_SM", variant.get("ctas")),
         _patched(plan_module, "MAX_SPLITS", variant.get("max_splits")),
+        _patched(plan_module, "WAVE_SLACK", variant.get("wave_slack")),
         _patched(tiles_module, "_TILES_D128", _tile_table(variant)),
     ):
         tiles_module._tile.cache_clear()
@@ -124,9 +130,14 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     if "order" in variant:
         wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
         graph.configs = tuple(wide_first if variant["order"] == "wide" else wide_first[-1:] + wide_first[:-1])
-    if "programs_per_sm" in variant or "order" in variant:
-        per_sm = variant.get("programs_per_sm", {})
-        graph.grids = tuple(per_sm.get(c.block_m, CTAS_PER_SM) * pat.num_sms for c in graph.configs)
+    if variant.get("resident") is False:  # grids and split target from CTAS_PER_SM, not the compiled kernels
+        pat.programs_per_sm = lambda config, dtype: plan_module.CTAS_PER_SM
+    if "programs_per_sm" in variant:
+        per_sm = variant["programs_per_sm"]
+        graph.fixed_grids = tuple(
+            per_sm.get(c.block_m, pat.programs_per_sm(c, case.dtype)) * pat.num_sms for c in graph.configs
+        )
+
     if variant.get("serial"):
         pat._fork_join = lambda launch, indices: [launch(i) for i in indices]
     pat.plan(
@@ -137,12 +148,14 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     )
     plan = pat.plan_info
     launches = []
-    for lc in plan.launches:
+    grids = graph.grids_for(case.dtype)
+    for lc, grid in zip(plan.launches, grids):
         lens = plan.item_kv_len[lc.item_offset : lc.item_offset + lc.num_items]
         rows = plan.item_num_reqs[lc.item_offset : lc.item_offset + lc.num_items] * (heads[0] // heads[1])
         c = lc.config
         launches.append(
-            f"BLOCK_M {c.block_m:3d} BLOCK_N {c.block_n:3d} warps {c.num_warps} stages {c.num_stages}: "
+            f"BLOCK_M {c.block_m:3d} BLOCK_N {c.block_n:3d} warps {c.num_warps} stages {c.num_stages} "
+            f"{c.schedule} on {grid} programs: "
             f"{lc.num_items:5d} items x {heads[1]} KV heads, KV tokens {int(lens.sum()):8d} "
             f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
         )

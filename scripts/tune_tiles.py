@@ -59,7 +59,7 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
     po = torch.empty(1, hkv * group, head_dim, device=dev)
     plse = torch.empty(1, hkv * group, device=dev)
 
-    launch_info = torch.tensor([0, num_items], dtype=torch.int32, device=dev)
+    launch_info = torch.tensor([0, num_items, 1], dtype=torch.int32, device=dev)
 
     def fn():
         pack_attention(

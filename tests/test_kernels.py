@@ -31,8 +31,8 @@ def _items(kv_start, kv_len, entry_start, num_reqs, entry_req, entry_dest) -> Pa
     )
 
 
-def _launch(first: int, count: int) -> torch.Tensor:
-    return torch.tensor([first, count], dtype=torch.int32, device=DEVICE)
+def _launch(first: int, count: int, alone: int = 0) -> torch.Tensor:
+    return torch.tensor([first, count, alone], dtype=torch.int32, device=DEVICE)
 
 
 def _workspace(num_partials: int, num_heads: int, head_dim: int):
@@ -184,7 +184,7 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, schedule="lifo")
 
 
-@pytest.mark.parametrize("schedule", ["stride", "snake", "queue"])
+@pytest.mark.parametrize("schedule", ["stride", "snake", "queue", "auto", "auto-alone"])
 @pytest.mark.parametrize("num_programs", [1, 3, 4, 64])
 def test_persistent_grid_covers_all_work(schedule, num_programs):
     """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids),
@@ -194,13 +194,14 @@ def test_persistent_grid_covers_all_work(schedule, num_programs):
     q = random_q(3, num_kv_heads * group, head_dim, dtype)
     slots = torch.arange(60, dtype=torch.int32, device=DEVICE)
     items = _items([0, 20, 40], [20, 20, 20], [0, 1, 2], [1, 1, 1], [0, 1, 2], [-1, -2, -3])
-    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule=schedule)
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule=schedule.removesuffix("-alone"))
+    launch = _launch(0, 3, alone=int(schedule.endswith("-alone")))
     queue = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     for _ in range(2):
         out = torch.full_like(q, float("nan"))
         po, plse = _workspace(1, num_kv_heads * group, head_dim)
         pack_attention(
-            q, k, v, slots, items, out, po, plse, _launch(0, 3), config=cfg, num_programs=num_programs, sm_scale=0.1,
+            q, k, v, slots, items, out, po, plse, launch, config=cfg, num_programs=num_programs, sm_scale=0.1,
             work_queue=queue,
         )  # fmt: skip
         for r in range(3):
@@ -220,3 +221,20 @@ def test_queue_schedule_needs_a_work_queue():
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule="queue")
     with pytest.raises(ValueError, match="work_queue"):
         pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=0.1)
+
+
+def test_programs_per_sm_counts_registers_shared_memory_and_threads():
+    """Resident programs from a compiled kernel's resources, on H200-like limits (the tiles of the H200 profile)."""
+    from types import SimpleNamespace
+
+    from pat_sglang.kernels.pack_attention import programs_per_sm
+
+    h200 = SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+    )
+    assert programs_per_sm(120, 4, 39168, h200) == 4  # the 16-row tail tile at GQA 4
+    assert programs_per_sm(156, 4, 39168, h200) == 3  # at GQA 7: registers round up to 160 per thread
+    assert programs_per_sm(128, 8, 98304, h200) == 2  # the 128-row tile: registers and shared memory both allow 2
+    assert programs_per_sm(32, 4, 100000, h200) == 2  # shared memory alone
+    assert programs_per_sm(16, 1, 0, h200) == 32  # the hardware's limit of programs per SM
+    assert programs_per_sm(255, 8, 0, h200) == 1  # never fewer than one

@@ -20,7 +20,7 @@ from pat_sglang.packing import (
     pack_forest,
 )
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import advance_plan, rebatch_plan, split_partial_share
+from pat_sglang.packing.plan import CTAS_PER_SM, MAX_SPLITS, advance_plan, rebatch_plan, split_partial_share
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
@@ -84,7 +84,7 @@ def _without_empty_launches(plan):
     return replace(plan, launches=tuple(lc for lc in plan.launches if lc.num_items > 0))
 
 
-def _plan(forest, indptr, heads, *, policy=Policy.AUTO, num_sms=4, shortest_split=4, page_size=1):
+def _plan(forest, indptr, heads, *, policy=Policy.AUTO, num_sms=4, shortest_split=4, page_size=1, **kw):
     hq, hkv = heads
     packing = pack_forest(forest, _model(hq, hkv), policy)
     return build_plan(
@@ -97,6 +97,7 @@ def _plan(forest, indptr, heads, *, policy=Policy.AUTO, num_sms=4, shortest_spli
         page_size=page_size,
         unique_kv_tokens=forest.unique_kv_tokens(),
         shortest_split=shortest_split,
+        **kw,
     )
 
 
@@ -272,7 +273,7 @@ def test_split_partials_stay_within_their_share(rf, heads, num_sms):
     plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=1)
     extra = plan.modelled_partial_bytes - packing.partial_bytes * hkv
     num_packs = int((-(-np.diff(packing.group_indptr) // model.reqs_per_pack)).sum())
-    share = split_partial_share(num_packs, hkv, num_sms)
+    share = split_partial_share(num_packs, hkv, CTAS_PER_SM * num_sms)
     assert extra <= share * plan.modelled_kv_bytes + 1e-9 + _direct_loss(packing, plan, model) * hkv
 
 
@@ -397,3 +398,31 @@ def test_paths_forest_shapes(ids):
     assert [m.tolist() for m in f.node_members] == [[0, 1, 2], [0, 1]]
     assert f.tail_parent.tolist() == [1, 1, 0, -1] and f.path_end.tolist() == [14, 14, 8, 0]
     assert f.unique_kv_tokens() == 8 + 6 + (16 + 16 + 22 + 10)
+
+
+@pytest.mark.parametrize("heads", [(32, 8), (28, 4)], ids=["llama3-8b", "qwen2.5-7b"])
+@pytest.mark.parametrize("programs_per_sm", [3, 4])
+def test_splits_of_one_long_request_fill_one_wave(heads, programs_per_sm):
+    """single_long: the KV splits of one 64K-token request fill the programs that run at once (up to MAX_SPLITS
+    per head, less what the 16-token alignment of pieces rounds away) and never exceed them (a few pairs over would
+    cost a second wave)."""
+    wl = make_workload("single_long")
+    indptr = np.asarray([0, 65536])
+    forest = forest_from_paths(indptr, wl.prefix_paths)
+    plan = _plan(forest, indptr, heads, num_sms=132, shortest_split=256, programs_per_sm=programs_per_sm)
+    pairs = plan.num_items * heads[1]
+    slots = programs_per_sm * 132
+    assert 0.95 * min(slots, MAX_SPLITS * heads[1]) < pairs <= slots
+
+
+def test_launch_info_marks_a_launch_that_runs_alone():
+    """launch_info's third entry is 1 for the only launch with items (its grid has the SMs to itself), else 0."""
+    for name, alone in (("single_long", True), ("system_prompt", False)):
+        wl = make_workload(name, scale=1 / 16)
+        lay = wl.materialize()
+        forest = forest_from_paths(lay.kv_indptr, wl.prefix_paths)
+        plan = _plan(forest, lay.kv_indptr, (32, 8), num_sms=132)
+        info = plan.launch_info.reshape(-1, 3)
+        busy = info[:, 1] > 0
+        assert (busy.sum() == 1) == alone, name
+        assert info[:, 2].tolist() == (busy & alone).astype(int).tolist(), name

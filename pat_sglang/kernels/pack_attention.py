@@ -11,6 +11,7 @@ Partials are combined later by :mod:`pat_sglang.kernels.merge`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from pat_sglang.kernels.common import interpreting, padded_head_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-SCHEDULES = ("stride", "snake", "queue")
+SCHEDULES = ("stride", "snake", "queue", "auto")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ class TileConfig:
     max_regs: int | None = None
     # How a launch's programs take (item, KV head) pairs (items come longest first): "stride" (program p takes
     # p, p + P, ...), "snake" (odd rounds reversed, so a program that took a long pair next takes a short one; it
-    # balances only when the whole grid is resident at once) or "queue" (an atomic counter hands out the next
-    # pair to whichever program is free; needs a work queue buffer).
+    # balances only when the whole grid is resident at once), "auto" (snake when the plan marks the launch as its
+    # only busy one, so that a resident grid has the SMs to itself; stride beside other launches) or "queue" (an
+    # atomic counter hands out the next pair to whichever program is free; needs a work queue buffer).
     schedule: str = "stride"
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ def _pack_attn_kernel(
     # last program resets both for the next launch (no extra launch, works inside a CUDA graph).
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
+    alone = tl.load(launch_ptr + 2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     work = pid
@@ -148,8 +151,9 @@ def _pack_attn_kernel(
             rnd += 1
             lane = pid
             if SCHEDULE == 1:
-                if rnd % 2 == 1:
-                    lane = nprog - 1 - pid
+                lane = tl.where(rnd % 2 == 1, nprog - 1 - pid, pid)
+            if SCHEDULE == 3:
+                lane = tl.where((rnd % 2 == 1) & (alone != 0), nprog - 1 - pid, pid)
             work = rnd * nprog + lane
     if SCHEDULE == 2:
         if num_work > 0:
@@ -304,32 +308,43 @@ def pack_attention(
         items: the plan's work-item arrays (int32, on q's device).
         out: ``[B, Hq, D]`` in q's dtype; rows whose entry is direct are written here.
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
-        launch_info: int32 ``[2]`` on the device: (first item, number of items) of this config. Read by the kernel,
-            so a CUDA graph captured once replays later plans.
+        launch_info: int32 ``[3]`` on the device: (first item, number of items, runs alone) of this config; read by
+            the kernel, so a CUDA graph captured once replays later plans. "Runs alone" (the plan's only busy
+            launch) turns the "auto" schedule into "snake".
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
         num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
-            each (eager); a fixed, smaller grid loops (CUDA graphs).
+            each (eager); a fixed, smaller grid loops (CUDA graphs; see ``resident_programs``).
         work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero), for a
             config whose schedule is "queue"; one per launch that may run concurrently.
     """
     if num_programs <= 0:
         return
-    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
-    group = q.shape[1] // num_kv_heads
-    if group * num_kv_heads != q.shape[1]:
+    num_kv_heads = k_buffer.shape[1]
+    if q.shape[1] % num_kv_heads:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({num_kv_heads})")
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
         _check_last_dim_contiguous(name, t)
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
+    if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
+        raise ValueError("launch_info must be an int32 tensor of (first item, number of items, runs alone)")
     if config.schedule == "queue" and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
         raise ValueError("work_queue: a config with schedule 'queue' needs an int32 tensor of 2 zeros")
+    args, meta = _kernel_args(
+        q, k_buffer, v_buffer, kv_indices, items, out, partial_o, partial_lse, launch_info, work_queue, config, sm_scale
+    )
+    _pack_attn_kernel[(num_programs,)](*args, **meta)
+
+
+def _kernel_args(q, k_buffer, v_buffer, kv_indices, items, out, partial_o, partial_lse, launch_info, work_queue,
+                 config: TileConfig, sm_scale: float) -> tuple[tuple, dict]:  # fmt: skip
+    """The pack kernel's positional arguments and its constexprs and launch options."""
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
     upcast = interpreting() and q.dtype == torch.bfloat16
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
-    _pack_attn_kernel[(num_programs,)](
+    args = (
         q,
         k_buffer,
         v_buffer,
@@ -357,19 +372,59 @@ def pack_attention(
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
+    )
+    meta = dict(
         NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
+        GROUP=q.shape[1] // num_kv_heads,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         UPCAST=upcast,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SCHEDULE=SCHEDULES.index(config.schedule),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **options,
     )
+    return args, meta
+
+
+@functools.cache
+def resident_programs(
+    config: TileConfig, dtype: torch.dtype, num_qo_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
+) -> int | None:
+    """Programs of ``config`` that one SM of ``device`` holds at once, from the compiled kernel's registers, shared
+    memory and warps (it is compiled here if it was not yet); None on the CPU. A persistent grid of this many
+    programs per SM starts all its programs at once, which is what a "snake" order needs to balance."""
+    if device.type != "cuda" or interpreting():
+        return None
+    # Tensors shaped as the wrapper passes them (the kernel specializes on strides and alignment, not on sizes).
+    f32, i32 = torch.float32, torch.int32
+    q = torch.empty(1, num_qo_heads, head_dim, dtype=dtype, device=device)
+    kv = torch.empty(1, num_kv_heads, head_dim, dtype=dtype, device=device)
+    idx = torch.zeros(3, dtype=i32, device=device)
+    items = PackItems(idx, idx, idx, idx, idx, idx)
+    po = torch.empty(1, num_qo_heads, head_dim, dtype=f32, device=device)
+    plse = torch.empty(1, num_qo_heads, dtype=f32, device=device)
+    args, meta = _kernel_args(q, kv, kv, idx, items, q, po, plse, idx, idx, config, 1.0)
+    with torch.cuda.device(device):
+        kernel = _pack_attn_kernel.warmup(*args, grid=(1,), **meta)
+        kernel._init_handles()  # loads the binary: registers are known from here
+    return programs_per_sm(
+        kernel.n_regs, config.num_warps, kernel.metadata.shared, torch.cuda.get_device_properties(device)
+    )
+
+
+def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, props) -> int:
+    """Resident programs per SM for a kernel's resources on a device with ``props`` (torch's device properties):
+    registers are allocated per warp in units of 256 (8 per thread), and each program reserves 1 KB of shared
+    memory for the system."""
+    warp_regs = -(-max(regs_per_thread, 1) // 8) * 8 * 32
+    by_regs = (props.regs_per_multiprocessor // warp_regs) // num_warps
+    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
+    by_shared = props.shared_memory_per_multiprocessor // (shared_bytes + 1024)
+    return max(1, min(by_regs, by_threads, by_shared, 32))
 
 
 def default_sm_scale(head_dim: int) -> float:

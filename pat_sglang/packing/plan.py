@@ -25,9 +25,13 @@ MIN_SPLIT_TOKENS = 256
 # 12%, docs/runs/2026-11-29-split-share-experiment/).
 MAX_SPLIT_PARTIAL_SHARE = 0.25
 UNDERFILLED_SPLIT_PARTIAL_SHARE = 1.0
-MAX_SPLITS = 64
+MAX_SPLITS = 128
 # Programs to aim for per SM: the H200 tile sweep (scripts/tune_tiles.py) reached full copy bandwidth from 4 per SM.
+# Fewer when fewer fit (build_plan's programs_per_sm: the resident programs of the compiled tail tile).
 CTAS_PER_SM = 4
+# When the pieces of a split target exceed the resident programs by at most this share, the target is eased until
+# they fit: a few pairs over the resident programs cost a whole second wave (single_long: 400 pairs on 396).
+WAVE_SLACK = 0.125
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
 
@@ -72,8 +76,8 @@ class PatPlan:
 
     ``modelled_kv_bytes`` / ``modelled_partial_bytes`` count all KV heads, KV splits included;
     ``unique_kv_tokens`` and ``request_kv_tokens`` are the batch's floors with and without sharing.
-    ``launch_info`` holds (first item, item count) per launch and ``num_merge`` the merge count: the kernels read
-    both on the device, so a captured CUDA graph replays any later plan.
+    ``launch_info`` holds (first item, item count, runs alone) per launch and ``num_merge`` the merge count: the
+    kernels read both on the device, so a captured CUDA graph replays any later plan.
     """
 
     num_reqs: int
@@ -154,8 +158,10 @@ def build_plan(
     shortest_split: int = MIN_SPLIT_TOKENS,
     fixed_configs: tuple[TileConfig, ...] | None = None,
     capacity: PlanCapacity | None = None,
+    programs_per_sm: int = CTAS_PER_SM,
 ) -> PatPlan:
-    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits.
+    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` and ``programs_per_sm``
+    (programs that run at once per SM; at most CTAS_PER_SM is aimed for) size the KV splits.
 
     ``shortest_split`` is the shortest KV piece a split may make (tests lower it to exercise splits at tiny sizes).
     ``fixed_configs`` (CUDA-graph mode): every pack takes the config of its BLOCK_M from this tuple and the plan has
@@ -203,21 +209,31 @@ def build_plan(
         position = {c: k for k, c in enumerate(configs)}
         rank = np.asarray([position[c] for c in distinct], dtype=np.int64)
         pack_cfg = rank[chosen]
-    share = split_partial_share(len(lens), num_kv_heads, num_sms)
+    slots = max(1, min(programs_per_sm, CTAS_PER_SM) * num_sms)
+    share = split_partial_share(len(lens), num_kv_heads, slots)
     floor = rows * packing.model.partial_bytes_per_row / (share * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 
-    # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
+    # 2. KV splits: aim for one resident program per slot over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
     cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
-    piece_cost = cost.sum() * num_kv_heads / max(1, CTAS_PER_SM * num_sms)
+    piece_cost = cost.sum() * num_kv_heads / slots
     align = max(page_size, 16)
-    while True:
-        want = np.ceil(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
+
+    def split_sizes(piece_cost: float, rounding=np.ceil) -> tuple[np.ndarray, np.ndarray]:
+        want = rounding(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
         n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), MAX_SPLITS))
         per_piece = -(-lens // n)  # ceil(lens / n), then up to a multiple of the alignment
         size = -(-per_piece // align) * align
-        pieces = -(-lens // size)
+        return size, -(-lens // size)
+
+    size, pieces = split_sizes(piece_cost)
+    pairs = int(pieces.sum()) * num_kv_heads
+    if slots < pairs <= (1 + WAVE_SLACK) * slots:  # rounded down instead, each pack's pieces fit the slots
+        eased = split_sizes(piece_cost, np.floor)
+        if int(eased[1].sum()) * num_kv_heads <= slots:
+            size, pieces = eased
+    while True:
         plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
         order, piece = plan.pop("order"), plan.pop("piece")
         if capacity is None or _fits(plan, capacity):
@@ -229,6 +245,7 @@ def build_plan(
                 "max_partials_per_request"
             )
         piece_cost *= 2
+        size, pieces = split_sizes(piece_cost)
     # Without fixed_configs every config is some pack's choice, so no launch is empty.
     kv_bytes = _modelled_kv_bytes(
         plan["item_kv_len"], plan["item_num_reqs"], group, packing.model.kv_bytes_per_token, num_kv_heads
@@ -264,9 +281,10 @@ def build_plan(
     )
 
 
-def split_partial_share(num_packs: int, num_kv_heads: int, num_sms: int) -> float:
-    """The share of a piece's KV bytes its split partials may cost (see UNDERFILLED_SPLIT_PARTIAL_SHARE)."""
-    underfilled = num_packs * num_kv_heads < CTAS_PER_SM * num_sms
+def split_partial_share(num_packs: int, num_kv_heads: int, slots: int) -> float:
+    """The share of a piece's KV bytes its split partials may cost (see UNDERFILLED_SPLIT_PARTIAL_SHARE) when
+    ``slots`` programs run at once."""
+    underfilled = num_packs * num_kv_heads < slots
     return UNDERFILLED_SPLIT_PARTIAL_SHARE if underfilled else MAX_SPLIT_PARTIAL_SHARE
 
 
@@ -555,13 +573,14 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
 
 def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
     """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
-    ``launch_info`` (first item, item count) as the kernels read it."""
+    ``launch_info`` (first item, item count, runs alone: the plan's only busy launch) as the kernels read it."""
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
     launches = tuple(
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
-    return launches, np.stack([offsets, per_config], axis=1).reshape(-1)
+    alone = (per_config > 0) & (np.count_nonzero(per_config) == 1)
+    return launches, np.stack([offsets, per_config, alone], axis=1).reshape(-1)
 
 
 def _modelled_kv_bytes(item_len, item_num_reqs, group: int, kv_bytes_per_token: int, num_kv_heads: int) -> int:

@@ -19,18 +19,19 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # (64, 4, 2) used 255 registers and spilled 128-184 of them (scripts/profile_decode.py prints each compiled tile's
 # registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
 # sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
-# accumulator within shared memory and registers (not yet swept).
+# accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (snake order
+# when its launch runs alone on a resident grid, else a plain stride; see TileConfig.schedule).
 _TILES_D128 = {
-    16: (64, 4, 3, None, "stride"),
-    32: (64, 2, 2, None, "stride"),
-    64: (64, 4, 3, None, "stride"),
-    128: (64, 8, 2, 128, "stride"),
+    16: (64, 4, 3, None, "auto"),
+    32: (64, 2, 2, None, "auto"),
+    64: (64, 4, 3, None, "auto"),
+    128: (64, 8, 2, 128, "auto"),
 }
 _TILES_D256 = {
-    16: (32, 4, 2, None, "stride"),
-    32: (32, 4, 2, None, "stride"),
-    64: (32, 4, 2, None, "stride"),
-    128: (32, 8, 1, None, "stride"),
+    16: (32, 4, 2, None, "auto"),
+    32: (32, 4, 2, None, "auto"),
+    64: (32, 4, 2, None, "auto"),
+    128: (32, 8, 1, None, "auto"),
 }
 
 
