@@ -22,7 +22,6 @@ from pat_sglang.kernels import (
     merge_partials,
     pack_attention,
 )
-from pat_sglang.kernels.pack_attention import TileConfig, resident_programs
 from pat_sglang.packing import (
     ByteModel,
     Forest,
@@ -237,19 +236,10 @@ class PatDecodeWrapper:
             shortest_split=self.shortest_split,
             fixed_configs=self._graph.configs if self._graph else None,
             capacity=self._graph.capacity if self._graph else None,
-            # KV splits fill the programs that run at once: those of the tile that holds single requests' pieces.
-            programs_per_sm=self.programs_per_sm(choose_tile(1, self.head_dim, 1 << 20), kv_data_type),
         )
         if prefix_paths is not None and self.replan_every > 0:
             self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every)
         self._install(plan, kv_indices, indptr)
-
-    def programs_per_sm(self, config: TileConfig, dtype: torch.dtype) -> int:
-        """Programs of ``config`` that run at once on one SM of this device for KV of ``dtype``: the compiled
-        kernel's resident count (compiled on first use), at most CTAS_PER_SM (CTAS_PER_SM off CUDA)."""
-        ctas = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's CTAS_PER_SM variant patches it
-        resident = resident_programs(config, dtype, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.device)
-        return ctas if resident is None else min(ctas, resident)
 
     def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray) -> None:
         if self._graph is not None:
@@ -317,8 +307,6 @@ class PatDecodeWrapper:
         if self._work_queues.numel() < 2 * len(plan.launches):  # eager plans only: graph buffers hold every launch
             self._work_queues = torch.zeros(2 * len(plan.launches), dtype=torch.int32, device=self.device)
 
-        grids = graph.grids_for(q.dtype) if graph else None
-
         def launch(i: int) -> None:
             lc = plan.launches[i]
             pack_attention(
@@ -332,7 +320,7 @@ class PatDecodeWrapper:
                 self._partial_lse,
                 self._launch_info[3 * i : 3 * i + 3],
                 config=lc.config,
-                num_programs=grids[i] if grids else lc.num_items * self.num_kv_heads,
+                num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
                 sm_scale=scale,
                 work_queue=self._work_queues[2 * i : 2 * i + 2],
             )
@@ -549,9 +537,10 @@ class _GraphBuffers:
             max_partials=max_partials,
             max_merge_reqs=max_batch_size,
         )
-        # A persistent grid per config and KV dtype (see grids_for); fixed_grids overrides them (profile variants).
-        self._grids: dict[torch.dtype, tuple[int, ...]] = {}
-        self.fixed_grids: tuple[int, ...] | None = None
+        # A persistent grid per config: its programs loop over that config's (item, KV head) pairs. (Fewer programs
+        # for the wide configs, or only as many as fit an SM at once, measured level or slower on the H200:
+        # docs/PERF_NOTES.md.)
+        self.grids = (CTAS_PER_SM * w.num_sms,) * len(self.configs)
         cap = self.capacity
         self.sizes = {
             "item_kv_start": cap.max_items,
@@ -588,19 +577,6 @@ class _GraphBuffers:
         w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
         w._work_queues = torch.zeros(2 * len(self.configs), dtype=torch.int32, device=w.device)
         self.wrapper = w
-
-    def grids_for(self, dtype: torch.dtype) -> tuple[int, ...]:
-        """Per config, a persistent grid whose programs are all resident at once (the compiled kernel's resources
-        decide how many fit an SM; at most CTAS_PER_SM): they loop over that config's (item, KV head) pairs, and the
-        "auto" schedule balances them when the whole grid runs at once. (Fewer programs for the wide configs measured
-        level or slower on the H200: docs/PERF_NOTES.md.)"""
-        if self.fixed_grids is not None:
-            return self.fixed_grids
-        if dtype not in self._grids:
-            w = self.wrapper
-            per_sm = [w.programs_per_sm(c, dtype) for c in self.configs]
-            self._grids[dtype] = tuple(n * w.num_sms for n in per_sm)
-        return self._grids[dtype]
 
     def launches_for(self, plan: PatPlan) -> tuple[int, ...]:
         """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,

@@ -29,6 +29,7 @@ from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
+from pat_sglang.kernels.pack_attention import programs_per_sm  # noqa: E402
 from pat_sglang.packing import packs as packs_module  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
@@ -37,17 +38,14 @@ from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")  # the package exports a same-named function
 
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
-# programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids, capped by the compiled
-# kernels' residency unless "resident" is False), all launches on one stream,
+# programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
 # register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # The state before resident grids: stride everywhere, 4 programs per SM for the grids and the split target,
-    # at most 64 splits, no easing of a split target that just misses one wave.
-    "before": {"schedule_all": "stride", "resident": False, "max_splits": 64, "wave_slack": 0.0},
-    "stride-all": {"schedule_all": "stride"},
-    "not-resident": {"resident": False},
+    # Before the "auto" schedule and the split count rounded down to fit one wave.
+    "before": {"schedule_all": "stride", "wave_slack": 0.0},
+    "snake-all": {"schedule_all": "snake"},
     "narrow-first": {"order": "narrow"},
     "wide-first": {"order": "wide"},
     "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
@@ -55,6 +53,7 @@ VARIANTS: dict[str, dict] = {
     "split-share-1": {"split_share": 1.0},
     "ctas3": {"ctas": 3},
     "splits128": {"max_splits": 128},
+    "ctas3-queue": {"ctas": 3, "schedule_all": "queue"},
     "tile128-w4": {"tiles": {128: (64, 4, 2, None, "auto")}},  # the 128-row tile before 2026-11-29 (spills)
     "tile128-w8": {"tiles": {128: (64, 8, 2, None, "auto")}},
     "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168, "auto")}},
@@ -130,13 +129,9 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     if "order" in variant:
         wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
         graph.configs = tuple(wide_first if variant["order"] == "wide" else wide_first[-1:] + wide_first[:-1])
-    if variant.get("resident") is False:  # grids and split target from CTAS_PER_SM, not the compiled kernels
-        pat.programs_per_sm = lambda config, dtype: plan_module.CTAS_PER_SM
-    if "programs_per_sm" in variant:
-        per_sm = variant["programs_per_sm"]
-        graph.fixed_grids = tuple(
-            per_sm.get(c.block_m, pat.programs_per_sm(c, case.dtype)) * pat.num_sms for c in graph.configs
-        )
+    if "programs_per_sm" in variant or "order" in variant:
+        per_sm = variant.get("programs_per_sm", {})
+        graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
 
     if variant.get("serial"):
         pat._fork_join = lambda launch, indices: [launch(i) for i in indices]
@@ -148,8 +143,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     )
     plan = pat.plan_info
     launches = []
-    grids = graph.grids_for(case.dtype)
-    for lc, grid in zip(plan.launches, grids):
+    for lc, grid in zip(plan.launches, graph.grids):
         lens = plan.item_kv_len[lc.item_offset : lc.item_offset + lc.num_items]
         rows = plan.item_num_reqs[lc.item_offset : lc.item_offset + lc.num_items] * (heads[0] // heads[1])
         c = lc.config
@@ -211,6 +205,7 @@ class _Recorder:
     def __init__(self, fn):
         self.fn = fn
         self.seen: dict[str, str] = {}
+        self.props = torch.cuda.get_device_properties(torch.cuda.current_device())
 
     def __getitem__(self, grid):
         launch = self.fn[grid]
@@ -219,7 +214,10 @@ class _Recorder:
             k = launch(*args, **kwargs)
             name = "BLOCK_M {BLOCK_M:3d} BLOCK_N {BLOCK_N:3d} warps {num_warps} stages {num_stages}".format(**kwargs)
             name += f" maxnreg {kwargs.get('maxnreg')}"
-            self.seen[name] = f"{k.n_regs} regs, {k.n_spills} spills, {k.metadata.shared} B shared"
+            per_sm = programs_per_sm(k.n_regs, kwargs["num_warps"], k.metadata.shared, self.props)
+            self.seen[name] = (
+                f"{k.n_regs} regs, {k.n_spills} spills, {k.metadata.shared} B shared: {per_sm} programs per SM"
+            )
             return k
 
         return run

@@ -109,9 +109,14 @@ def test_production_tiles(dtype, group, block_m):
     po, plse = _workspace(1, num_kv_heads * group, head_dim)
     items = _items([0], [kv_len], [0], [batch], list(range(batch)), [-(r + 1) for r in range(batch)])
     scale = default_sm_scale(head_dim)
-    pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=3, sm_scale=scale)
+    queue = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 1, alone=1), config=cfg, num_programs=1, sm_scale=scale,
+        work_queue=queue,
+    )  # fmt: skip
     ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(out, ref, dtype)
+    assert queue.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

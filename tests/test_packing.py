@@ -401,17 +401,17 @@ def test_paths_forest_shapes(ids):
 
 
 @pytest.mark.parametrize("heads", [(32, 8), (28, 4)], ids=["llama3-8b", "qwen2.5-7b"])
-@pytest.mark.parametrize("programs_per_sm", [3, 4])
-def test_splits_of_one_long_request_fill_one_wave(heads, programs_per_sm):
-    """single_long: the KV splits of one 64K-token request fill the programs that run at once (up to MAX_SPLITS
-    per head, less what the 16-token alignment of pieces rounds away) and never exceed them (a few pairs over would
-    cost a second wave)."""
+@pytest.mark.parametrize("num_sms", [99, 132])
+def test_splits_of_one_long_request_fill_one_wave(heads, num_sms):
+    """single_long: the KV splits of one 64K-token request fill CTAS_PER_SM programs per SM (up to MAX_SPLITS per
+    head, less what the 16-token alignment of pieces rounds away) and never exceed them (a few pairs over would
+    cost a second wave: 99 SMs aim for 49.5 pieces per KV head at 8 KV heads, rounded down)."""
     wl = make_workload("single_long")
     indptr = np.asarray([0, 65536])
     forest = forest_from_paths(indptr, wl.prefix_paths)
-    plan = _plan(forest, indptr, heads, num_sms=132, shortest_split=256, programs_per_sm=programs_per_sm)
+    plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=256)
     pairs = plan.num_items * heads[1]
-    slots = programs_per_sm * 132
+    slots = CTAS_PER_SM * num_sms
     assert 0.95 * min(slots, MAX_SPLITS * heads[1]) < pairs <= slots
 
 

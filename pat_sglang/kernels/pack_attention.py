@@ -11,7 +11,6 @@ Partials are combined later by :mod:`pat_sglang.kernels.merge`.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -39,9 +38,11 @@ class TileConfig:
     max_regs: int | None = None
     # How a launch's programs take (item, KV head) pairs (items come longest first): "stride" (program p takes
     # p, p + P, ...), "snake" (odd rounds reversed, so a program that took a long pair next takes a short one; it
-    # balances only when the whole grid is resident at once), "auto" (snake when the plan marks the launch as its
-    # only busy one, so that a resident grid has the SMs to itself; stride beside other launches) or "queue" (an
-    # atomic counter hands out the next pair to whichever program is free; needs a work queue buffer).
+    # balances only when the whole grid is resident at once), "queue" (an atomic counter hands out the next pair to
+    # whichever program is free; needs a work queue buffer) or "auto": the queue when the plan marks the launch as
+    # its only busy one and it has more pairs than programs, else stride. (Measured on the H200: the queue balances
+    # a lone launch best, whatever part of its grid is resident, but beside other launches its programs take SM
+    # share from the wide launch that bounds the step, and with one pair per program it only adds atomics.)
     schedule: str = "stride"
 
     def __post_init__(self) -> None:
@@ -94,19 +95,23 @@ def _pack_attn_kernel(
     DOT_PRECISION: tl.constexpr,
     SCHEDULE: tl.constexpr,
 ):
-    # launch_ptr holds (first item, number of items) of this tile config, on the device, so that a CUDA graph
-    # captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says (see
-    # TileConfig.schedule); the queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
+    # launch_ptr holds (first item, number of items, runs alone) of this tile config, on the device, so that a CUDA
+    # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says
+    # (see TileConfig.schedule); a queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
     # last program resets both for the next launch (no extra launch, works inside a CUDA graph).
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
-    alone = tl.load(launch_ptr + 2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    work = pid
     if SCHEDULE == 2:
-        if num_work > 0:
-            work = tl.atomic_add(queue_ptr, 1)
+        queued = num_work > 0
+    elif SCHEDULE == 3:
+        queued = (tl.load(launch_ptr + 2) != 0) & (num_work > nprog)
+    else:
+        queued = False
+    work = pid
+    if queued:
+        work = tl.atomic_add(queue_ptr, 1)
     rnd = 0
     while work < num_work:
         _pack_attn_item(
@@ -145,21 +150,18 @@ def _pack_attn_kernel(
             UPCAST,
             DOT_PRECISION,
         )
-        if SCHEDULE == 2:
+        if queued:
             work = tl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
             lane = pid
             if SCHEDULE == 1:
                 lane = tl.where(rnd % 2 == 1, nprog - 1 - pid, pid)
-            if SCHEDULE == 3:
-                lane = tl.where((rnd % 2 == 1) & (alone != 0), nprog - 1 - pid, pid)
             work = rnd * nprog + lane
-    if SCHEDULE == 2:
-        if num_work > 0:
-            if tl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
-                tl.atomic_xchg(queue_ptr, 0)
-                tl.atomic_xchg(queue_ptr + 1, 0)
+    if queued:
+        if tl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
+            tl.atomic_xchg(queue_ptr, 0)
+            tl.atomic_xchg(queue_ptr + 1, 0)
 
 
 @triton.jit
@@ -310,12 +312,12 @@ def pack_attention(
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
         launch_info: int32 ``[3]`` on the device: (first item, number of items, runs alone) of this config; read by
             the kernel, so a CUDA graph captured once replays later plans. "Runs alone" (the plan's only busy
-            launch) turns the "auto" schedule into "snake".
+            launch) lets the "auto" schedule take the work queue.
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
         num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
-            each (eager); a fixed, smaller grid loops (CUDA graphs; see ``resident_programs``).
+            each (eager); a fixed, smaller grid loops (CUDA graphs).
         work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero), for a
-            config whose schedule is "queue"; one per launch that may run concurrently.
+            config whose schedule is "queue" or "auto"; one per launch that may run concurrently.
     """
     if num_programs <= 0:
         return
@@ -328,8 +330,9 @@ def pack_attention(
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
         raise ValueError("launch_info must be an int32 tensor of (first item, number of items, runs alone)")
-    if config.schedule == "queue" and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
-        raise ValueError("work_queue: a config with schedule 'queue' needs an int32 tensor of 2 zeros")
+    queued = config.schedule in ("queue", "auto")
+    if queued and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
+        raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")
     args, meta = _kernel_args(
         q, k_buffer, v_buffer, kv_indices, items, out, partial_o, partial_lse, launch_info, work_queue, config, sm_scale
     )
@@ -388,32 +391,6 @@ def _kernel_args(q, k_buffer, v_buffer, kv_indices, items, out, partial_o, parti
         **options,
     )
     return args, meta
-
-
-@functools.cache
-def resident_programs(
-    config: TileConfig, dtype: torch.dtype, num_qo_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
-) -> int | None:
-    """Programs of ``config`` that one SM of ``device`` holds at once, from the compiled kernel's registers, shared
-    memory and warps (it is compiled here if it was not yet); None on the CPU. A persistent grid of this many
-    programs per SM starts all its programs at once, which is what a "snake" order needs to balance."""
-    if device.type != "cuda" or interpreting():
-        return None
-    # Tensors shaped as the wrapper passes them (the kernel specializes on strides and alignment, not on sizes).
-    f32, i32 = torch.float32, torch.int32
-    q = torch.empty(1, num_qo_heads, head_dim, dtype=dtype, device=device)
-    kv = torch.empty(1, num_kv_heads, head_dim, dtype=dtype, device=device)
-    idx = torch.zeros(3, dtype=i32, device=device)
-    items = PackItems(idx, idx, idx, idx, idx, idx)
-    po = torch.empty(1, num_qo_heads, head_dim, dtype=f32, device=device)
-    plse = torch.empty(1, num_qo_heads, dtype=f32, device=device)
-    args, meta = _kernel_args(q, kv, kv, idx, items, q, po, plse, idx, idx, config, 1.0)
-    with torch.cuda.device(device):
-        kernel = _pack_attn_kernel.warmup(*args, grid=(1,), **meta)
-        kernel._init_handles()  # loads the binary: registers are known from here
-    return programs_per_sm(
-        kernel.n_regs, config.num_warps, kernel.metadata.shared, torch.cuda.get_device_properties(device)
-    )
 
 
 def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, props) -> int:

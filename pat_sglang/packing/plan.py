@@ -25,12 +25,11 @@ MIN_SPLIT_TOKENS = 256
 # 12%, docs/runs/2026-11-29-split-share-experiment/).
 MAX_SPLIT_PARTIAL_SHARE = 0.25
 UNDERFILLED_SPLIT_PARTIAL_SHARE = 1.0
-MAX_SPLITS = 128
+MAX_SPLITS = 64
 # Programs to aim for per SM: the H200 tile sweep (scripts/tune_tiles.py) reached full copy bandwidth from 4 per SM.
-# Fewer when fewer fit (build_plan's programs_per_sm: the resident programs of the compiled tail tile).
 CTAS_PER_SM = 4
-# When the pieces of a split target exceed the resident programs by at most this share, the target is eased until
-# they fit: a few pairs over the resident programs cost a whole second wave (single_long: 400 pairs on 396).
+# When the pieces of a split target exceed CTAS_PER_SM programs per SM by at most this share, each pack's split count
+# is rounded down instead of up so that they fit: a few pairs over cost a whole second wave.
 WAVE_SLACK = 0.125
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
@@ -158,10 +157,8 @@ def build_plan(
     shortest_split: int = MIN_SPLIT_TOKENS,
     fixed_configs: tuple[TileConfig, ...] | None = None,
     capacity: PlanCapacity | None = None,
-    programs_per_sm: int = CTAS_PER_SM,
 ) -> PatPlan:
-    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` and ``programs_per_sm``
-    (programs that run at once per SM; at most CTAS_PER_SM is aimed for) size the KV splits.
+    """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits.
 
     ``shortest_split`` is the shortest KV piece a split may make (tests lower it to exercise splits at tiny sizes).
     ``fixed_configs`` (CUDA-graph mode): every pack takes the config of its BLOCK_M from this tuple and the plan has
@@ -209,12 +206,12 @@ def build_plan(
         position = {c: k for k, c in enumerate(configs)}
         rank = np.asarray([position[c] for c in distinct], dtype=np.int64)
         pack_cfg = rank[chosen]
-    slots = max(1, min(programs_per_sm, CTAS_PER_SM) * num_sms)
+    slots = max(1, CTAS_PER_SM * num_sms)
     share = split_partial_share(len(lens), num_kv_heads, slots)
     floor = rows * packing.model.partial_bytes_per_row / (share * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 
-    # 2. KV splits: aim for one resident program per slot over all packs and KV heads, weighting wide packs by rows.
+    # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
     cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
     piece_cost = cost.sum() * num_kv_heads / slots
