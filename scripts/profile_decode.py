@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict] = {
     "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None, "auto")}},
     "cap16": {"tiles": {16: (64, 4, 3, 128, "auto")}},  # four tail programs per SM resident at GQA 7 (three without)
     "w2-16": {"tiles": {16: (64, 2, 3, None, "auto")}},
+    "s2-16": {"tiles": {16: (64, 4, 2, None, "auto")}},
+    "s4-16": {"tiles": {16: (64, 4, 4, None, "auto")}},
     "queue16": {"tiles": {16: (64, 4, 3, None, "queue")}},
     "snake16": {"tiles": {16: (64, 4, 3, None, "snake")}},
     "cap16-queue16": {"tiles": {16: (64, 4, 3, 128, "queue")}},

@@ -298,7 +298,7 @@ def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | No
     """
     step = plan.step
     if seq_lens is None:
-        seq_lens = np.diff(kv_indptr)
+        seq_lens = kv_indptr[1:] - kv_indptr[:-1]
     if step is None or len(seq_lens) != len(step.seq_lens):
         return None
     grow = seq_lens - step.seq_lens
