@@ -22,6 +22,7 @@ from pat_sglang.kernels import (
     merge_partials,
     pack_attention,
 )
+from pat_sglang.kernels.merge import merge_head_block
 from pat_sglang.packing import (
     ByteModel,
     Forest,
@@ -333,14 +334,17 @@ class PatDecodeWrapper:
         else:
             for i in active:
                 launch(i)
+        # At most one merge per request: the batch size bounds the graph's grid too (fixed per captured batch size,
+        # and with it the heads per program).
+        merge_programs = plan.num_reqs if graph else plan.num_merge_reqs
         merge_partials(
             self._partial_o,
             self._partial_lse,
             *self._merge,
             self._num_merge,
             out,
-            # At most one merge per request: the batch size bounds the graph's grid too.
-            num_programs=plan.num_reqs if graph else plan.num_merge_reqs,
+            num_programs=merge_programs,
+            head_block=merge_head_block(merge_programs, self.num_qo_heads, self.num_sms),
         )
         return out
 

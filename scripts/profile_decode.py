@@ -35,12 +35,15 @@ from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
-pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")  # the package exports a same-named function
+# By module name: the packages export same-named functions (and the wrapper's merge_head_block is patched there).
+pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
+wrapper_module = importlib.import_module("pat_sglang.wrapper")
 
 # Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
-# register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows.
+# register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows,
+# the merge's heads per program.
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -70,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     "queue-all": {"schedule_all": "queue"},
     "cap16-queue-all": {"tiles": {16: (64, 4, 3, 128, "auto")}, "schedule_all": "queue"},
     "rows-64": {"max_pack_rows": 64},
+    "merge-per-head": {"merge_head_block": 1},  # the merge before head blocks: one program per (request, head)
+    "merge-hb4": {"merge_head_block": 4},
+    "merge-hb16": {"merge_head_block": 16},
 }
 
 
@@ -105,6 +111,11 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
         _patched(plan_module, "CTAS_PER_SM", variant.get("ctas")),
         _patched(plan_module, "MAX_SPLITS", variant.get("max_splits")),
         _patched(plan_module, "WAVE_SLACK", variant.get("wave_slack")),
+        _patched(
+            wrapper_module,
+            "merge_head_block",
+            (lambda *a, hb=variant["merge_head_block"]: hb) if "merge_head_block" in variant else None,
+        ),
         _patched(tiles_module, "_TILES_D128", _tile_table(variant)),
     ):
         tiles_module._tile.cache_clear()

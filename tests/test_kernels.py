@@ -144,8 +144,11 @@ def test_merge_identity(dtype, split_at):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_partials", [1, 2, 5, 8, 9, 17, 64])
-def test_merge_kernel_vs_reference(dtype, num_partials):
-    heads, head_dim = 4, 80
+@pytest.mark.parametrize("head_block", [1, 4])
+def test_merge_kernel_vs_reference(dtype, num_partials, head_block):
+    """One request's list against the reference, one head per program or blocks of heads (7 heads: the last block
+    is partly past the heads and must stay untouched there)."""
+    heads, head_dim = 7, 80
     g = torch.Generator().manual_seed(num_partials)
     po = torch.randn(num_partials + 1, heads, head_dim, generator=g).to(DEVICE)
     plse = (10 * torch.randn(num_partials + 1, heads, generator=g)).to(DEVICE)  # very uneven weights
@@ -153,10 +156,24 @@ def test_merge_kernel_vs_reference(dtype, num_partials):
     order = list(range(num_partials, 0, -1))  # partial slots 1..n, listed backwards
     as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
     # Three programs for one request: the two past the device-side count must exit without writing.
-    merge_partials(po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), as_t([1]), out, num_programs=3)
+    merge_partials(
+        po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), as_t([1]), out, num_programs=3,
+        head_block=head_block,
+    )  # fmt: skip
     ref, _ = merge_reference(po[1:], plse[1:])
     assert_close(out[1], ref, dtype)
     assert torch.isnan(out[0].float()).all(), "rows not in the merge list stay untouched"
+
+
+def test_merge_head_block_and_its_errors():
+    from pat_sglang.kernels.merge import HEAD_BLOCK, merge_head_block
+
+    assert merge_head_block(1, 32, 132) == 1  # single_long: every head its own program
+    assert merge_head_block(128, 32, 132) == HEAD_BLOCK
+    po, plse = torch.zeros(1, 4, 64, device=DEVICE), torch.zeros(1, 4, device=DEVICE)
+    idx = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head_block"):
+        merge_partials(po, plse, idx, idx, idx, idx, torch.zeros(1, 4, 64, device=DEVICE), num_programs=1, head_block=3)
 
 
 def test_launch_covers_only_its_items():

@@ -2,6 +2,11 @@
 
 Request ``merge_req[i]`` owns partial slots ``merge_indices[merge_indptr[i]:merge_indptr[i + 1]]`` (a CSR list); the
 result is ``sum_j exp(lse_j - lse) * o_j`` with ``lse = logsumexp_j lse_j``, written in the output's dtype.
+
+Program ``(i, c)`` merges request ``i``'s heads ``[c * HEAD_BLOCK, (c + 1) * HEAD_BLOCK)``: one head per program
+spreads a few long lists over many programs (one long request split over the whole GPU), a block of heads per
+program keeps a large batch of short lists to few programs (each program's cost is mostly its chain of dependent
+loads, not its bytes).
 """
 
 from __future__ import annotations
@@ -12,15 +17,27 @@ import triton.language as tl
 
 from pat_sglang.kernels.common import padded_head_dim
 
+# Lists longer than this take [BLOCK_P, D] tiles over their partials, one head at a time; shorter ones a chain of
+# four [HEAD_BLOCK, D] partials per step.
+LONG_LIST = 8
+BLOCK_P = 32
+# Heads per merge program for a batch of many requests (see merge_head_block).
+HEAD_BLOCK = 8
+
 
 @triton.jit
-def _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims, dim_mask,
-                  stride_po_p, stride_po_h, stride_plse_p):  # fmt: skip
-    """Partial ``j`` of a request's list as (LSE, O row); past ``end``: (-inf, 0), which adds nothing."""
+def _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, heads, head_mask, dims, dim_mask,
+                   stride_po_p, stride_po_h, stride_plse_p):  # fmt: skip
+    """Partial ``j`` of a request's list for a block of heads as (LSE ``[H]``, O ``[H, D]``); past ``end``: (-inf,
+    0), which adds nothing."""
     valid = j < end
     slot = tl.load(merge_indices_ptr + j, mask=valid, other=0).to(tl.int64)
-    lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=valid, other=float("-inf"))
-    o = tl.load(partial_o_ptr + slot * stride_po_p + head * stride_po_h + dims, mask=valid & dim_mask, other=0.0)
+    lse = tl.load(partial_lse_ptr + slot * stride_plse_p + heads, mask=valid & head_mask, other=float("-inf"))
+    o = tl.load(
+        partial_o_ptr + slot * stride_po_p + heads[:, None] * stride_po_h + dims[None, :],
+        mask=valid & head_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
     return lse, o
 
 
@@ -38,13 +55,15 @@ def _merge_kernel(
     stride_plse_p,
     stride_out_b,
     stride_out_h,
+    NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr,
     LONG_LIST: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
-    head = tl.program_id(1)
+    head0 = tl.program_id(1) * HEAD_BLOCK
     # The request count lives on the device so that a graph captured with max_batch_size programs replays any plan.
     if i >= tl.load(num_merge_ptr):
         return
@@ -53,53 +72,74 @@ def _merge_kernel(
     end = tl.load(merge_indptr_ptr + i + 1)
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
+    out_ty = out_ptr.dtype.element_ty
 
-    m = tl.full([], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
     if end - begin > LONG_LIST:
-        # A long list (one long request split over many programs: up to 64 partials) in [BLOCK_P, D] tiles: a few
-        # steps, each one cross-row reduction.
+        # A long list (one long request split over many programs: up to 64 partials), one head at a time, in
+        # [BLOCK_P, D] tiles: a few steps, each one cross-row reduction.
         offs = tl.arange(0, BLOCK_P)
-        for j in range(begin, end, BLOCK_P):
-            valid = j + offs < end
-            slot = tl.load(merge_indices_ptr + j + offs, mask=valid, other=0).to(tl.int64)
-            lse = tl.load(partial_lse_ptr + slot * stride_plse_p + head, mask=valid, other=float("-inf"))
-            o = tl.load(
-                partial_o_ptr + slot[:, None] * stride_po_p + head * stride_po_h + dims[None, :],
-                mask=valid[:, None] & dim_mask[None, :],
-                other=0.0,
-            )
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
-            scale_old = tl.exp(m - m_new)
-            w = tl.exp(lse - m_new)
-            denom = denom * scale_old + tl.sum(w, axis=0)
-            acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
-            m = m_new
+        for h in range(head0, tl.minimum(head0 + HEAD_BLOCK, NUM_HEADS)):
+            m = tl.full([], float("-inf"), dtype=tl.float32)
+            denom = tl.zeros([], dtype=tl.float32)
+            acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+            for j in range(begin, end, BLOCK_P):
+                valid = j + offs < end
+                slot = tl.load(merge_indices_ptr + j + offs, mask=valid, other=0).to(tl.int64)
+                lse = tl.load(partial_lse_ptr + slot * stride_plse_p + h, mask=valid, other=float("-inf"))
+                o = tl.load(
+                    partial_o_ptr + slot[:, None] * stride_po_p + h * stride_po_h + dims[None, :],
+                    mask=valid[:, None] & dim_mask[None, :],
+                    other=0.0,
+                )
+                m_new = tl.maximum(m, tl.max(lse, axis=0))
+                scale_old = tl.exp(m - m_new)
+                w = tl.exp(lse - m_new)
+                denom = denom * scale_old + tl.sum(w, axis=0)
+                acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
+                m = m_new
+            tl.store(out_ptr + req * stride_out_b + h * stride_out_h + dims, (acc / denom).to(out_ty), mask=dim_mask)
     else:
-        # Short lists (most requests: two or three partials): four partials per step, each a vector over the head
-        # (no reduction across rows or warps), the four loads independent. (The tile path was measured 2.4x slower
-        # on two-partial lists on the H200: its cross-warp reductions cost more than the chain; docs/PERF_NOTES.md.)
+        # Short lists (most requests: two to eight partials): four partials per step for the whole block of heads,
+        # the four loads independent, no reduction across rows or warps. (A [16, D] tile over the partials was
+        # measured 2.4x slower on two-partial lists on the H200: its cross-warp reductions cost more than the
+        # chain; docs/PERF_NOTES.md.)
+        heads = head0 + tl.arange(0, HEAD_BLOCK)
+        head_mask = heads < NUM_HEADS
+        m = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([HEAD_BLOCK], dtype=tl.float32)
+        acc = tl.zeros([HEAD_BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
         for j in range(begin, end, 4):
-            lse0, o0 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, head, dims,
-                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-            lse1, o1 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 1, end, head, dims,
-                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-            lse2, o2 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 2, end, head, dims,
-                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
-            lse3, o3 = _load_partial(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 3, end, head, dims,
-                                     dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse0, o0 = _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, heads, head_mask,
+                                      dims, dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse1, o1 = _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 1, end, heads, head_mask,
+                                      dims, dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse2, o2 = _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 2, end, heads, head_mask,
+                                      dims, dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
+            lse3, o3 = _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j + 3, end, heads, head_mask,
+                                      dims, dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
             m_new = tl.maximum(tl.maximum(m, lse0), tl.maximum(tl.maximum(lse1, lse2), lse3))
-            scale_old = tl.exp(m - m_new)
-            w0 = tl.exp(lse0 - m_new)
-            w1 = tl.exp(lse1 - m_new)
-            w2 = tl.exp(lse2 - m_new)
-            w3 = tl.exp(lse3 - m_new)
+            # Heads past NUM_HEADS stay at -inf throughout; keep their arithmetic finite (they are never stored).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            scale_old = tl.exp(m - m_safe)
+            w0 = tl.exp(lse0 - m_safe)
+            w1 = tl.exp(lse1 - m_safe)
+            w2 = tl.exp(lse2 - m_safe)
+            w3 = tl.exp(lse3 - m_safe)
             denom = denom * scale_old + (w0 + w1 + w2 + w3)
-            acc = acc * scale_old + (w0 * o0 + w1 * o1 + w2 * o2 + w3 * o3)
+            acc = acc * scale_old[:, None] + (w0[:, None] * o0 + w1[:, None] * o1 + w2[:, None] * o2 + w3[:, None] * o3)
             m = m_new
-    out = acc / denom
-    tl.store(out_ptr + req * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+        out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]  # 0 only on heads past NUM_HEADS (not stored)
+        tl.store(
+            out_ptr + req * stride_out_b + heads[:, None] * stride_out_h + dims[None, :],
+            out.to(out_ty),
+            mask=head_mask[:, None] & dim_mask[None, :],
+        )
+
+
+def merge_head_block(num_reqs: int, num_heads: int, num_sms: int) -> int:
+    """Heads per merge program: one while ``num_reqs`` x ``num_heads`` programs fit the device in about one wave
+    (a few long requests: every head its own program), else HEAD_BLOCK."""
+    return 1 if num_reqs * num_heads <= 4 * num_sms else HEAD_BLOCK
 
 
 def merge_partials(
@@ -112,6 +152,7 @@ def merge_partials(
     out: torch.Tensor,
     *,
     num_programs: int,
+    head_block: int = 1,
 ) -> None:
     """Merge partials into ``out`` for the first ``num_merge[0]`` entries of ``merge_req``.
 
@@ -121,6 +162,8 @@ def merge_partials(
         merge_indices: int32 partial slots.
         num_merge: int32 ``[1]`` on the device: how many requests to merge (programs past it exit at once).
         out: ``[B, Hq, D]``, any float dtype; rows not listed are left untouched.
+        num_programs: programs along the request axis (at least ``num_merge[0]``).
+        head_block: heads per program, a power of two (see ``merge_head_block``).
     """
     if num_programs <= 0:
         return
@@ -128,8 +171,10 @@ def merge_partials(
         raise ValueError("partial_o and partial_lse must be float32")
     if partial_o.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("partial_o and out must be contiguous in their last dimension")
+    if head_block < 1 or head_block & (head_block - 1):
+        raise ValueError(f"head_block must be a power of two, got {head_block}")
     num_heads, head_dim = out.shape[1], out.shape[2]
-    _merge_kernel[(num_programs, num_heads)](
+    _merge_kernel[(num_programs, triton.cdiv(num_heads, head_block))](
         partial_o,
         partial_lse,
         merge_req,
@@ -142,9 +187,11 @@ def merge_partials(
         partial_lse.stride(0),
         out.stride(0),
         out.stride(1),
+        NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
-        LONG_LIST=8,
-        BLOCK_P=32,
-        num_warps=4 if head_dim >= 128 else 2,
+        HEAD_BLOCK=head_block,
+        LONG_LIST=LONG_LIST,
+        BLOCK_P=BLOCK_P,
+        num_warps=4 if head_dim * head_block >= 128 else 2,
     )
