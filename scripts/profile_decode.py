@@ -39,7 +39,8 @@ from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
 wrapper_module = importlib.import_module("pat_sglang.wrapper")
 
-# Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first),
+# Experiments (--variants): the launch order in graph mode ("wide": widest tile first, "narrow": narrowest first,
+# "tails": widest, then narrowest, then the rest),
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
 # register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows,
@@ -51,6 +52,7 @@ VARIANTS: dict[str, dict] = {
     "snake-all": {"schedule_all": "snake"},
     "narrow-first": {"order": "narrow"},
     "wide-first": {"order": "wide"},
+    "tails-second": {"order": "tails"},
     "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
     "serial": {"order": "wide", "serial": True},
     "split-share-1": {"split_share": 1.0},
@@ -141,7 +143,12 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     graph = pat._graph
     if "order" in variant:
         wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
-        graph.configs = tuple(wide_first if variant["order"] == "wide" else wide_first[-1:] + wide_first[:-1])
+        orders = {
+            "wide": wide_first,
+            "narrow": wide_first[-1:] + wide_first[:-1],
+            "tails": wide_first[:1] + wide_first[-1:] + wide_first[1:-1],  # the private tails' tile second
+        }
+        graph.configs = tuple(orders[variant["order"]])
     if "programs_per_sm" in variant or "order" in variant:
         per_sm = variant.get("programs_per_sm", {})
         graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
