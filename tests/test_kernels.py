@@ -143,7 +143,7 @@ def test_merge_identity(dtype, split_at):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_partials", [1, 2, 5, 8, 9, 17, 64])
+@pytest.mark.parametrize("num_partials", [1, 2, 5, 8, 9, 17, 33, 64])
 @pytest.mark.parametrize("head_block", [1, 4])
 def test_merge_kernel_vs_reference(dtype, num_partials, head_block):
     """One request's list against the reference, one head per program or blocks of heads (7 heads: the last block
