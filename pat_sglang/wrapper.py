@@ -127,7 +127,8 @@ class PatDecodeWrapper:
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
         self._num_merge: torch.Tensor | None = None
-        # Two zeros per launch for the configs whose schedule is "queue" (each launch leaves its pair zero).
+        # Two zeros per launch for the configs whose schedule may take the work queue (each launch leaves its pair
+        # zero; see TileConfig.schedule).
         self._work_queues = torch.zeros(0, dtype=torch.int32, device=self.device)
 
         self.use_cuda_graph = use_cuda_graph
@@ -354,8 +355,8 @@ class PatDecodeWrapper:
         main = torch.cuda.current_stream(self.device)
         if not self._streams:
             self._streams = [torch.cuda.Stream(self.device) for _ in range(NUM_SIDE_STREAMS)]
-            # Made once and recorded again every run: a new event costs a CUDA event creation at its first record
-            # (~70 µs of host time on the H200 host), and a wait takes the record made just before it.
+            # Made once and recorded again every run (a wait takes the record made just before it), so that no
+            # step creates CUDA events.
             self._fork_event = torch.cuda.Event()
             self._done_events = [torch.cuda.Event() for _ in self._streams]
         fork = self._fork_event
@@ -529,7 +530,7 @@ class _GraphBuffers:
     """
 
     def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
-        CTAS_PER_SM = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's variant patches it
+        ctas_per_sm = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's variant patches it
         self.max_batch_size = max_batch_size
         self.group = group = w.num_qo_heads // w.num_kv_heads
         # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
@@ -537,7 +538,7 @@ class _GraphBuffers:
         block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
         self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in block_ms)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
-        max_partials = max_batch_size * partials_per_req + 2 * CTAS_PER_SM * w.num_sms
+        max_partials = max_batch_size * partials_per_req + 2 * ctas_per_sm * w.num_sms
         self.capacity = PlanCapacity(
             max_items=max_partials + max_batch_size,
             max_entries=max_partials + max_batch_size,
@@ -547,7 +548,7 @@ class _GraphBuffers:
         # A persistent grid per config: its programs loop over that config's (item, KV head) pairs. (Fewer programs
         # for the wide configs, or only as many as fit an SM at once, measured level or slower on the H200:
         # docs/PERF_NOTES.md.)
-        self.grids = (CTAS_PER_SM * w.num_sms,) * len(self.configs)
+        self.grids = (ctas_per_sm * w.num_sms,) * len(self.configs)
         cap = self.capacity
         self.sizes = {
             "item_kv_start": cap.max_items,
