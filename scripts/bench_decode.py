@@ -98,7 +98,9 @@ def time_us(fn: Callable[[], object], device: torch.device, *, warmup_ms: int, r
 
 def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
     """Median host time of ``plan`` (upload included, no device sync): fresh plans, and decode steps that grow
-    every request by one token (one page) on the same radix paths, as a server does between batch changes."""
+    every request by one token (one page) on the same radix paths, as a server does between batch changes. In graph
+    mode the slots are written into the wrapper's ``kv_indices_buffer`` first (untimed), as the SGLang backend does,
+    so that ``plan`` makes no copy of them."""
     wl, b, page = case.workload, case.batch, case.page_size
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
     host = case.kv_indices.cpu().numpy()
@@ -116,9 +118,13 @@ def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
         return indptr, torch.from_numpy(np.concatenate(grown)).to(case.device)
 
     def timed(w: PatDecodeWrapper, layout: tuple[torch.Tensor, torch.Tensor]) -> float:
+        indptr, slots = layout
+        if graph_mode:
+            w.kv_indices_buffer[: len(slots)].copy_(slots)
+            slots = w.kv_indices_buffer
         step_paths = [[tuple(n) for n in p] for p in paths]  # new objects each step, as the SGLang backend reads them
         t0 = time.perf_counter()
-        w.plan(*layout, prefix_paths=step_paths, kv_data_type=case.dtype)
+        w.plan(indptr, slots, prefix_paths=step_paths, kv_data_type=case.dtype)
         return time.perf_counter() - t0
 
     base = step_layout(0)

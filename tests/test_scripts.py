@@ -59,6 +59,18 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert "system_prompt" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])
+def test_bench_plan_timing_follows_steps(graph_mode):
+    """bench_decode's plan timing runs on the CPU device, fresh plans and followed steps, in graph mode through the
+    wrapper's slot buffer as the SGLang backend passes it."""
+    from pat_sglang.packing.workloads import make_workload
+
+    wl = make_workload("system_prompt", batch=4, scale=0.004)
+    case = bench_decode.Case(wl, 8, 2, 64, torch.float16, torch.device("cpu"), 1, 0)
+    fresh_us, step_us = bench_decode.time_plans(case, reps=3, graph_mode=graph_mode)
+    assert fresh_us > 0 and step_us > 0
+
+
 def test_demo_runs_and_agrees():
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--per-role", "2", "--scale", "0.015"],
