@@ -98,9 +98,10 @@ def _pack_attn_kernel(
     # launch_ptr holds (first item, number of items, runs alone) of this tile config, on the device, so that a CUDA
     # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says
     # (see TileConfig.schedule); a queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
-    # last program resets both for the next launch (no extra launch, works inside a CUDA graph). Keep the `while`
-    # loop: the same stride as `for work in range(pid, num_work, nprog)` compiled the 16-row tile at GQA 4 to 153
-    # registers instead of 120 on the H200 (3 resident programs per SM instead of 4; docs/PERF_NOTES.md).
+    # last program resets both for the next launch (no extra launch, works inside a CUDA graph). When this loop
+    # replaced `for work in range(pid, num_work, nprog)` (with the schedules, 105a7f3), the 16-row tile at GQA 4 went
+    # from 153 to 120 registers on the H200, i.e. 4 resident programs per SM instead of 3 (docs/PERF_NOTES.md; which
+    # part of that change did it was not isolated): check the registers before reshaping the loop.
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = tl.program_id(0)
