@@ -512,9 +512,18 @@ def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray] | None, np.ndar
     """Per newcomer (``paths[num_kept:]``): the remaining requests with the same path, in order (none for an empty
     path), and the tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
     kept = paths[:num_kept]
+    joining = paths[num_kept:]
+    try:  # one pass over the remaining requests, grouped by path (paths of hashable entries, as the backend makes)
+        wanted = {tuple(p): [] for p in joining if p}
+        for k, p in enumerate(kept):
+            same = wanted.get(tuple(p))
+            if same is not None:
+                same.append(k)
+        found = [wanted[tuple(p)] if p else [] for p in joining]
+    except TypeError:  # unhashable entries: compare with each remaining request
+        found = [[k for k, p in enumerate(kept) if p == path] if path else [] for path in joining]
     twins, ends = [], []
-    for path in paths[num_kept:]:
-        same = [k for k, p in enumerate(kept) if p == path] if path else []
+    for path, same in zip(joining, found):
         if path and not same:
             return None, np.zeros(0, dtype=np.int64)
         twins.append(np.asarray(same, dtype=np.int64))

@@ -199,6 +199,9 @@ def test_kept_positions_match_paths_and_lengths():
     assert [t.tolist() for t in _twins([a, b, a, a], 3)[0]] == [[0, 2]], "every remaining request on that path"
     assert _twins([a, [(3, 5)]], 1)[0] is None, "a newcomer on a new branch has no twin"
     assert _kept_positions(old, [b, a], old_lens, [21, 9]).tolist() == [2], "a row shorter than planned: a newcomer"
+    # Unhashable path entries (lists instead of tuples) find the same twins, by comparison instead of by hash.
+    listed = [[list(e) for e in p] for p in new]
+    assert [t.tolist() for t in _twins(listed, 5)[0]] == [[], [2]]
 
 
 class TestBadInput:

@@ -383,6 +383,7 @@ def rebatch_plan(
     base_count = counts[items].copy()
     fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m >= group]
     solo = [min(fits, key=lambda k: plan.launches[k].config.block_m)] if fits else []  # the narrowest tile
+    by_req = None
     for t in range(num_join):
         n, length = len(keep) + t, int(join_lens[t])
         if len(twins_of[t]) == 0:  # shares nothing: one item over the whole row
@@ -399,8 +400,12 @@ def rebatch_plan(
             num_items += 1
             continue
         path_end = int(join_path_end[t])
+        if by_req is None:  # the remaining requests' entries by request, once for all newcomers
+            order = np.argsort(en_req[0], kind="stable")
+            offsets = np.searchsorted(en_req[0][order], np.arange(len(keep) + 1))
+            by_req = (order, offsets)
         fit = _twin_fit(twins_of[t], path_end, length, en_item[0], en_req[0], it_rel[0], it_len[0], it_tail[0],
-                        (block_m[it_cfg[0]] // group) - base_count)  # fmt: skip
+                        (block_m[it_cfg[0]] // group) - base_count, by_req)  # fmt: skip
         if fit is None:
             return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
         j, joined, own, own_len = fit
@@ -496,18 +501,26 @@ def rebatch_plan(
     )
 
 
-def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room):
+def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, by_req):
     """The newcomer's share of a twin: (twin, the twin's items it joins, the twin's items it copies onto its own row,
     its lengths for those copies), or None.
 
     It joins the twin's items over the shared range ``[0, path_end)`` and copies its private pieces (the last one
     reaching the newcomer's length). Twins whose shared tiles have no room are passed over (reading a shared range
     again would cost every later step more than a fresh plan costs once); so are twins whose pieces the
-    newcomer's row does not continue."""
-    shared_e = rel[e_item] + ln[e_item] <= path_end
-    full = np.isin(e_req, candidates) & shared_e & (room[e_item] < 1)
-    for j in candidates[~np.isin(candidates, e_req[full])].tolist():
-        mine = e_item[e_req == j]
+    newcomer's row does not continue. ``by_req``: the entries ``e_item``/``e_req`` grouped by request, as (order,
+    CSR offsets per request)."""
+    order, offsets = by_req
+    num_reqs = len(offsets) - 1
+    # Masks indexed by request, not np.isin: one pass over the entries per newcomer (a B = 256 rebatch made ~2 ms
+    # of np.isin sorts).
+    is_candidate = np.zeros(num_reqs, dtype=bool)
+    is_candidate[candidates] = True
+    full = is_candidate[e_req] & (rel[e_item] + ln[e_item] <= path_end) & (room[e_item] < 1)
+    in_full = np.zeros(num_reqs, dtype=bool)
+    in_full[e_req[full]] = True
+    for j in candidates[~in_full[candidates]].tolist():
+        mine = e_item[order[offsets[j] : offsets[j + 1]]]
         shared = rel[mine] + ln[mine] <= path_end
         own = mine[~shared]
         own_len = ln[own].copy()
