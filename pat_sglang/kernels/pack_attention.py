@@ -324,8 +324,9 @@ def pack_attention(
     """
     if num_programs <= 0:
         return
-    num_kv_heads = k_buffer.shape[1]
-    if q.shape[1] % num_kv_heads:
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    group = q.shape[1] // num_kv_heads
+    if group * num_kv_heads != q.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({num_kv_heads})")
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
         _check_last_dim_contiguous(name, t)
@@ -336,21 +337,12 @@ def pack_attention(
     queued = config.schedule in ("queue", "auto")
     if queued and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
         raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")
-    args, meta = _kernel_args(
-        q, k_buffer, v_buffer, kv_indices, items, out, partial_o, partial_lse, launch_info, work_queue, config, sm_scale
-    )
-    _pack_attn_kernel[(num_programs,)](*args, **meta)
-
-
-def _kernel_args(q, k_buffer, v_buffer, kv_indices, items, out, partial_o, partial_lse, launch_info, work_queue,
-                 config: TileConfig, sm_scale: float) -> tuple[tuple, dict]:  # fmt: skip
-    """The pack kernel's positional arguments and its constexprs and launch options."""
-    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
     upcast = interpreting() and q.dtype == torch.bfloat16
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
-    args = (
+    _pack_attn_kernel[(num_programs,)](
         q,
         k_buffer,
         v_buffer,
@@ -365,7 +357,7 @@ def _kernel_args(q, k_buffer, v_buffer, kv_indices, items, out, partial_o, parti
         partial_o,
         partial_lse,
         launch_info,
-        work_queue if work_queue is not None else launch_info,  # not read unless the schedule is "queue"
+        work_queue if work_queue is not None else launch_info,  # read only by the "queue" and "auto" schedules
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -378,22 +370,19 @@ def _kernel_args(q, k_buffer, v_buffer, kv_indices, items, out, partial_o, parti
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
-    )
-    meta = dict(
         NUM_KV_HEADS=num_kv_heads,
-        GROUP=q.shape[1] // num_kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         UPCAST=upcast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision,
         SCHEDULE=SCHEDULES.index(config.schedule),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **options,
     )
-    return args, meta
 
 
 def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, props) -> int:
