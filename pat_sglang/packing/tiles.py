@@ -12,15 +12,16 @@ from pat_sglang.kernels.pack_attention import TileConfig
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 _POW2 = 1 << np.arange(9)  # 1 .. 256
 
-# (BLOCK_N, num_warps, num_stages, max_regs, schedule) per BLOCK_M, for heads up to 128 wide and for 256-wide heads. The
-# D<=128 table is the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29;
+# (BLOCK_N, num_warps, num_stages, max_regs, schedule) per BLOCK_M, for heads up to 128 wide and for 256-wide heads.
+# The D<=128 table is the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29;
 # docs/runs/tune_tiles_d128-0db0183.json): 4.2-4.3 TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32),
 # 3.5 on 16-request packs (64). For 128-row packs, two warpgroups under a 128-register cap: the one-warpgroup tile
 # (64, 4, 2) used 255 registers and spilled 128-184 of them (scripts/profile_decode.py prints each compiled tile's
 # registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
 # sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
-# accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (snake order
-# when its launch runs alone on a resident grid, else a plain stride; see TileConfig.schedule).
+# accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (the atomic
+# work queue when its launch is the plan's only busy one and has more pairs than programs, else the static stride;
+# see TileConfig.schedule).
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
     32: (64, 2, 2, None, "auto"),
