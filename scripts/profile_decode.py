@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "tails-second": {"order": "tails"},
     "wide-1": {"order": "wide", "programs_per_sm": {128: 1, 64: 2}},
     "serial": {"order": "wide", "serial": True},
+    # Serial with more KV splits for the wide packs (the split share of the partials raised), so that the wide
+    # launch alone fills two programs per SM before the tails run.
+    "serial-share1": {"order": "wide", "serial": True, "split_share": 1.0},
     "split-share-1": {"split_share": 1.0},
     "ctas3": {"ctas": 3},
     "splits128": {"max_splits": 128},
@@ -63,10 +66,16 @@ VARIANTS: dict[str, dict] = {
     "tile128-w8": {"tiles": {128: (64, 8, 2, None, "auto")}},
     "tile128-w8cap168": {"tiles": {128: (64, 8, 2, 168, "auto")}},
     "tile128-n128-w8": {"tiles": {128: (128, 8, 2, None, "auto")}},
+    "tile128-n32-cap128": {"tiles": {128: (32, 8, 2, 128, "auto")}},
+    "tile128-n32s3-cap128": {"tiles": {128: (32, 8, 3, 128, "auto")}},
+    "tile128-n32s3-w8": {"tiles": {128: (32, 8, 3, None, "auto")}},
     "cap16": {"tiles": {16: (64, 4, 3, 128, "auto")}},  # four tail programs per SM resident at GQA 7 (three without)
     "w2-16": {"tiles": {16: (64, 2, 3, None, "auto")}},
     "s2-16": {"tiles": {16: (64, 4, 2, None, "auto")}},
     "s4-16": {"tiles": {16: (64, 4, 4, None, "auto")}},
+    "s4w8-16": {"tiles": {16: (64, 8, 4, None, "auto")}},
+    "n32s4-16": {"tiles": {16: (32, 4, 4, None, "auto")}},
+    "n128-16": {"tiles": {16: (128, 4, 2, None, "auto")}},
     "queue16": {"tiles": {16: (64, 4, 3, None, "queue")}},
     "snake16": {"tiles": {16: (64, 4, 3, None, "snake")}},
     "cap16-queue16": {"tiles": {16: (64, 4, 3, 128, "queue")}},
