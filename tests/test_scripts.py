@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -71,7 +72,12 @@ def test_bench_plan_timing_follows_steps(graph_mode):
     assert fresh_us > 0 and step_us > 0
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None,
+    reason="the demo runs PatAttnBackend beside SGLang's TritonAttnBackend: sglang is not installed",
+)
 def test_demo_runs_and_agrees():
+    """The demo end to end (``make test`` installs sglang; the GPU machine has it only when staged)."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--per-role", "2", "--scale", "0.015"],
         capture_output=True,
