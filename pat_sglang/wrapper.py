@@ -22,7 +22,7 @@ from pat_sglang.kernels import (
     merge_partials,
     pack_attention,
 )
-from pat_sglang.kernels.merge import merge_head_block
+from pat_sglang.kernels.merge import merge_dim_block, merge_head_block
 from pat_sglang.packing import (
     ByteModel,
     Forest,
@@ -336,7 +336,7 @@ class PatDecodeWrapper:
             for i in active:
                 launch(i)
         # At most one merge per request: the batch size bounds the graph's grid too (fixed per captured batch size,
-        # and with it the heads per program).
+        # and with it the heads and head dimensions per program).
         merge_programs = plan.num_reqs if graph else plan.num_merge_reqs
         merge_partials(
             self._partial_o,
@@ -346,6 +346,7 @@ class PatDecodeWrapper:
             out,
             num_programs=merge_programs,
             head_block=merge_head_block(merge_programs, self.num_qo_heads, self.num_sms),
+            dim_block=merge_dim_block(merge_programs, self.num_qo_heads, self.head_dim, self.num_sms),
         )
         return out
 

@@ -29,13 +29,15 @@ from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
+from pat_sglang.kernels.common import padded_head_dim  # noqa: E402
 from pat_sglang.kernels.pack_attention import programs_per_sm  # noqa: E402
 from pat_sglang.packing import packs as packs_module  # noqa: E402
 from pat_sglang.packing import plan as plan_module  # noqa: E402
 from pat_sglang.packing import tiles as tiles_module  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
-# By module name: the packages export same-named functions (and the wrapper's merge_head_block is patched there).
+# By module name: the packages export same-named functions (and the wrapper's merge_head_block and merge_dim_block
+# are patched there).
 pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
 wrapper_module = importlib.import_module("pat_sglang.wrapper")
 
@@ -87,6 +89,7 @@ VARIANTS: dict[str, dict] = {
     "merge-per-head": {"merge_head_block": 1},  # the merge before head blocks: one program per (request, head)
     "merge-hb4": {"merge_head_block": 4},
     "merge-hb16": {"merge_head_block": 16},
+    "merge-whole-head": {"merge_whole_head": True},  # before head-dimension blocks for a very few requests
 }
 
 
@@ -128,6 +131,11 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
             (lambda *a, hb=variant["merge_head_block"]: hb) if "merge_head_block" in variant else None,
         ),
         _patched(tiles_module, "_TILES_D128", _tile_table(variant)),
+        _patched(
+            wrapper_module,
+            "merge_dim_block",
+            (lambda reqs, heads, head_dim, sms: padded_head_dim(head_dim)) if variant.get("merge_whole_head") else None,
+        ),
     ):
         tiles_module._tile.cache_clear()
         try:

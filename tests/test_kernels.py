@@ -144,10 +144,11 @@ def test_merge_identity(dtype, split_at):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_partials", [1, 2, 5, 8, 9, 17, 33, 64])
-@pytest.mark.parametrize("head_block", [1, 4])
-def test_merge_kernel_vs_reference(dtype, num_partials, head_block):
+@pytest.mark.parametrize("head_block, dim_block", [(1, None), (1, 32), (4, None), (4, 32)])
+def test_merge_kernel_vs_reference(dtype, num_partials, head_block, dim_block):
     """One request's list against the reference, one head per program or blocks of heads (7 heads: the last block
-    is partly past the heads and must stay untouched there)."""
+    is partly past the heads and must stay untouched there), over the whole head or blocks of its dimensions (80:
+    the last 32-wide block is partly past the head, the padded one wholly)."""
     heads, head_dim = 7, 80
     g = torch.Generator().manual_seed(num_partials)
     po = torch.randn(num_partials + 1, heads, head_dim, generator=g).to(DEVICE)
@@ -158,7 +159,7 @@ def test_merge_kernel_vs_reference(dtype, num_partials, head_block):
     # Three programs for one request: the two past the device-side count must exit without writing.
     merge_partials(
         po, plse, as_t([1]), as_t([0, num_partials]), as_t(order), as_t([1]), out, num_programs=3,
-        head_block=head_block,
+        head_block=head_block, dim_block=dim_block,
     )  # fmt: skip
     ref, _ = merge_reference(po[1:], plse[1:])
     assert_close(out[1], ref, dtype)
@@ -166,14 +167,23 @@ def test_merge_kernel_vs_reference(dtype, num_partials, head_block):
 
 
 def test_merge_head_block_and_its_errors():
-    from pat_sglang.kernels.merge import HEAD_BLOCK, merge_head_block
+    """merge_head_block's choice, and merge_partials' errors for head and dimension blocks."""
+    from pat_sglang.kernels.merge import HEAD_BLOCK, NARROW_DIM_BLOCK, merge_dim_block, merge_head_block
 
     assert merge_head_block(1, 32, 132) == 1  # single_long: every head its own program
     assert merge_head_block(128, 32, 132) == HEAD_BLOCK
+    assert merge_dim_block(1, 28, 128, 132) == NARROW_DIM_BLOCK  # single_long: quarter heads too
+    assert merge_dim_block(4, 32, 128, 132) == NARROW_DIM_BLOCK  # 512 programs: still about one wave
+    assert merge_dim_block(16, 32, 128, 132) == 128  # 2048 programs would cost more than they spread
+    assert merge_dim_block(1, 8, 80, 132) == NARROW_DIM_BLOCK and merge_dim_block(1, 8, 256, 132) == NARROW_DIM_BLOCK
     po, plse = torch.zeros(1, 4, 64, device=DEVICE), torch.zeros(1, 4, device=DEVICE)
     idx = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="head_block"):
         merge_partials(po, plse, idx, idx, idx, idx, torch.zeros(1, 4, 64, device=DEVICE), num_programs=1, head_block=3)
+    for bad in (8, 48, 128):  # below 16, not a power of two, wider than the (padded) head
+        with pytest.raises(ValueError, match="dim_block"):
+            merge_partials(po, plse, idx, idx, idx, idx, torch.zeros(1, 4, 64, device=DEVICE), num_programs=1,
+                           dim_block=bad)  # fmt: skip
 
 
 def test_launch_covers_only_its_items():

@@ -3,10 +3,11 @@
 Request ``merge_req[i]`` owns partial slots ``merge_indices[merge_indptr[i]:merge_indptr[i + 1]]`` (a CSR list); the
 result is ``sum_j exp(lse_j - lse) * o_j`` with ``lse = logsumexp_j lse_j``, written in the output's dtype.
 
-Program ``(i, c)`` merges request ``i``'s heads ``[c * HEAD_BLOCK, (c + 1) * HEAD_BLOCK)``: one head per program
+Program ``(i, c)`` merges request ``i``'s heads ``[c * HEAD_BLOCK, (c + 1) * HEAD_BLOCK)`` over one block of
+``DIM_BLOCK`` head dimensions: one head (and, for a very few requests, a quarter of its dimensions) per program
 spreads a few long lists over many programs (one long request split over the whole GPU), a block of heads per
-program keeps a large batch of short lists to few programs (each program's cost is mostly its chain of dependent
-loads, not its bytes).
+program over the whole head keeps a large batch of short lists to few programs (each program's cost is mostly its
+chain of dependent loads, not its bytes).
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ import triton.language as tl
 
 from pat_sglang.kernels.common import padded_head_dim
 
-# Lists longer than this take [BLOCK_P, D] tiles over their partials, one head at a time; shorter ones a chain of
-# four [HEAD_BLOCK, D] partials per step. With a block of heads per program the chain holds longer lists: the tile
-# path would take its heads one after another (lists of 9-11 partials, qwen2.5-7b rows: 11 -> 18 µs on the H200).
+# Lists longer than this take [BLOCK_P, DIM_BLOCK] tiles over their partials, one head at a time; shorter ones a
+# chain of four [HEAD_BLOCK, DIM_BLOCK] partials per step. With a block of heads per program the chain holds longer
+# lists: the tile path would take its heads one after another (lists of 9-11 partials, qwen2.5-7b rows: 11 -> 18 µs
+# on the H200).
 LONG_LIST = 8
 LONG_LIST_HEAD_BLOCK = 32
-BLOCK_P = 32
+# Elements of one [BLOCK_P, DIM_BLOCK] tile of the long-list path: 32 partials of a whole 128-wide head, or 64
+# partials (single_long's whole list, one step) of a 32-wide block of it.
+BLOCK_P_ELEMENTS = 4096
+MAX_BLOCK_P = 64
+# Head dimensions per program for a very few requests (see merge_dim_block): 4x the programs, a quarter of the bytes
+# each. On the H200 the merge of single_long's 64 partials per head took 3.2 instead of 5.3 µs, but with 16 requests
+# of 5 partials (2048 programs) 4.1 instead of 2.8 µs.
+NARROW_DIM_BLOCK = 32
 # Heads per merge program for a batch of many requests (see merge_head_block).
 HEAD_BLOCK = 8
 
@@ -61,29 +70,32 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HEAD_BLOCK: tl.constexpr,
+    DIM_BLOCK: tl.constexpr,
     LONG_LIST: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     i = tl.program_id(0)
-    head0 = tl.program_id(1) * HEAD_BLOCK
+    head0 = (tl.program_id(1) // (HEAD_DIM_PAD // DIM_BLOCK)) * HEAD_BLOCK
+    dim0 = (tl.program_id(1) % (HEAD_DIM_PAD // DIM_BLOCK)) * DIM_BLOCK
     # The request count lives on the device so that a graph captured with max_batch_size programs replays any plan.
     if i >= tl.load(num_merge_ptr):
         return
     req = tl.load(merge_req_ptr + i).to(tl.int64)
     begin = tl.load(merge_indptr_ptr + i)
     end = tl.load(merge_indptr_ptr + i + 1)
-    dims = tl.arange(0, HEAD_DIM_PAD)
+    dims = dim0 + tl.arange(0, DIM_BLOCK)
     dim_mask = dims < HEAD_DIM
     out_ty = out_ptr.dtype.element_ty
 
     if end - begin > LONG_LIST:
         # A long list (one long request split over many programs: up to 64 partials), one head at a time, in
-        # [BLOCK_P, D] tiles: a few steps, each one cross-row reduction.
+        # [BLOCK_P, DIM_BLOCK] tiles: a few steps (one for 64 partials in 32-wide blocks), each one cross-row
+        # reduction.
         offs = tl.arange(0, BLOCK_P)
         for h in range(head0, tl.minimum(head0 + HEAD_BLOCK, NUM_HEADS)):
             m = tl.full([], float("-inf"), dtype=tl.float32)
             denom = tl.zeros([], dtype=tl.float32)
-            acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+            acc = tl.zeros([DIM_BLOCK], dtype=tl.float32)
             for j in range(begin, end, BLOCK_P):
                 valid = j + offs < end
                 slot = tl.load(merge_indices_ptr + j + offs, mask=valid, other=0).to(tl.int64)
@@ -109,7 +121,7 @@ def _merge_kernel(
         head_mask = heads < NUM_HEADS
         m = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([HEAD_BLOCK], dtype=tl.float32)
-        acc = tl.zeros([HEAD_BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+        acc = tl.zeros([HEAD_BLOCK, DIM_BLOCK], dtype=tl.float32)
         for j in range(begin, end, 4):
             lse0, o0 = _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, heads, head_mask,
                                       dims, dim_mask, stride_po_p, stride_po_h, stride_plse_p)  # fmt: skip
@@ -144,6 +156,14 @@ def merge_head_block(num_reqs: int, num_heads: int, num_sms: int) -> int:
     return 1 if num_reqs * num_heads <= 4 * num_sms else HEAD_BLOCK
 
 
+def merge_dim_block(num_reqs: int, num_heads: int, head_dim: int, num_sms: int) -> int:
+    """Head dimensions per merge program: NARROW_DIM_BLOCK while one head per program in blocks that narrow still
+    fits the device in about one wave (a request or a few, long lists), else the whole (padded) head."""
+    pad = padded_head_dim(head_dim)
+    narrow = min(NARROW_DIM_BLOCK, pad)
+    return narrow if num_reqs * num_heads * (pad // narrow) <= 4 * num_sms else pad
+
+
 def merge_partials(
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
@@ -155,6 +175,7 @@ def merge_partials(
     *,
     num_programs: int,
     head_block: int = 1,
+    dim_block: int | None = None,
 ) -> None:
     """Merge partials into ``out`` for the first ``num_merge[0]`` entries of ``merge_req``.
 
@@ -166,6 +187,8 @@ def merge_partials(
         out: ``[B, Hq, D]``, any float dtype; rows not listed are left untouched.
         num_programs: programs along the request axis (at least ``num_merge[0]``).
         head_block: heads per program, a power of two (see ``merge_head_block``).
+        dim_block: head dimensions per program, a power of two of at least 16 that divides the padded head
+            dimension (see ``merge_dim_block``); None: the whole (padded) head.
     """
     if num_programs <= 0:
         return
@@ -176,7 +199,13 @@ def merge_partials(
     if head_block < 1 or head_block & (head_block - 1):
         raise ValueError(f"head_block must be a power of two, got {head_block}")
     num_heads, head_dim = out.shape[1], out.shape[2]
-    _merge_kernel[(num_programs, triton.cdiv(num_heads, head_block))](
+    head_dim_pad = padded_head_dim(head_dim)
+    if dim_block is None:
+        dim_block = head_dim_pad
+    if dim_block < 16 or dim_block & (dim_block - 1) or head_dim_pad % dim_block:
+        raise ValueError(f"dim_block must be a power of two >= 16 dividing {head_dim_pad}, got {dim_block}")
+    dim_blocks = head_dim_pad // dim_block
+    _merge_kernel[(num_programs, triton.cdiv(num_heads, head_block) * dim_blocks)](
         partial_o,
         partial_lse,
         merge_req,
@@ -191,9 +220,10 @@ def merge_partials(
         out.stride(1),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=padded_head_dim(head_dim),
+        HEAD_DIM_PAD=head_dim_pad,
         HEAD_BLOCK=head_block,
+        DIM_BLOCK=dim_block,
         LONG_LIST=LONG_LIST if head_block == 1 else LONG_LIST_HEAD_BLOCK,
-        BLOCK_P=BLOCK_P,
-        num_warps=4 if head_dim * head_block >= 128 else 2,
+        BLOCK_P=min(MAX_BLOCK_P, BLOCK_P_ELEMENTS // dim_block),
+        num_warps=4 if dim_block * head_block >= 128 else 2,
     )
