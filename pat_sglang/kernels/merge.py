@@ -24,10 +24,10 @@ from pat_sglang.kernels.common import padded_head_dim
 # on the H200).
 LONG_LIST = 8
 LONG_LIST_HEAD_BLOCK = 32
-# Elements of one [BLOCK_P, DIM_BLOCK] tile of the long-list path: 32 partials of a whole 128-wide head, or 64
-# partials (single_long's whole list, one step) of a 32-wide block of it.
-BLOCK_P_ELEMENTS = 4096
-MAX_BLOCK_P = 64
+# Partials per step of the long-list path: 32 of a whole head, 64 (single_long's whole list in one step) of a block
+# of NARROW_DIM_BLOCK dimensions or fewer.
+BLOCK_P = 32
+NARROW_BLOCK_P = 64
 # Head dimensions per program for a very few requests (see merge_dim_block): 4x the programs, a quarter of the bytes
 # each. On the H200 the merge of single_long's 64 partials per head took 3.2 instead of 5.3 µs, but with 16 requests
 # of 5 partials (2048 programs) 4.1 instead of 2.8 µs.
@@ -224,6 +224,6 @@ def merge_partials(
         HEAD_BLOCK=head_block,
         DIM_BLOCK=dim_block,
         LONG_LIST=LONG_LIST if head_block == 1 else LONG_LIST_HEAD_BLOCK,
-        BLOCK_P=min(MAX_BLOCK_P, BLOCK_P_ELEMENTS // dim_block),
-        num_warps=4 if dim_block * head_block >= 128 else 2,
+        BLOCK_P=NARROW_BLOCK_P if dim_block <= NARROW_DIM_BLOCK else BLOCK_P,
+        num_warps=4 if min(dim_block, head_dim) * head_block >= 128 else 2,
     )
