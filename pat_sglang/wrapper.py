@@ -584,9 +584,9 @@ class _GraphBuffers:
         # the device is two plans behind. Entries past a plan's counts are never read, so nothing is zeroed.
         pinned = w.device.type == "cuda"
         self.staging = [torch.zeros(pos, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
-        # The event recorded after each staging copy's last upload, made once (see _fork_join), and whether it was.
+        # The event recorded after each staging copy's last upload, made once (see _fork_join). Waiting on one that
+        # was never recorded returns at once (torch creates the CUDA event at its first record).
         self.staged = [torch.cuda.Event(), torch.cuda.Event()] if pinned else [None, None]
-        self.recorded = [False, False]
         self.held: list[dict[str, np.ndarray]] = [{}, {}]
         self.turn = 0
         self.max_num_kv_tokens = max_num_kv_tokens
@@ -614,7 +614,7 @@ class _GraphBuffers:
             raise ValueError(f"kv_indptr: batch of {plan.num_reqs} exceeds max_batch_size={self.max_batch_size}")
         turn = self.turn
         self.turn ^= 1
-        if self.recorded[turn]:
+        if self.staged[turn] is not None:
             self.staged[turn].synchronize()
         staging = self.staging[turn]
         host = staging.numpy()
@@ -627,7 +627,6 @@ class _GraphBuffers:
         self.buffer.copy_(staging, non_blocking=True)
         if self.staged[turn] is not None:
             self.staged[turn].record()
-            self.recorded[turn] = True
         if kv_indices.data_ptr() != self.kv_indices.data_ptr():
             self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
         self.wrapper._plan = plan
