@@ -34,6 +34,8 @@ NARROW_BLOCK_P = 64
 NARROW_DIM_BLOCK = 32
 # Heads per merge program for a batch of many requests (see merge_head_block).
 HEAD_BLOCK = 8
+# Merge programs per SM that count as "about one wave" for the finer splits (one head, narrow dimension blocks).
+WAVE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -153,7 +155,7 @@ def _merge_kernel(
 def merge_head_block(num_reqs: int, num_heads: int, num_sms: int) -> int:
     """Heads per merge program: one while ``num_reqs`` x ``num_heads`` programs fit the device in about one wave
     (a few long requests: every head its own program), else HEAD_BLOCK."""
-    return 1 if num_reqs * num_heads <= 4 * num_sms else HEAD_BLOCK
+    return 1 if num_reqs * num_heads <= WAVE_PROGRAMS_PER_SM * num_sms else HEAD_BLOCK
 
 
 def merge_dim_block(num_reqs: int, num_heads: int, head_dim: int, num_sms: int) -> int:
@@ -161,7 +163,7 @@ def merge_dim_block(num_reqs: int, num_heads: int, head_dim: int, num_sms: int) 
     fits the device in about one wave (a request or a few, long lists), else the whole (padded) head."""
     pad = padded_head_dim(head_dim)
     narrow = min(NARROW_DIM_BLOCK, pad)
-    return narrow if num_reqs * num_heads * (pad // narrow) <= 4 * num_sms else pad
+    return narrow if num_reqs * num_heads * (pad // narrow) <= WAVE_PROGRAMS_PER_SM * num_sms else pad
 
 
 def merge_partials(
