@@ -71,6 +71,23 @@ VARIANTS: dict[str, dict] = {
     "tile128-n32-cap128": {"tiles": {128: (32, 8, 2, 128, "auto")}},
     "tile128-n32s3-cap128": {"tiles": {128: (32, 8, 3, 128, "auto")}},
     "tile128-n32s3-w8": {"tiles": {128: (32, 8, 3, None, "auto")}},
+    # Deeper K/V prefetch: at num_stages 5 Triton 3.6's pipeliner issues a tile's K/V two iterations before its use
+    # (the slot load takes the first stage); at 2-4 stages the loop waits for every copy at its top (no overlap).
+    "tile128-s5": {"tiles": {128: (64, 8, 5, 128, "auto")}},
+    "tile128-s5-cap168": {"tiles": {128: (64, 8, 5, 168, "auto")}},
+    "tile128-s5-nocap": {"tiles": {128: (64, 8, 5, None, "auto")}},
+    "tile128-n32s5": {"tiles": {128: (32, 8, 5, 128, "auto")}},
+    "n32s5-16": {"tiles": {16: (32, 4, 5, None, "auto")}},
+    "n32s5-32": {"tiles": {32: (32, 2, 5, None, "auto")}},
+    "s5-64": {"tiles": {64: (64, 4, 5, None, "auto")}},
+    "s5-all": {
+        "tiles": {
+            128: (64, 8, 5, 128, "auto"),
+            64: (64, 4, 5, None, "auto"),
+            32: (32, 2, 5, None, "auto"),
+            16: (32, 4, 5, None, "auto"),
+        }
+    },
     "cap16": {"tiles": {16: (64, 4, 3, 128, "auto")}},  # four tail programs per SM resident at GQA 7 (three without)
     "w2-16": {"tiles": {16: (64, 2, 3, None, "auto")}},
     "s2-16": {"tiles": {16: (64, 4, 2, None, "auto")}},
