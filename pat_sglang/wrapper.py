@@ -546,7 +546,7 @@ class _GraphBuffers:
         # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
         # first: wide packs are the longest work, and a launch's programs occupy SMs until its pairs are done.
         block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
-        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20) for m in block_ms)
+        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20, num_kv_heads=w.num_kv_heads) for m in block_ms)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * ctas_per_sm * w.num_sms
         self.capacity = PlanCapacity(

@@ -45,8 +45,8 @@ wrapper_module = importlib.import_module("pat_sglang.wrapper")
 # "tails": widest, then narrowest, then the rest),
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
-# register cap, schedule) as in pat_sglang/packing/tiles.py), one schedule for every tile, packs of at most 64 rows,
-# the merge's heads per program.
+# register cap, schedule) as in pat_sglang/packing/tiles.py; a variant's entries replace those of both D<=128
+# tables), one schedule for every tile, packs of at most 64 rows, the merge's heads per program.
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -123,12 +123,12 @@ def _patched(module, name: str, value):
         setattr(module, name, old)
 
 
-def _tile_table(variant: dict) -> dict | None:
-    """The D<=128 tile table a variant runs: its entries over the default ones, every schedule set by
-    ``schedule_all``."""
+def _tile_table(variant: dict, base: dict) -> dict | None:
+    """A D<=128 tile table (``base``: the one for many KV heads or for few) as a variant runs it: its entries over the
+    table's own, every schedule set by ``schedule_all``."""
     if "tiles" not in variant and "schedule_all" not in variant:
         return None
-    table = {**tiles_module._TILES_D128, **variant.get("tiles", {})}
+    table = {**base, **variant.get("tiles", {})}
     if "schedule_all" in variant:
         table = {m: (*entry[:4], variant["schedule_all"]) for m, entry in table.items()}
     return table
@@ -147,7 +147,8 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
             "merge_head_block",
             (lambda *a, hb=variant["merge_head_block"]: hb) if "merge_head_block" in variant else None,
         ),
-        _patched(tiles_module, "_TILES_D128", _tile_table(variant)),
+        _patched(tiles_module, "_TILES_D128", _tile_table(variant, tiles_module._TILES_D128)),
+        _patched(tiles_module, "_TILES_D128_FEW_KV_HEADS", _tile_table(variant, tiles_module._TILES_D128_FEW_KV_HEADS)),
         _patched(
             wrapper_module,
             "merge_dim_block",

@@ -91,15 +91,37 @@ def test_wide_pack(dtype, block_m):
     assert torch.isnan(out).all(), "a partial-only pack must not touch the output"
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 6, 7, 9, 16])
+def test_rows_map_to_requests_and_heads_for_every_group(group):
+    """A 128-row tile as full as the group allows: the kernel maps row r to request r // group and q head
+    r % group by a multiply and a shift, exact for every row of every group."""
+    num_kv_heads, head_dim, kv_len = 2, 32, 20
+    batch = 128 // group
+    k, v = random_kv(kv_len, num_kv_heads, head_dim, torch.float16)
+    q = random_q(batch, num_kv_heads * group, head_dim, torch.float16)
+    slots = torch.arange(kv_len, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(1, num_kv_heads * group, head_dim)
+    # Entries in reverse, so a wrong request index reads another request's query.
+    items = _items([0], [kv_len], [0], [batch], list(range(batch))[::-1], [-(r + 1) for r in range(batch)][::-1])
+    cfg = TileConfig(block_m=128, block_n=16, num_warps=4, num_stages=2)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=num_kv_heads, sm_scale=0.2
+    )
+    ref, _ = attention_reference(q, k, v, 0.2)
+    assert_close(out, ref, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [4, 7])
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
-def test_production_tiles(dtype, group, block_m):
-    """The tile table's own configs (warps, stages and register caps as planned) on a full pack of 128-wide heads,
+@pytest.mark.parametrize("model_kv_heads", [4, 8], ids=["few-kv-heads", "many-kv-heads"])
+def test_production_tiles(dtype, group, block_m, model_kv_heads):
+    """Both tile tables' own configs (warps, stages and register caps as planned) on a full pack of 128-wide heads,
     the llama3-8b and qwen2.5-7b GQA groups, KV a few tiles long, outputs written directly."""
     num_kv_heads, head_dim, kv_len = 2, 128, 150
     batch = block_m // group
-    cfg = choose_tile(batch * group, head_dim, kv_len)
+    cfg = choose_tile(batch * group, head_dim, kv_len, num_kv_heads=model_kv_heads)
     assert cfg.block_m == block_m
     k, v = random_kv(kv_len + 10, num_kv_heads, head_dim, dtype)
     q = random_q(batch, num_kv_heads * group, head_dim, dtype)

@@ -340,22 +340,25 @@ def test_no_sharing_writes_outputs_directly():
 @pytest.mark.parametrize(
     ("rows", "head_dim", "block_m"), [(1, 128, 16), (16, 128, 16), (17, 64, 32), (64, 256, 64), (65, 80, 128)]
 )
-def test_tile_covers_rows(rows, head_dim, block_m):
-    cfg = choose_tile(rows, head_dim, kv_len=4096)
+@pytest.mark.parametrize("num_kv_heads", [4, 8])
+def test_tile_covers_rows(rows, head_dim, block_m, num_kv_heads):
+    cfg = choose_tile(rows, head_dim, kv_len=4096, num_kv_heads=num_kv_heads)
     assert cfg.block_m == block_m
     with pytest.raises(ValueError, match="rows"):
-        choose_tile(129, head_dim, kv_len=16)
+        choose_tile(129, head_dim, kv_len=16, num_kv_heads=num_kv_heads)
 
 
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(1, 128), st.integers(1, 1 << 20) | st.integers(1, 600)), min_size=1),
     st.sampled_from([64, 80, 96, 128, 256]),
+    st.sampled_from([1, 4, 8]),
 )
-def test_vectorised_tile_choice_equals_per_pack_choice(packs, head_dim):
+def test_vectorised_tile_choice_equals_per_pack_choice(packs, head_dim, num_kv_heads):
     rows, lens = (np.asarray(x, dtype=np.int64) for x in zip(*packs))
-    configs, index = choose_tiles(rows, head_dim, lens)
-    assert [configs[i] for i in index] == [choose_tile(int(r), head_dim, int(n)) for r, n in packs]
+    configs, index = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads)
+    expected = [choose_tile(int(r), head_dim, int(n), num_kv_heads=num_kv_heads) for r, n in packs]
+    assert [configs[i] for i in index] == expected
 
 
 def test_paths_validation_names_prefix_paths():

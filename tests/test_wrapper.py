@@ -323,8 +323,9 @@ def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
     queues are per launch, so concurrent launches and later replays do not mix them up)."""
     from pat_sglang.packing import tiles as tiles_module
 
-    table = {m: (*entry[:4], schedule) for m, entry in tiles_module._TILES_D128.items()}
-    monkeypatch.setattr(tiles_module, "_TILES_D128", table)
+    for name in ("_TILES_D128", "_TILES_D128_FEW_KV_HEADS"):
+        table = {m: (*entry[:4], schedule) for m, entry in getattr(tiles_module, name).items()}
+        monkeypatch.setattr(tiles_module, name, table)
     tiles_module._tile.cache_clear()
     try:
         w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)

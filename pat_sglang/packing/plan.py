@@ -201,7 +201,7 @@ def build_plan(
             missing = sorted({BLOCK_M_CHOICES[int(i)] for i in block_m_index(rows)[pack_cfg < 0]})
             raise ValueError(f"fixed_configs: no config with BLOCK_M {missing}")
     else:
-        distinct, chosen = choose_tiles(rows, head_dim, lens)
+        distinct, chosen = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads)
         configs = sorted(set(distinct), key=_config_key)
         position = {c: k for k, c in enumerate(configs)}
         rank = np.asarray([position[c] for c in distinct], dtype=np.int64)

@@ -22,8 +22,26 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (the atomic
 # work queue when its launch is the plan's only busy one and has more pairs than programs, else the static stride;
 # see TileConfig.schedule).
+#
+# num_stages and Triton 3.6's pipeliner: a tile's K/V gather depends on its slot load, so the pipeliner gives the slot
+# load a stage of its own, and up to 4 stages the loop waits for every copy at its top (the K/V of the next tile is
+# issued after this tile's dots: no overlap inside a program; its bandwidth comes from the other resident programs).
+# From 5 stages the K/V are issued two tiles ahead (three K/V buffers in shared memory). On the H200 the 128-row tile
+# alone went from 141 to 173 TFLOP/s (one program per SM); in the graph-mode plans it made system_prompt and
+# multi_agent 4-7% faster on llama3-8b heads (8 KV heads) and the other rows level, but was mixed on qwen2.5-7b heads.
+# With 4 KV heads a lone tail launch has half the (item, KV head) pairs (single_long: 256 pairs for 132 SMs), and the
+# 16-row tile with 5 stages (two programs per SM) made single_long 7% faster with no_sharing level, while its sharing
+# rows kept most of their gain (docs/PERF_NOTES.md, seventh session).
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
+    32: (64, 2, 2, None, "auto"),
+    64: (64, 4, 3, None, "auto"),
+    128: (64, 8, 5, 128, "auto"),
+}
+# Heads with at most FEW_KV_HEADS KV heads (qwen2.5-7b: 28 q heads over 4 KV heads).
+FEW_KV_HEADS = 4
+_TILES_D128_FEW_KV_HEADS = {
+    16: (64, 4, 5, None, "auto"),
     32: (64, 2, 2, None, "auto"),
     64: (64, 4, 3, None, "auto"),
     128: (64, 8, 2, 128, "auto"),
@@ -49,7 +67,9 @@ def block_m_index(rows: np.ndarray) -> np.ndarray:
     return idx
 
 
-def choose_tiles(rows: np.ndarray, head_dim: int, kv_lens: np.ndarray) -> tuple[list[TileConfig], np.ndarray]:
+def choose_tiles(
+    rows: np.ndarray, head_dim: int, kv_lens: np.ndarray, *, num_kv_heads: int
+) -> tuple[list[TileConfig], np.ndarray]:
     """Vectorised ``choose_tile`` over packs: the distinct configs and each pack's index into them."""
     # BLOCK_N depends on the length only through the next power of two (halving stops at kv_len <= BLOCK_N / 2),
     # and only below 256: 9 length buckets.
@@ -58,19 +78,26 @@ def choose_tiles(rows: np.ndarray, head_dim: int, kv_lens: np.ndarray) -> tuple[
     present = np.flatnonzero(np.bincount(key, minlength=len(BLOCK_M_CHOICES) * len(_POW2)))
     index = np.zeros(len(BLOCK_M_CHOICES) * len(_POW2), dtype=np.int64)
     index[present] = np.arange(len(present))
-    configs = [_tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)])) for k in present.tolist()]
+    few = num_kv_heads <= FEW_KV_HEADS
+    configs = [
+        _tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)]), few) for k in present.tolist()
+    ]
     return configs, index[key]
 
 
-def choose_tile(rows: int, head_dim: int, kv_len: int) -> TileConfig:
-    """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads."""
+def choose_tile(rows: int, head_dim: int, kv_len: int, *, num_kv_heads: int) -> TileConfig:
+    """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads, for a model
+    with ``num_kv_heads`` KV heads."""
     # Only lengths below 256 change BLOCK_N, so the cache stays small.
-    return _tile(block_m_for_rows(rows), head_dim, min(kv_len, 256))
+    return _tile(block_m_for_rows(rows), head_dim, min(kv_len, 256), num_kv_heads <= FEW_KV_HEADS)
 
 
 @cache
-def _tile(block_m: int, head_dim: int, kv_len: int) -> TileConfig:
-    table = _TILES_D256 if padded_head_dim(head_dim) > 128 else _TILES_D128
+def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool) -> TileConfig:
+    if padded_head_dim(head_dim) > 128:
+        table = _TILES_D256
+    else:
+        table = _TILES_D128_FEW_KV_HEADS if few_kv_heads else _TILES_D128
     block_n, num_warps, num_stages, max_regs, schedule = table[block_m]
     # Short ranges: no point in a KV tile much wider than the range itself.
     while block_n > 16 and block_n >= 2 * kv_len:
