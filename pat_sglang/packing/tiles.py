@@ -30,12 +30,14 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # alone went from 141 to 173 TFLOP/s (one program per SM); in the graph-mode plans it made system_prompt and
 # multi_agent 4-7% faster on llama3-8b heads (8 KV heads) and the other rows level, but was mixed on qwen2.5-7b heads.
 # With 4 KV heads a lone tail launch has half the (item, KV head) pairs (single_long: 256 pairs for 132 SMs), and the
-# 16-row tile with 5 stages (two programs per SM) made single_long 7% faster with no_sharing level, while its sharing
-# rows kept most of their gain (docs/PERF_NOTES.md, seventh session).
+# 16-row tile with 5 stages (two programs per SM) made single_long 7% and no_sharing 8% faster than the 3-stage tile
+# (four per SM), which is 3-8% faster beside wide packs (a choice per plan would take both; not done). The 64-row
+# tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but parallel_sampling with
+# qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session).
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
     32: (64, 2, 2, None, "auto"),
-    64: (64, 4, 3, None, "auto"),
+    64: (64, 4, 5, None, "auto"),
     128: (64, 8, 5, 128, "auto"),
 }
 # Heads with at most FEW_KV_HEADS KV heads (qwen2.5-7b: 28 q heads over 4 KV heads).
@@ -43,7 +45,7 @@ FEW_KV_HEADS = 4
 _TILES_D128_FEW_KV_HEADS = {
     16: (64, 4, 5, None, "auto"),
     32: (64, 2, 2, None, "auto"),
-    64: (64, 4, 3, None, "auto"),
+    64: (64, 4, 5, None, "auto"),
     128: (64, 8, 2, 128, "auto"),
 }
 _TILES_D256 = {
