@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py", "profile_plan.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py", "profile_plan.py", "compile_sm90.py"]
+)
 def test_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -29,6 +32,32 @@ def test_profile_decode_says_it_needs_a_gpu():
         pytest.skip("on a GPU it profiles (docs/PERF_NOTES.md)")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_decode.py")], capture_output=True, text=True)
     assert out.returncode != 0 and "needs a GPU" in out.stderr
+
+
+def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
+    """The production tiles compiled for sm90 (no GPU needed): regression guards for what the H200 measured.
+    The tail tile at GQA 7 fits four programs per SM (Triton's division of the row index by 7 once cost it 156
+    registers: three per SM); the 5-stage tiles keep K/V copies in flight across the KV loop's wait, and the
+    3-stage tail tile does not (its bandwidth comes from four resident programs). Runs in a subprocess: the suite's
+    Triton interpreter cannot compile for a GPU target."""
+    import compile_sm90
+
+    if compile_sm90.cuda_tools_dir() is None:
+        pytest.skip("this triton install ships no ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), "--json", "--group", "7", "4"]
+    out = subprocess.run(
+        [*cmd, "--kv-heads", "8", "4", "--block-m", "16", "128"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"]): t for t in map(json.loads, out.stdout.splitlines())}
+    tail = tiles[8, 7, 16]
+    assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
+    assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0, tail
+    wide = tiles[8, 4, 128]
+    assert wide["config"]["num_stages"] == 5 and wide["copies_in_flight"] > 0, wide
+    lone_tail = tiles[4, 7, 16]
+    assert lone_tail["config"]["num_stages"] == 5 and lone_tail["copies_in_flight"] > 0, lone_tail
 
 
 def test_profile_plan_smoke():

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Compile the pack kernel's production tiles for sm90 (H100/H200) on any machine, GPU or not, and print what
+decides their speed before a GPU run: registers, the stack frame of spilled registers, shared memory, programs per
+SM, and whether the KV loop keeps K/V copies in flight while it computes (Triton's pipeliner, read from the TTGIR).
+
+Triton compiles for a target without a device (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) and the
+triton wheel ships ptxas and cuobjdump, so this runs on the CPU-only dev machine. Registers are cuobjdump's count of
+the cubin Triton built (within a few registers of a launch on the H200, which specializes a few more arguments).
+
+    python scripts/compile_sm90.py --group 4 7 --kv-heads 8 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pat_sglang.kernels.common import padded_head_dim  # noqa: E402
+from pat_sglang.kernels.pack_attention import SCHEDULES, TileConfig, programs_per_sm  # noqa: E402
+from pat_sglang.packing.tiles import block_m_for_rows, choose_tile  # noqa: E402
+
+# By module name: the package exports a function of the same name.
+pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
+# One H100/H200 SM: 64K registers, 2048 threads, 228 KB of shared memory.
+SM90 = SimpleNamespace(
+    regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+)
+_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    config: TileConfig
+    group: int
+    registers: int
+    spilled_bytes: int  # the thread's stack frame (spilled registers) and local memory
+    shared_bytes: int
+    programs_per_sm: int
+    copies_in_flight: int  # cp.async groups the KV loop's wait leaves outstanding: 0 = no overlap inside a program
+
+
+def cuda_tools_dir() -> Path | None:
+    """The folder of the ptxas / cuobjdump that ship in the triton wheel, or None when it is missing."""
+    d = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return d if (d / "ptxas").exists() and (d / "cuobjdump").exists() else None
+
+
+def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_heads: int = 8, dtype: str = "bf16"):
+    """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``)."""
+    fn = pack_module._pack_attn_kernel
+    consts = dict(
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=padded_head_dim(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        UPCAST=False,
+        DOT_PRECISION="tf32",
+        SCHEDULE=SCHEDULES.index(cfg.schedule),
+    )
+    elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
+    elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + elem.get(name, "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "sm_scale_log2":
+            signature[name] = "fp32"
+        else:  # strides: multiples of 16 elements for the KV layouts the wrapper takes
+            signature[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.max_regs is not None:
+        options["maxnreg"] = cfg.max_regs
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def inspect_tile(cfg: TileConfig, *, group: int, **kwargs) -> Compiled:
+    """Compile ``cfg`` for sm90 and read its resources (cuobjdump) and its KV loop's wait (TTGIR)."""
+    tools = cuda_tools_dir()
+    if tools is None:
+        raise RuntimeError("this triton install has no ptxas/cuobjdump for sm90")
+    kernel = compile_tile(cfg, group=group, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run(
+            [str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    # Spilled registers live in the thread's stack frame.
+    spilled = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    ttgir = kernel.asm["ttgir"]
+    loop = ttgir[ttgir.index("scf.for") :]
+    wait = re.search(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)
+    shared = kernel.metadata.shared
+    return Compiled(
+        config=cfg,
+        group=group,
+        registers=registers,
+        spilled_bytes=spilled,
+        shared_bytes=shared,
+        programs_per_sm=programs_per_sm(registers, cfg.num_warps, shared, SM90),
+        copies_in_flight=int(wait.group(1)) if wait else 0,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", type=int, nargs="+", default=[4, 7], help="GQA groups (q heads per KV head)")
+    p.add_argument("--kv-heads", type=int, nargs="+", default=[8, 4], help="KV heads of the model (picks the table)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--block-m", type=int, nargs="+", help="only these BLOCK_M tiles")
+    p.add_argument("--json", action="store_true", help="one JSON object per tile instead of the table")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile_sm90.py compiles for a GPU target: unset TRITON_INTERPRET")
+    if cuda_tools_dir() is None:
+        sys.exit("compile_sm90.py needs the ptxas and cuobjdump that ship in the triton wheel")
+    if not args.json:
+        print("kv_heads group BLOCK_M BLOCK_N warps stages cap  regs  stack_B shared_B per_SM copies_in_flight")
+    for kv_heads in args.kv_heads:
+        for group in args.group:
+            # The tiles a pack of this group can need (as the wrapper's CUDA-graph mode launches them).
+            for block_m in sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}):
+                if args.block_m and block_m not in args.block_m:
+                    continue
+                cfg = choose_tile(block_m, args.head_dim, 1 << 20, num_kv_heads=kv_heads)
+                c = inspect_tile(cfg, group=group, head_dim=args.head_dim, num_kv_heads=kv_heads, dtype=args.dtype)
+                if args.json:
+                    print(json.dumps({"kv_heads": kv_heads, **asdict(c), "config": asdict(cfg)}), flush=True)
+                    continue
+                print(
+                    f"{kv_heads:8d} {group:5d} {block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} {cfg.num_stages:6d} "
+                    f"{str(cfg.max_regs):4s} {c.registers:5d} {c.spilled_bytes:8d} {c.shared_bytes:8d} "
+                    f"{c.programs_per_sm:6d} {c.copies_in_flight:16d}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
