@@ -100,7 +100,9 @@ def main() -> None:
         results = []
         block_ns = (16, 32, 64, 128) if block_m == 16 else (32, 64, 128)
         warp_choices = {16: (2, 4), 32: (2, 4, 8)}.get(block_m, (4, 8))
-        for bn, warps, stages in itertools.product(block_ns, warp_choices, (1, 2, 3)):
+        # 5 stages: Triton 3.6 then issues a tile's K/V two tiles ahead (at 2-4 it waits for every copy at the loop's
+        # top; scripts/compile_sm90.py shows it); 4 compiles to the 3-stage loop.
+        for bn, warps, stages in itertools.product(block_ns, warp_choices, (1, 2, 3, 5)):
             cfg = TileConfig(block_m=block_m, block_n=bn, num_warps=warps, num_stages=stages)
             try:
                 us, tbs, tflops = bench_shape(
