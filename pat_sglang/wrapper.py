@@ -37,7 +37,7 @@ from pat_sglang.packing import (
 )
 from pat_sglang.packing import plan as plan_module
 from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, PlanCapacity, advance_plan, rebatch_plan
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, choose_tile
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, graph_tiles
 
 # Side streams for tile-config launches; more configs than this share them round-robin.
 NUM_SIDE_STREAMS = 4
@@ -543,10 +543,10 @@ class _GraphBuffers:
         ctas_per_sm = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's variant patches it
         self.max_batch_size = max_batch_size
         self.group = group = w.num_qo_heads // w.num_kv_heads
-        # One config per BLOCK_M that a pack of this GQA group can need, with the table's full-length BLOCK_N, widest
-        # first: wide packs are the longest work, and a launch's programs occupy SMs until its pairs are done.
-        block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
-        self.configs = tuple(choose_tile(m, w.head_dim, 1 << 20, num_kv_heads=w.num_kv_heads) for m in block_ms)
+        # One config per BLOCK_M that a pack of this GQA group can need (two for 16 rows where the tail tile depends on
+        # the plan), with the table's full-length BLOCK_N, widest first: wide packs are the longest work, and a
+        # launch's programs occupy SMs until its pairs are done.
+        self.configs = graph_tiles(w.head_dim, w.num_kv_heads, group)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * ctas_per_sm * w.num_sms
         self.capacity = PlanCapacity(
@@ -602,7 +602,12 @@ class _GraphBuffers:
         """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,
         so wider tiles stay empty in every plan of that batch size (checked here on the host)."""
         widest = block_m_for_rows(min(plan.num_reqs * self.group, BLOCK_M_CHOICES[-1]))
-        active = tuple(i for i, c in enumerate(self.configs) if c.block_m <= widest)
+        # A config for plans with wider packs stays empty where none can be.
+        active = tuple(
+            i
+            for i, c in enumerate(self.configs)
+            if c.block_m <= widest and not (c.when == "beside_wider" and widest == c.block_m)
+        )
         if sum(lc.num_items for lc in plan.launches) != sum(plan.launches[i].num_items for i in active):
             raise RuntimeError(f"a plan of {plan.num_reqs} requests has packs wider than BLOCK_M {widest}")
         return active

@@ -134,6 +134,16 @@ def _tile_table(variant: dict, base: dict) -> dict | None:
     return table
 
 
+def _beside_wider_tails(variant: dict) -> tuple | None:
+    """The 16-row tile for plans with wider packs (few KV heads) as a variant runs it: its 16-row entry, if any, with
+    ``schedule_all``'s schedule."""
+    entry = variant.get("tiles", {}).get(16)
+    if entry is None and "schedule_all" not in variant:
+        return None
+    entry = entry or tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
+    return (*entry[:4], variant.get("schedule_all", entry[4]))
+
+
 def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:
     variant = variant or {}
     with (
@@ -149,6 +159,7 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
         ),
         _patched(tiles_module, "_TILES_D128", _tile_table(variant, tiles_module._TILES_D128)),
         _patched(tiles_module, "_TILES_D128_FEW_KV_HEADS", _tile_table(variant, tiles_module._TILES_D128_FEW_KV_HEADS)),
+        _patched(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", _beside_wider_tails(variant)),
         _patched(
             wrapper_module,
             "merge_dim_block",

@@ -19,6 +19,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
+from pat_sglang.packing import tiles as tiles_module
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
 from pat_sglang.packing.plan import CTAS_PER_SM, MAX_SPLITS, advance_plan, rebatch_plan, split_partial_share
 from pat_sglang.packing.tiles import choose_tiles
@@ -357,8 +358,32 @@ def test_tile_covers_rows(rows, head_dim, block_m, num_kv_heads):
 def test_vectorised_tile_choice_equals_per_pack_choice(packs, head_dim, num_kv_heads):
     rows, lens = (np.asarray(x, dtype=np.int64) for x in zip(*packs))
     configs, index = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads)
-    expected = [choose_tile(int(r), head_dim, int(n), num_kv_heads=num_kv_heads) for r, n in packs]
+    wider = bool(rows.max() > 16)
+    expected = [choose_tile(int(r), head_dim, int(n), num_kv_heads=num_kv_heads, beside_wider=wider) for r, n in packs]
     assert [configs[i] for i in index] == expected
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 4, 8])
+def test_tail_tile_depends_on_wider_packs_for_few_kv_heads(num_kv_heads):
+    """With few KV heads a plan's 16-row packs take the "alone" tile when no pack is wider, else the tile for plans
+    with wider packs; the graph's fixed configs hold both and give each plan the same choice. With many KV heads
+    there is one 16-row tile for both."""
+    few = num_kv_heads <= tiles_module.FEW_KV_HEADS
+    fixed = tiles_module.graph_tiles(128, num_kv_heads, 4)
+    assert [c.block_m for c in fixed] == ([128, 64, 32, 16, 16] if few else [128, 64, 32, 16])
+    for rows, when in (([4, 8, 16], "alone"), ([4, 8, 128], "beside_wider"), ([4, 40], "beside_wider")):
+        rows = np.asarray(rows)
+        configs, index = choose_tiles(rows, 128, np.full(len(rows), 4096), num_kv_heads=num_kv_heads)
+        tails = {configs[i] for i, r in zip(index, rows) if r <= 16}
+        assert {c.when for c in tails} == {when if few else "any"}
+        fixed_index = tiles_module.fixed_config_index(fixed, rows)
+        assert {fixed[i] for i, r in zip(fixed_index, rows) if r <= 16} == tails
+        assert [fixed[i].block_m for i in fixed_index] == [tiles_module.block_m_for_rows(int(r)) for r in rows]
+    if few:  # the measured difference: deep prefetch alone, four programs per SM beside wide ones
+        alone, beside = (choose_tile(4, 128, 4096, num_kv_heads=num_kv_heads, beside_wider=b) for b in (False, True))
+        assert (alone.num_stages, beside.num_stages) == (5, 3)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        tiles_module.fixed_config_index(fixed[:1], np.asarray([4]))
 
 
 def test_paths_validation_names_prefix_paths():

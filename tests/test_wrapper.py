@@ -326,6 +326,8 @@ def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
     for name in ("_TILES_D128", "_TILES_D128_FEW_KV_HEADS"):
         table = {m: (*entry[:4], schedule) for m, entry in getattr(tiles_module, name).items()}
         monkeypatch.setattr(tiles_module, name, table)
+    beside = tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
+    monkeypatch.setattr(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", (*beside[:4], schedule))
     tiles_module._tile.cache_clear()
     try:
         w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)
@@ -353,7 +355,10 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
         wrapper_module, "pack_attention", lambda *a, **kw: launched.append(kw["config"]) or real(*a, **kw)
     )
     w = _graph_wrapper()
-    assert sorted(c.block_m for c in w._graph.configs) == [16, 32, 64, 128]
+    # 2 KV heads: two 16-row configs, one for plans with wider packs and one for plans without (tiles.graph_tiles).
+    assert sorted((c.block_m, c.when) for c in w._graph.configs) == [
+        (16, "alone"), (16, "beside_wider"), (32, "any"), (64, "any"), (128, "any")
+    ]  # fmt: skip
     for batch, widest in ((1, 16), (3, 16), (5, 32), (24, 128)):
         wl = make_workload("system_prompt", batch=batch, scale=1 / 64)
         lay = wl.materialize()
@@ -364,7 +369,11 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
         launched.clear()
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
         assert max(c.block_m for c in launched) == widest, f"B = {batch}"
-        assert len(launched) == sum(c.block_m <= widest for c in w._graph.configs)
+        # Where no pack can be wider than 16 rows, the config for plans with wider packs is not launched.
+        expected = [c for c in w._graph.configs if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")]
+        assert launched == expected, f"B = {batch}"
+        busy = {lc.config.when for lc in w.plan_info.launches if lc.config.block_m == 16 and lc.num_items}
+        assert busy <= ({"beside_wider"} if widest > 16 else {"alone"}), f"B = {batch}"
 
 
 def test_graph_mode_refuses_what_does_not_fit():

@@ -23,6 +23,7 @@ from pat_sglang.kernels.common import interpreting, padded_head_dim
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SCHEDULES = ("stride", "snake", "queue", "auto")
+WHENS = ("any", "alone", "beside_wider")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class TileConfig:
     # a lone launch best, whatever part of its grid is resident, but beside other launches its programs take SM
     # share from the wide launch that bounds the step, and with one pair per program it only adds atomics.)
     schedule: str = "stride"
+    # Which plans the planner gives this config to (the kernel ignores it): "any"; "alone": plans whose packs all
+    # take this BLOCK_M (its launch runs alone); "beside_wider": plans that also have wider packs. A lone launch of
+    # few pairs wants deep prefetch per program, a launch beside wide programs wants programs that fit next to them.
+    when: str = "any"
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
@@ -54,6 +59,8 @@ class TileConfig:
             raise ValueError(f"max_regs must be None or within 32..255, got {self.max_regs}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.when not in WHENS:
+            raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_index, choose_tiles
+from pat_sglang.packing.tiles import choose_tiles, fixed_config_index
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
@@ -194,12 +194,7 @@ def build_plan(
     # Tile config per pack, as an index into `configs` (one launch each).
     if fixed_configs:
         configs = list(fixed_configs)
-        by_block_m = {c.block_m: k for k, c in enumerate(configs)}
-        cfg_of = np.asarray([by_block_m.get(m, -1) for m in BLOCK_M_CHOICES], dtype=np.int64)
-        pack_cfg = cfg_of[block_m_index(rows)]
-        if len(pack_cfg) and int(pack_cfg.min()) < 0:
-            missing = sorted({BLOCK_M_CHOICES[int(i)] for i in block_m_index(rows)[pack_cfg < 0]})
-            raise ValueError(f"fixed_configs: no config with BLOCK_M {missing}")
+        pack_cfg = fixed_config_index(fixed_configs, rows)
     else:
         distinct, chosen = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads)
         configs = sorted(set(distinct), key=_config_key)
@@ -382,7 +377,9 @@ def rebatch_plan(
     block_m = np.asarray([lc.config.block_m for lc in plan.launches])
     base_count = counts[items].copy()
     fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m >= group]
-    solo = [min(fits, key=lambda k: plan.launches[k].config.block_m)] if fits else []  # the narrowest tile
+    # The narrowest tile, one the plan already uses where there are two (graph mode's two 16-row configs).
+    narrowest = lambda k: (plan.launches[k].config.block_m, plan.launches[k].num_items == 0)  # noqa: E731
+    solo = [min(fits, key=narrowest)] if fits else []
     by_req = None
     for t in range(num_join):
         n, length = len(keep) + t, int(join_lens[t])

@@ -40,8 +40,12 @@ _TILES_D128 = {
     64: (64, 4, 5, None, "auto"),
     128: (64, 8, 5, 128, "auto"),
 }
-# Heads with at most FEW_KV_HEADS KV heads (qwen2.5-7b: 28 q heads over 4 KV heads).
+# Heads with at most FEW_KV_HEADS KV heads (qwen2.5-7b: 28 q heads over 4 KV heads). Their 16-row tile depends on
+# the plan: alone (only private tails and other 16-row packs: no_sharing, single_long) the 5-stage tile, two per SM;
+# beside wider packs the 3-stage tile, four per SM, two of which fit next to a 128-row program (H200, seventh session:
+# 3-8% faster on the qwen2.5-7b sharing rows, while alone it lost 8% on no_sharing).
 FEW_KV_HEADS = 4
+_TAILS_BESIDE_WIDER_FEW_KV_HEADS = (64, 4, 3, None, "auto")
 _TILES_D128_FEW_KV_HEADS = {
     16: (64, 4, 5, None, "auto"),
     32: (64, 2, 2, None, "auto"),
@@ -72,36 +76,74 @@ def block_m_index(rows: np.ndarray) -> np.ndarray:
 def choose_tiles(
     rows: np.ndarray, head_dim: int, kv_lens: np.ndarray, *, num_kv_heads: int
 ) -> tuple[list[TileConfig], np.ndarray]:
-    """Vectorised ``choose_tile`` over packs: the distinct configs and each pack's index into them."""
+    """Vectorised ``choose_tile`` over the packs of one plan: the distinct configs and each pack's index into them."""
     # BLOCK_N depends on the length only through the next power of two (halving stops at kv_len <= BLOCK_N / 2),
     # and only below 256: 9 length buckets.
     bucket = np.searchsorted(_POW2, np.minimum(kv_lens, 256))
-    key = block_m_index(rows) * len(_POW2) + bucket
+    block = block_m_index(rows)
+    key = block * len(_POW2) + bucket
     present = np.flatnonzero(np.bincount(key, minlength=len(BLOCK_M_CHOICES) * len(_POW2)))
     index = np.zeros(len(BLOCK_M_CHOICES) * len(_POW2), dtype=np.int64)
     index[present] = np.arange(len(present))
     few = num_kv_heads <= FEW_KV_HEADS
+    wider = len(block) > 0 and bool(block.max() > 0)
     configs = [
-        _tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)]), few) for k in present.tolist()
+        _tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)]), few, wider)
+        for k in present.tolist()
     ]
     return configs, index[key]
 
 
-def choose_tile(rows: int, head_dim: int, kv_len: int, *, num_kv_heads: int) -> TileConfig:
+def choose_tile(rows: int, head_dim: int, kv_len: int, *, num_kv_heads: int, beside_wider: bool = False) -> TileConfig:
     """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads, for a model
-    with ``num_kv_heads`` KV heads."""
+    with ``num_kv_heads`` KV heads, in a plan that has packs of more than 16 rows too (``beside_wider``) or not."""
     # Only lengths below 256 change BLOCK_N, so the cache stays small.
-    return _tile(block_m_for_rows(rows), head_dim, min(kv_len, 256), num_kv_heads <= FEW_KV_HEADS)
+    block_m = block_m_for_rows(rows)
+    return _tile(block_m, head_dim, min(kv_len, 256), num_kv_heads <= FEW_KV_HEADS, beside_wider or block_m > 16)
+
+
+def graph_tiles(head_dim: int, num_kv_heads: int, group: int) -> tuple[TileConfig, ...]:
+    """The configs a CUDA graph captures for this head configuration, widest first: per BLOCK_M a pack of this GQA
+    group can need, the full-length config, and for BLOCK_M 16 both the "alone" and the "beside_wider" one where
+    they differ (the plan gives its packs one of them; the other launch stays empty)."""
+    block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
+    configs = [choose_tile(m, head_dim, 1 << 20, num_kv_heads=num_kv_heads, beside_wider=True) for m in block_ms]
+    alone = choose_tile(16, head_dim, 1 << 20, num_kv_heads=num_kv_heads)
+    if alone not in configs:
+        configs.append(alone)
+    return tuple(configs)
+
+
+def fixed_config_index(configs: tuple[TileConfig, ...], rows: np.ndarray) -> np.ndarray:
+    """Per pack of one plan (``rows`` query rows each), the index of its config in a graph's fixed ``configs``
+    (``graph_tiles``): its BLOCK_M, and for 16-row packs the config for plans with or without wider packs."""
+    block = block_m_index(rows)
+    wider = len(block) > 0 and bool(block.max() > 0)
+    fits = ("any", "beside_wider") if wider else ("any", "alone")
+    cfg_of = np.full(len(BLOCK_M_CHOICES), -1, dtype=np.int64)
+    for k, c in enumerate(configs):
+        if c.when in fits and cfg_of[BLOCK_M_CHOICES.index(c.block_m)] < 0:
+            cfg_of[BLOCK_M_CHOICES.index(c.block_m)] = k
+    pack_cfg = cfg_of[block]
+    if len(pack_cfg) and int(pack_cfg.min()) < 0:
+        missing = sorted({BLOCK_M_CHOICES[int(i)] for i in block[pack_cfg < 0]})
+        raise ValueError(f"fixed_configs: no config with BLOCK_M {missing} for this plan")
+    return pack_cfg
 
 
 @cache
-def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool) -> TileConfig:
+def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_wider: bool) -> TileConfig:
     if padded_head_dim(head_dim) > 128:
         table = _TILES_D256
     else:
         table = _TILES_D128_FEW_KV_HEADS if few_kv_heads else _TILES_D128
-    block_n, num_warps, num_stages, max_regs, schedule = table[block_m]
+    when = "any"
+    entry = table[block_m]
+    if table is _TILES_D128_FEW_KV_HEADS and block_m == 16:
+        when = "beside_wider" if beside_wider else "alone"
+        entry = _TAILS_BESIDE_WIDER_FEW_KV_HEADS if beside_wider else entry
+    block_n, num_warps, num_stages, max_regs, schedule = entry
     # Short ranges: no point in a KV tile much wider than the range itself.
     while block_n > 16 and block_n >= 2 * kv_len:
         block_n //= 2
-    return TileConfig(block_m, block_n, num_warps, num_stages, max_regs=max_regs, schedule=schedule)
+    return TileConfig(block_m, block_n, num_warps, num_stages, max_regs=max_regs, schedule=schedule, when=when)
