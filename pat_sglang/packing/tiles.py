@@ -31,9 +31,9 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # multi_agent 4-7% faster on llama3-8b heads (8 KV heads) and the other rows level, but was mixed on qwen2.5-7b heads.
 # With 4 KV heads a lone tail launch has half the (item, KV head) pairs (single_long: 256 pairs for 132 SMs), and the
 # 16-row tile with 5 stages (two programs per SM) made single_long 7% and no_sharing 8% faster than the 3-stage tile
-# (four per SM), which is 3-8% faster beside wide packs (a choice per plan would take both; not done). The 64-row
-# tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but parallel_sampling with
-# qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session).
+# (four per SM), which is 3-8% faster beside wide packs: with few KV heads a plan takes one or the other (below). The
+# 64-row tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but
+# parallel_sampling with qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session).
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
     32: (64, 2, 2, None, "auto"),
