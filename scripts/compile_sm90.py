@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -31,8 +32,7 @@ from triton.compiler import ASTSource
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pat_sglang.kernels.common import padded_head_dim  # noqa: E402
-from pat_sglang.kernels.pack_attention import SCHEDULES, TileConfig, programs_per_sm  # noqa: E402
+from pat_sglang.kernels.pack_attention import TileConfig, kernel_constexprs, programs_per_sm  # noqa: E402
 from pat_sglang.packing.tiles import block_m_for_rows, choose_tile  # noqa: E402
 
 # By module name: the package exports a function of the same name.
@@ -64,17 +64,8 @@ def cuda_tools_dir() -> Path | None:
 def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_heads: int = 8, dtype: str = "bf16"):
     """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``)."""
     fn = pack_module._pack_attn_kernel
-    consts = dict(
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=padded_head_dim(head_dim),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        UPCAST=False,
-        DOT_PRECISION="tf32",
-        SCHEDULE=SCHEDULES.index(cfg.schedule),
-    )
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    consts = kernel_constexprs(cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=torch_dtype)
     elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
     elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"}
     signature, constexprs, attrs = {}, {}, {}

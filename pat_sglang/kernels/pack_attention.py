@@ -350,9 +350,6 @@ def pack_attention(
     queued = config.schedule in ("queue", "auto")
     if queued and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
         raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")
-    # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
-    upcast = interpreting() and q.dtype == torch.bfloat16
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
     _pack_attn_kernel[(num_programs,)](
@@ -383,18 +380,29 @@ def pack_attention(
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
+        **kernel_constexprs(config, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **options,
+    )
+
+
+def kernel_constexprs(
+    config: TileConfig, *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype
+) -> dict[str, int | bool | str]:
+    """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
+    warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one)."""
+    return dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=padded_head_dim(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        UPCAST=upcast,
-        DOT_PRECISION=dot_precision,
+        # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
+        UPCAST=interpreting() and dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         SCHEDULE=SCHEDULES.index(config.schedule),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **options,
     )
 
 
