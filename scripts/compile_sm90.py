@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pat_sglang.kernels.pack_attention import TileConfig, kernel_constexprs, programs_per_sm  # noqa: E402
-from pat_sglang.packing.tiles import block_m_for_rows, choose_tile  # noqa: E402
+from pat_sglang.packing.tiles import graph_tiles  # noqa: E402
 
 # By module name: the package exports a function of the same name.
 pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
@@ -133,22 +133,22 @@ def main(argv: list[str] | None = None) -> None:
     if cuda_tools_dir() is None:
         sys.exit("compile_sm90.py needs the ptxas and cuobjdump that ship in the triton wheel")
     if not args.json:
-        print("kv_heads group BLOCK_M BLOCK_N warps stages cap  regs  stack_B shared_B per_SM copies_in_flight")
+        head = "kv_heads group BLOCK_M BLOCK_N warps stages cap  when         regs  stack_B shared_B per_SM"
+        print(head + " copies_in_flight")
     for kv_heads in args.kv_heads:
         for group in args.group:
-            # The tiles a pack of this group can need (as the wrapper's CUDA-graph mode launches them).
-            for block_m in sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}):
-                if args.block_m and block_m not in args.block_m:
+            # The tiles a CUDA graph of this head configuration captures (both 16-row tiles where there are two).
+            for cfg in sorted(graph_tiles(args.head_dim, kv_heads, group), key=lambda c: c.block_m):
+                if args.block_m and cfg.block_m not in args.block_m:
                     continue
-                cfg = choose_tile(block_m, args.head_dim, 1 << 20, num_kv_heads=kv_heads)
                 c = inspect_tile(cfg, group=group, head_dim=args.head_dim, num_kv_heads=kv_heads, dtype=args.dtype)
                 if args.json:
                     print(json.dumps({"kv_heads": kv_heads, **asdict(c), "config": asdict(cfg)}), flush=True)
                     continue
                 print(
-                    f"{kv_heads:8d} {group:5d} {block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} {cfg.num_stages:6d} "
-                    f"{str(cfg.max_regs):4s} {c.registers:5d} {c.spilled_bytes:8d} {c.shared_bytes:8d} "
-                    f"{c.programs_per_sm:6d} {c.copies_in_flight:16d}",
+                    f"{kv_heads:8d} {group:5d} {cfg.block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} "
+                    f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {c.registers:5d} "
+                    f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d}",
                     flush=True,
                 )
 

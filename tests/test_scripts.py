@@ -50,14 +50,16 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
         [*cmd, "--kv-heads", "8", "4", "--block-m", "16", "128"], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"]): t for t in map(json.loads, out.stdout.splitlines())}
-    tail = tiles[8, 7, 16]
+    rows = map(json.loads, out.stdout.splitlines())
+    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["config"]["when"]): t for t in rows}
+    tail = tiles[8, 7, 16, "any"]
     assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
     assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0, tail
-    wide = tiles[8, 4, 128]
+    wide = tiles[8, 4, 128, "any"]
     assert wide["config"]["num_stages"] == 5 and wide["copies_in_flight"] > 0, wide
-    lone_tail = tiles[4, 7, 16]
+    lone_tail, beside_tail = tiles[4, 7, 16, "alone"], tiles[4, 7, 16, "beside_wider"]
     assert lone_tail["config"]["num_stages"] == 5 and lone_tail["copies_in_flight"] > 0, lone_tail
+    assert beside_tail["programs_per_sm"] == 4, beside_tail
 
 
 def test_profile_plan_smoke():
