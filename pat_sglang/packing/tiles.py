@@ -86,7 +86,7 @@ def choose_tiles(
     index = np.zeros(len(BLOCK_M_CHOICES) * len(_POW2), dtype=np.int64)
     index[present] = np.arange(len(present))
     few = num_kv_heads <= FEW_KV_HEADS
-    wider = len(block) > 0 and bool(block.max() > 0)
+    wider = _has_wider_packs(block)
     configs = [
         _tile(BLOCK_M_CHOICES[k // len(_POW2)], head_dim, int(_POW2[k % len(_POW2)]), few, wider)
         for k in present.tolist()
@@ -118,8 +118,7 @@ def fixed_config_index(configs: tuple[TileConfig, ...], rows: np.ndarray) -> np.
     """Per pack of one plan (``rows`` query rows each), the index of its config in a graph's fixed ``configs``
     (``graph_tiles``): its BLOCK_M, and for 16-row packs the config for plans with or without wider packs."""
     block = block_m_index(rows)
-    wider = len(block) > 0 and bool(block.max() > 0)
-    fits = ("any", "beside_wider") if wider else ("any", "alone")
+    fits = ("any", "beside_wider") if _has_wider_packs(block) else ("any", "alone")
     cfg_of = np.full(len(BLOCK_M_CHOICES), -1, dtype=np.int64)
     for k, c in enumerate(configs):
         if c.when in fits and cfg_of[BLOCK_M_CHOICES.index(c.block_m)] < 0:
@@ -129,6 +128,12 @@ def fixed_config_index(configs: tuple[TileConfig, ...], rows: np.ndarray) -> np.
         missing = sorted({BLOCK_M_CHOICES[int(i)] for i in block[pack_cfg < 0]})
         raise ValueError(f"fixed_configs: no config with BLOCK_M {missing} for this plan")
     return pack_cfg
+
+
+def _has_wider_packs(block: np.ndarray) -> bool:
+    """Whether a plan whose packs have these BLOCK_M indices has packs wider than 16 rows (its 16-row packs then take
+    the "beside_wider" tile, see TileConfig.when)."""
+    return len(block) > 0 and bool(block.max() > 0)
 
 
 @cache
