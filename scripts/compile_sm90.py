@@ -62,10 +62,19 @@ def cuda_tools_dir() -> Path | None:
 
 
 def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_heads: int = 8, dtype: str = "bf16"):
-    """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``)."""
-    fn = pack_module._pack_attn_kernel
+    """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``); the Gluon
+    kernel (kernels/wide_pack_sm90.py) for a config whose kernel is "wgmma"."""
+    wgmma = cfg.kernel == "wgmma"
+    if wgmma:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as fn
+    else:
+        fn = pack_module._pack_attn_kernel
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    consts = kernel_constexprs(cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=torch_dtype)
+    consts = kernel_constexprs(
+        cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=torch_dtype, wgmma=wgmma
+    )
     elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
     elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"}
     signature, constexprs, attrs = {}, {}, {}
@@ -85,7 +94,7 @@ def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_hea
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.max_regs is not None:
         options["maxnreg"] = cfg.max_regs
-    source = ASTSource(fn, signature, constexprs, attrs)
+    source = (GluonASTSource if wgmma else ASTSource)(fn, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda_tools_dir() is None:
         sys.exit("compile_sm90.py needs the ptxas and cuobjdump that ship in the triton wheel")
     if not args.json:
-        head = "kv_heads group BLOCK_M BLOCK_N warps stages cap  when         regs  stack_B shared_B per_SM"
+        head = "kv_heads group BLOCK_M BLOCK_N warps stages cap  when         kernel regs  stack_B shared_B per_SM"
         print(head + " copies_in_flight")
     for kv_heads in args.kv_heads:
         for group in args.group:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 print(
                     f"{kv_heads:8d} {group:5d} {cfg.block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} "
-                    f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {c.registers:5d} "
+                    f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {cfg.kernel:6s} {c.registers:5d} "
                     f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d}",
                     flush=True,
                 )

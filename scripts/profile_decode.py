@@ -130,7 +130,7 @@ def _tile_table(variant: dict, base: dict) -> dict | None:
         return None
     table = {**base, **variant.get("tiles", {})}
     if "schedule_all" in variant:
-        table = {m: (*entry[:4], variant["schedule_all"]) for m, entry in table.items()}
+        table = {m: (*entry[:4], variant["schedule_all"], *entry[5:]) for m, entry in table.items()}
     return table
 
 
@@ -141,7 +141,7 @@ def _beside_wider_tails(variant: dict) -> tuple | None:
     if entry is None and "schedule_all" not in variant:
         return None
     entry = entry or tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
-    return (*entry[:4], variant.get("schedule_all", entry[4]))
+    return (*entry[:4], variant.get("schedule_all", entry[4]), *entry[5:])
 
 
 def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, assert_close, random_kv, random_q
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, random_kv, random_q
 
 from pat_sglang.kernels import (
     PackItems,
@@ -16,6 +16,7 @@ from pat_sglang.kernels import (
     merge_reference,
     pack_attention,
 )
+from pat_sglang.kernels.pack_attention import wgmma_supported
 from pat_sglang.packing.tiles import choose_tile
 
 
@@ -236,6 +237,64 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, max_regs=300)
     with pytest.raises(ValueError, match="schedule"):
         TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, schedule="lifo")
+    with pytest.raises(ValueError, match="kernel must be"):
+        TileConfig(block_m=64, block_n=16, num_warps=4, num_stages=3, kernel="cuda")
+    with pytest.raises(ValueError, match="num_warps = block_m / 16"):
+        TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, kernel="wgmma")
+    with pytest.raises(ValueError, match="num_stages >= 3"):
+        TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kernel="wgmma")
+
+
+WGMMA_HERE = ON_GPU and wgmma_supported(torch.bfloat16, 128, DEVICE)
+
+
+@pytest.mark.skipif(not WGMMA_HERE, reason="the Gluon wgmma kernel runs on sm90 GPUs with Triton 3.6")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "block_m, block_n, num_stages, max_regs",
+    [(128, 64, 3, None), (128, 64, 4, 168), (128, 32, 4, 128), (128, 16, 5, None), (64, 64, 4, None), (64, 32, 3, 0)],
+)
+@pytest.mark.parametrize("group, head_dim", [(4, 128), (7, 128), (1, 64), (8, 64)])
+def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head_dim):
+    """The Gluon kernel on ragged items (one token, a tile minus one, a tile, a tile plus one, many tiles), packs
+    short of full, partial and direct outputs mixed, fewer programs than (item, KV head) pairs; against the fp32
+    reference and the Triton kernel's contract (NaN-filled outputs it must not touch stay NaN)."""
+    num_kv_heads = 2
+    num_heads = num_kv_heads * group
+    lens = [1, block_n - 1, block_n, block_n + 1, 5 * block_n + 7]
+    full = block_m // group
+    reqs = [full, full - 1, max(1, full // 2), full, 1]
+    k, v = random_kv(4096, num_kv_heads, head_dim, dtype)
+    gen = torch.Generator().manual_seed(block_m + block_n + group)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).tolist()
+    slots = torch.randint(0, 4096, (sum(lens),), generator=gen).to(torch.int32).to(DEVICE)
+    batch = sum(reqs)
+    q = random_q(batch, num_heads, head_dim, dtype)
+    entry_req = torch.randperm(batch, generator=gen).tolist()
+    # Every other entry writes a partial (slot = its entry index), the rest go straight to the output.
+    entry_dest = [e if e % 2 else -(entry_req[e] + 1) for e in range(batch)]
+    entry_start = np.concatenate([[0], np.cumsum(reqs)[:-1]]).tolist()
+    items = _items(starts, lens, entry_start, reqs, entry_req, entry_dest)
+    out = torch.full_like(q, float("nan"))
+    po, plse = _workspace(batch, num_heads, head_dim)
+    cfg = TileConfig(block_m, block_n, block_m // 16, num_stages, max_regs=max_regs or None, kernel="wgmma")
+    scale = default_sm_scale(head_dim)
+    pack_attention(
+        q, k, v, slots, items, out, po, plse, _launch(0, len(lens)), config=cfg, num_programs=3, sm_scale=scale
+    )
+    written = torch.zeros(batch, dtype=torch.bool)
+    for i, (start, n) in enumerate(zip(starts, lens)):
+        kv = slots[start : start + n].long()
+        for e in range(entry_start[i], entry_start[i] + reqs[i]):
+            b = entry_req[e]
+            ref_o, ref_lse = attention_reference(q[b : b + 1], k[kv], v[kv], scale)
+            if entry_dest[e] >= 0:
+                assert_close(po[e : e + 1], ref_o, dtype)
+                torch.testing.assert_close(plse[e : e + 1], ref_lse, atol=1e-3, rtol=1e-3)
+            else:
+                assert_close(out[b : b + 1], ref_o, dtype)
+                written[b] = True
+    assert torch.isnan(out[~written.to(DEVICE)].float()).all(), "rows of partial entries must stay untouched"
 
 
 @pytest.mark.parametrize("schedule", ["stride", "snake", "queue", "auto", "auto-alone"])

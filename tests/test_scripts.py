@@ -38,8 +38,8 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     """The production tiles compiled for sm90 (no GPU needed): regression guards for what the H200 measured.
     The tail tile at GQA 7 fits four programs per SM (Triton's division of the row index by 7 once cost it 156
     registers: three per SM); the 5-stage tiles keep K/V copies in flight across the KV loop's wait, and the
-    3-stage tail tile does not (its bandwidth comes from four resident programs). Runs in a subprocess: the suite's
-    Triton interpreter cannot compile for a GPU target."""
+    3-stage tail tile does not (its bandwidth comes from four resident programs); the Gluon wgmma tile compiles.
+    Runs in a subprocess: the suite's Triton interpreter cannot compile for a GPU target."""
     import compile_sm90
 
     if compile_sm90.cuda_tools_dir() is None:
@@ -60,6 +60,11 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     lone_tail, beside_tail = tiles[4, 7, 16, "alone"], tiles[4, 7, 16, "beside_wider"]
     assert lone_tail["config"]["num_stages"] == 5 and lone_tail["copies_in_flight"] > 0, lone_tail
     assert beside_tail["programs_per_sm"] == 4, beside_tail
+    # The Gluon wgmma kernel (few KV heads' 128-row tile) builds with this Triton and keeps a K/V tile in flight
+    # across its wait with two programs per SM under the register cap.
+    few_wide = tiles[4, 7, 128, "any"]
+    assert few_wide["config"]["kernel"] == "wgmma" and few_wide["copies_in_flight"] == 1, few_wide
+    assert few_wide["programs_per_sm"] == 2 and few_wide["spilled_bytes"] <= 16, few_wide
 
 
 def test_profile_plan_smoke():

@@ -24,6 +24,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SCHEDULES = ("stride", "snake", "queue", "auto")
 WHENS = ("any", "alone", "beside_wider")
+KERNELS = ("triton", "wgmma")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class TileConfig:
     # take this BLOCK_M (its launch runs alone); "beside_wider": plans that also have wider packs. A lone launch of
     # few pairs wants deep prefetch per program, a launch beside wide programs wants programs that fit next to them.
     when: str = "any"
+    # "triton": the Triton kernel below (any device, the CPU interpreter included); "wgmma": the hand-scheduled Gluon
+    # kernel for sm90 (kernels/wide_pack_sm90.py: one warpgroup per 64 rows, so num_warps = block_m / 16), which the
+    # launcher replaces by the Triton kernel with the same blocks wherever it cannot run (see wgmma_supported).
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
@@ -61,6 +66,14 @@ class TileConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.when not in WHENS:
             raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        wgmma_blocks = self.block_m >= 64 and self.num_warps == self.block_m // 16 and self.num_stages >= 3
+        if self.kernel == "wgmma" and not wgmma_blocks:
+            raise ValueError(
+                f"kernel 'wgmma' needs block_m 64 or 128 with num_warps = block_m / 16 and num_stages >= 3, got "
+                f"block_m={self.block_m}, num_warps={self.num_warps}, num_stages={self.num_stages}"
+            )
 
 
 @triton.jit
@@ -352,7 +365,9 @@ def pack_attention(
         raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
-    _pack_attn_kernel[(num_programs,)](
+    wgmma = config.kernel == "wgmma" and wgmma_supported(q.dtype, head_dim, q.device)
+    kernel = _wide_pack_kernel() if wgmma else _pack_attn_kernel
+    kernel[(num_programs,)](
         q,
         k_buffer,
         v_buffer,
@@ -380,18 +395,56 @@ def pack_attention(
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
-        **kernel_constexprs(config, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=q.dtype),
+        **kernel_constexprs(
+            config, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=q.dtype, wgmma=wgmma
+        ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **options,
     )
 
 
+# Gluon is Triton's experimental frontend: its API changes between releases, so the wgmma kernel runs only on the
+# Triton release it was written and tested with (elsewhere the Triton kernel takes its configs).
+WGMMA_TRITON = "3.6."
+
+
+def wgmma_supported(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """Whether the Gluon wgmma kernel runs here: a Hopper GPU (sm90), 16-bit KV, a head of 64 or 128 dims (a Q tile
+    and the K/V ring within shared memory), Triton 3.6, and not the CPU interpreter."""
+    if interpreting() or device.type != "cuda" or not triton.__version__.startswith(WGMMA_TRITON):
+        return False
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9 and _wide_pack_kernel() is not None
+
+
+def _wide_pack_kernel():
+    """The Gluon kernel (imported on first use: Gluon is Triton's experimental frontend), or None without it."""
+    try:
+        from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
 def kernel_constexprs(
-    config: TileConfig, *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype
+    config: TileConfig, *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, wgmma: bool = False
 ) -> dict[str, int | bool | str]:
     """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
-    warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one)."""
+    warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one); with
+    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead."""
+    if wgmma:
+        return dict(
+            NUM_KV_HEADS=num_kv_heads,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            NUM_STAGES=config.num_stages,
+            SCHEDULE=SCHEDULES.index(config.schedule),
+            NUM_WARPS=config.num_warps,
+        )
     return dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,

@@ -12,7 +12,8 @@ from pat_sglang.kernels.pack_attention import TileConfig
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 _POW2 = 1 << np.arange(9)  # 1 .. 256
 
-# (BLOCK_N, num_warps, num_stages, max_regs, schedule) per BLOCK_M, for heads up to 128 wide and for 256-wide heads.
+# (BLOCK_N, num_warps, num_stages, max_regs, schedule[, kernel]) per BLOCK_M, for heads up to 128 wide and for
+# 256-wide heads (kernel: TileConfig.kernel, "triton" when left out).
 # The D<=128 table is the best of scripts/tune_tiles.py on the H200 (bf16, GQA 4, 2026-11-29;
 # docs/runs/tune_tiles_d128-0db0183.json): 4.2-4.3 TB/s on private tails (BLOCK_M 16), 3.9 on 8-request packs (32),
 # 3.5 on 16-request packs (64). For 128-row packs, two warpgroups under a 128-register cap: the one-warpgroup tile
@@ -46,11 +47,15 @@ _TILES_D128 = {
 # 3-8% faster on the qwen2.5-7b sharing rows, while alone it lost 8% on no_sharing).
 FEW_KV_HEADS = 4
 _TAILS_BESIDE_WIDER_FEW_KV_HEADS = (64, 4, 3, None, "auto")
+# Their 128-row tile is the hand-scheduled Gluon kernel (TileConfig.kernel "wgmma", kernels/wide_pack_sm90.py; the
+# Triton kernel with the same blocks where it cannot run): in the graph-mode plans of the qwen2.5-7b sharing rows it
+# measured 2-5% faster on the geomean than the Triton (64, 8, 2, cap 128) tile (multi_agent -9%, system_prompt +2%),
+# and level or slower with 8 KV heads (docs/PERF_NOTES.md, eighth session). A sixth tuple entry names the kernel.
 _TILES_D128_FEW_KV_HEADS = {
     16: (64, 4, 5, None, "auto"),
     32: (64, 2, 2, None, "auto"),
     64: (64, 4, 5, None, "auto"),
-    128: (64, 8, 2, 128, "auto"),
+    128: (32, 8, 4, 128, "auto", "wgmma"),
 }
 _TILES_D256 = {
     16: (32, 4, 2, None, "auto"),
@@ -147,8 +152,17 @@ def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_w
     if table is _TILES_D128_FEW_KV_HEADS and block_m == 16:
         when = "beside_wider" if beside_wider else "alone"
         entry = _TAILS_BESIDE_WIDER_FEW_KV_HEADS if beside_wider else entry
-    block_n, num_warps, num_stages, max_regs, schedule = entry
+    block_n, num_warps, num_stages, max_regs, schedule, *kernel = entry
     # Short ranges: no point in a KV tile much wider than the range itself.
     while block_n > 16 and block_n >= 2 * kv_len:
         block_n //= 2
-    return TileConfig(block_m, block_n, num_warps, num_stages, max_regs=max_regs, schedule=schedule, when=when)
+    return TileConfig(
+        block_m,
+        block_n,
+        num_warps,
+        num_stages,
+        max_regs=max_regs,
+        schedule=schedule,
+        when=when,
+        kernel=kernel[0] if kernel else "triton",
+    )
