@@ -33,12 +33,13 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # With 4 KV heads a lone tail launch has half the (item, KV head) pairs (single_long: 256 pairs for 132 SMs), and the
 # 16-row tile with 5 stages (two programs per SM) made single_long 7% and no_sharing 8% faster than the 3-stage tile
 # (four per SM), which is 3-8% faster beside wide packs: with few KV heads a plan takes one or the other (below). The
-# 64-row tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but
-# parallel_sampling with qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session).
+# Triton 64-row tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but
+# parallel_sampling with qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session). The 64-row tile is now the Gluon
+# kernel's (below); where that cannot run the Triton kernel takes the same blocks, at 3 stages.
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
     32: (64, 2, 2, None, "auto"),
-    64: (64, 4, 5, None, "auto"),
+    64: (64, 4, 3, None, "auto", "wgmma"),
     128: (64, 8, 5, 128, "auto"),
 }
 # Heads with at most FEW_KV_HEADS KV heads (qwen2.5-7b: 28 q heads over 4 KV heads). Their 16-row tile depends on
@@ -51,10 +52,13 @@ _TAILS_BESIDE_WIDER_FEW_KV_HEADS = (64, 4, 3, None, "auto")
 # Triton kernel with the same blocks where it cannot run): in the graph-mode plans of the qwen2.5-7b sharing rows it
 # measured 2-5% faster on the geomean than the Triton (64, 8, 2, cap 128) tile (multi_agent -9%, system_prompt +2%),
 # and level or slower with 8 KV heads (docs/PERF_NOTES.md, eighth session). A sixth tuple entry names the kernel.
+# Both tables' 64-row tile is the Gluon kernel too (one warpgroup, BLOCK_N 64, 3 stages, two programs per SM): in
+# two in-situ runs level or faster on every sharing row of both head configs than the Triton (64, 4, 5) tile
+# (rag/llama3-8b -4%, parallel_sampling/qwen2.5-7b -4%, the rest within 1%).
 _TILES_D128_FEW_KV_HEADS = {
     16: (64, 4, 5, None, "auto"),
     32: (64, 2, 2, None, "auto"),
-    64: (64, 4, 5, None, "auto"),
+    64: (64, 4, 3, None, "auto", "wgmma"),
     128: (32, 8, 4, 128, "auto", "wgmma"),
 }
 _TILES_D256 = {
