@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -246,6 +248,23 @@ def test_tile_config_rejects_bad_blocks():
 
 
 WGMMA_HERE = ON_GPU and wgmma_supported(torch.bfloat16, 128, DEVICE)
+
+
+def test_wgmma_kernel_stands_down_where_it_cannot_run(monkeypatch):
+    """The Triton kernel takes a "wgmma" config's blocks off the GPU, under the interpreter, for fp32 KV, for heads
+    other than 64/128 wide and with a Triton release other than the one the Gluon kernel was written for (decided
+    before any CUDA call, so this runs on the CPU)."""
+    pa = importlib.import_module("pat_sglang.kernels.pack_attention")
+    cuda = torch.device("cuda")
+    assert not wgmma_supported(torch.bfloat16, 128, torch.device("cpu"))
+    monkeypatch.setattr(pa, "interpreting", lambda: True)
+    assert not wgmma_supported(torch.bfloat16, 128, cuda)
+    monkeypatch.setattr(pa, "interpreting", lambda: False)
+    monkeypatch.setattr(pa.triton, "__version__", "3.7.0")
+    assert not wgmma_supported(torch.bfloat16, 128, cuda)
+    monkeypatch.setattr(pa.triton, "__version__", pa.WGMMA_TRITON + "0")
+    assert not wgmma_supported(torch.float32, 128, cuda)
+    assert not wgmma_supported(torch.bfloat16, 96, cuda)
 
 
 @pytest.mark.skipif(not WGMMA_HERE, reason="the Gluon wgmma kernel runs on sm90 GPUs with Triton 3.6")
