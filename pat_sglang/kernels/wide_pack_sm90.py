@@ -2,9 +2,10 @@
 
 Packs of 64 or 128 query rows are compute-bound (shared/DESIGN.md, "Two floors"). Triton's pipeliner runs the pack
 kernel's KV loop as: wait for the K/V copies, scores, *wait*, softmax, PV product; the next scores wait for the PV
-product. The softmax (about as long as both products) runs with idle tensor cores. This kernel keeps the same work
-items, rows, outputs and schedules as :func:`pat_sglang.kernels.pack_attention._pack_attn_kernel` but orders each KV
-step by hand, software-pipelined by one KV tile:
+product, so the softmax runs with idle tensor cores, and Triton 3.6 cannot be told otherwise (it waits for each dot
+right after issuing it). This kernel keeps the same work items, rows, outputs and schedules as
+:func:`pat_sglang.kernels.pack_attention._pack_attn_kernel` but orders each KV step by hand, software-pipelined by
+one KV tile:
 
 - K/V tiles are gathered by ``cp.async`` into a ring of ``NUM_STAGES`` shared-memory buffers, issued
   ``NUM_STAGES - 1`` tiles ahead; the token slots of the next tile to issue are loaded into registers one step
@@ -14,6 +15,11 @@ step by hand, software-pipelined by one KV tile:
 
 One warpgroup per 64 rows (``BLOCK_M = 16 * num_warps``). The step after the last tile computes scores on an all
 masked tile (its copies are predicated off, so they read nothing): one extra score product per work item.
+
+Measured on the H200 (docs/PERF_NOTES.md, eighth session): the products alone run at the device's matmul rate, but
+the softmax and the copies still add almost serially (the two warpgroups of a program reach their softmax together),
+so alone it matches Triton's uncapped tile, and it is ahead where two programs share an SM beside the private tails
+(the tile tables use it for 64-row packs, and for 128-row packs of models with few KV heads).
 """
 
 from __future__ import annotations
