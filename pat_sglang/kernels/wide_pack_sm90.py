@@ -18,8 +18,9 @@ masked tile (its copies are predicated off, so they read nothing): one extra sco
 
 Measured on the H200 (docs/PERF_NOTES.md, eighth session): the products alone run at the device's matmul rate, but
 the softmax and the copies still add almost serially (the two warpgroups of a program reach their softmax together),
-so alone it matches Triton's uncapped tile, and it is ahead where two programs share an SM beside the private tails
-(the tile tables use it for 64-row packs, and for 128-row packs of models with few KV heads).
+so alone it matches Triton's uncapped tile. In the graph-mode plans, beside the private tails, it is level or faster
+for 64-row packs and for the 128-row packs of models with few KV heads (where the tile tables use it), and slower
+for 128-row packs with 8 KV heads.
 """
 
 from __future__ import annotations
