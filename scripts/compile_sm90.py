@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compile the pack kernel's production tiles for sm90 (H100/H200) on any machine, GPU or not, and print what
 decides their speed before a GPU run: registers, the stack frame of spilled registers, shared memory, programs per
-SM, and whether the KV loop keeps K/V copies in flight while it computes (Triton's pipeliner, read from the TTGIR).
+SM, whether the KV loop keeps K/V copies in flight while it computes (Triton's pipeliner, read from the TTGIR), and
+whether ptxas had to serialize the asynchronous wgmma products.
 
 Triton compiles for a target without a device (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) and the
 triton wheel ships ptxas and cuobjdump, so this runs on the CPU-only dev machine. Registers are cuobjdump's count of
@@ -52,7 +53,13 @@ class Compiled:
     spilled_bytes: int  # the thread's stack frame (spilled registers) and local memory
     shared_bytes: int
     programs_per_sm: int
-    copies_in_flight: int  # cp.async groups the KV loop's wait leaves outstanding: 0 = no overlap inside a program
+    # K/V tiles whose copies are in flight while the KV loop's products run: for the Triton kernel the cp.async groups
+    # its wait leaves outstanding (it issues the next copies after the products: 0 = no overlap inside a program); the
+    # Gluon kernel issues tile t + stages - 1 right after waiting for tile t + 1, so stages - 2.
+    copies_in_flight: int
+    # ptxas could not keep the asynchronous wgmma in flight (its C7512 advisory, "wgmma.mma_async instructions are
+    # serialized", e.g. for lack of registers under a cap): every product waits for the one before.
+    wgmma_serialized: bool
 
 
 def cuda_tools_dir() -> Path | None:
@@ -110,6 +117,15 @@ def inspect_tile(cfg: TileConfig, *, group: int, **kwargs) -> Compiled:
         usage = subprocess.run(
             [str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
+        # Triton keeps ptxas's advisories to itself: assemble its PTX (the register cap is in it) again to read them.
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        advisories = subprocess.run(
+            [str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "again.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     # Spilled registers live in the thread's stack frame.
     spilled = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
@@ -124,7 +140,8 @@ def inspect_tile(cfg: TileConfig, *, group: int, **kwargs) -> Compiled:
         spilled_bytes=spilled,
         shared_bytes=shared,
         programs_per_sm=programs_per_sm(registers, cfg.num_warps, shared, SM90),
-        copies_in_flight=int(wait.group(1)) if wait else 0,
+        copies_in_flight=cfg.num_stages - 2 if cfg.kernel == "wgmma" else int(wait.group(1)) if wait else 0,
+        wgmma_serialized="C7512" in advisories.stdout + advisories.stderr,
     )
 
 
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("compile_sm90.py needs the ptxas and cuobjdump that ship in the triton wheel")
     if not args.json:
         head = "kv_heads group BLOCK_M BLOCK_N warps stages cap  when         kernel regs  stack_B shared_B per_SM"
-        print(head + " copies_in_flight")
+        print(head + " copies_in_flight wgmma_serialized")
     for kv_heads in args.kv_heads:
         for group in args.group:
             # The tiles a CUDA graph of this head configuration captures (both 16-row tiles where there are two).
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"{kv_heads:8d} {group:5d} {cfg.block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} "
                     f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {cfg.kernel:6s} {c.registers:5d} "
-                    f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d}",
+                    f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d} "
+                    f"{str(c.wgmma_serialized):16s}",
                     flush=True,
                 )
 

@@ -60,11 +60,13 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     lone_tail, beside_tail = tiles[4, 7, 16, "alone"], tiles[4, 7, 16, "beside_wider"]
     assert lone_tail["config"]["num_stages"] == 5 and lone_tail["copies_in_flight"] > 0, lone_tail
     assert beside_tail["programs_per_sm"] == 4, beside_tail
-    # The Gluon wgmma kernel (few KV heads' 128-row tile) builds with this Triton and keeps a K/V tile in flight
-    # across its wait with two programs per SM under the register cap.
+    # The Gluon wgmma kernel (few KV heads' 128-row tile) builds with this Triton, keeps two K/V tiles in flight
+    # while its products run, fits two programs per SM under the register cap, and ptxas keeps its products
+    # asynchronous (the capped Triton 128-row tile of 8 KV heads has them serialized, ptxas C7512).
     few_wide = tiles[4, 7, 128, "any"]
-    assert few_wide["config"]["kernel"] == "wgmma" and few_wide["copies_in_flight"] == 1, few_wide
+    assert few_wide["config"]["kernel"] == "wgmma" and few_wide["copies_in_flight"] == 2, few_wide
     assert few_wide["programs_per_sm"] == 2 and few_wide["spilled_bytes"] <= 16, few_wide
+    assert not few_wide["wgmma_serialized"], few_wide
 
 
 def test_profile_plan_smoke():
