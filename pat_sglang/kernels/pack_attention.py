@@ -11,6 +11,7 @@ Partials are combined later by :mod:`pat_sglang.kernels.merge`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -416,7 +417,13 @@ def wgmma_supported(dtype: torch.dtype, head_dim: int, device: torch.device) -> 
         return False
     if dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9 and _wide_pack_kernel() is not None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) == 9 and _wide_pack_kernel() is not None
+
+
+@functools.cache
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _wide_pack_kernel():
