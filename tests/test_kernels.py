@@ -271,7 +271,14 @@ def test_wgmma_kernel_stands_down_where_it_cannot_run(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "block_m, block_n, num_stages, max_regs",
-    [(128, 64, 3, None), (128, 64, 4, 168), (128, 32, 4, 128), (128, 16, 5, None), (64, 64, 4, None), (64, 32, 3, 0)],
+    [
+        (128, 64, 3, None),
+        (128, 64, 4, 168),
+        (128, 32, 4, 128),
+        (128, 16, 5, None),
+        (64, 64, 4, None),
+        (64, 32, 3, None),
+    ],
 )
 @pytest.mark.parametrize("group, head_dim", [(4, 128), (7, 128), (1, 64), (8, 64)])
 def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head_dim):
@@ -296,7 +303,7 @@ def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head
     items = _items(starts, lens, entry_start, reqs, entry_req, entry_dest)
     out = torch.full_like(q, float("nan"))
     po, plse = _workspace(batch, num_heads, head_dim)
-    cfg = TileConfig(block_m, block_n, block_m // 16, num_stages, max_regs=max_regs or None, kernel="wgmma")
+    cfg = TileConfig(block_m, block_n, block_m // 16, num_stages, max_regs=max_regs, kernel="wgmma")
     scale = default_sm_scale(head_dim)
     pack_attention(
         q, k, v, slots, items, out, po, plse, _launch(0, len(lens)), config=cfg, num_programs=3, sm_scale=scale

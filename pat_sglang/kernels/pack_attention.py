@@ -441,28 +441,21 @@ def kernel_constexprs(
     """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
     warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one); with
     ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead."""
-    if wgmma:
-        return dict(
-            NUM_KV_HEADS=num_kv_heads,
-            GROUP=group,
-            HEAD_DIM=head_dim,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            NUM_STAGES=config.num_stages,
-            SCHEDULE=SCHEDULES.index(config.schedule),
-            NUM_WARPS=config.num_warps,
-        )
-    return dict(
+    common = dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=padded_head_dim(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        SCHEDULE=SCHEDULES.index(config.schedule),
+    )
+    if wgmma:  # its K/V ring is hand-written: the stages are its own constexpr
+        return common | dict(NUM_STAGES=config.num_stages)
+    return common | dict(
+        HEAD_DIM_PAD=padded_head_dim(head_dim),
         # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
         UPCAST=interpreting() and dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        SCHEDULE=SCHEDULES.index(config.schedule),
     )
 
 

@@ -70,6 +70,14 @@ def _load_slots(kv_indices_ptr, kv_start, tile, kv_len, gather: gl.constexpr, BL
 
 
 @gluon.jit
+def _pack_row(rows, kv_head, GROUP: gl.constexpr):
+    """Row r of a pack: request r // GROUP of the pack, at q head kv_head * GROUP + r % GROUP (r // GROUP as one
+    multiply and a shift, as in the Triton kernel: exact for r < 2**16 / GROUP)."""
+    req_in_pack = (rows * ((65536 + GROUP - 1) // GROUP)) >> 16
+    return req_in_pack, kv_head * GROUP + rows - req_in_pack * GROUP
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, tile, kv_len, sm_scale_log2, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
     """Online softmax of one score tile (log2 domain): the new running max, the tile's probabilities, the rescale
     factor of everything before it and the new running sum."""
@@ -119,8 +127,8 @@ def _wide_pack_item(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
 ):
+    NUM_WARPS: gl.constexpr = BLOCK_M // 16  # one warpgroup per 64 rows (TileConfig checks num_warps)
     dtype: gl.constexpr = k_ptr.dtype.element_ty
     # Gathers: 16-byte vectors along the head dimension, warps down the rows.
     gather: gl.constexpr = gl.BlockedLayout(
@@ -138,13 +146,11 @@ def _wide_pack_item(
     entry_start = gl.load(item_entry_start_ptr + item)
     num_rows = gl.load(item_num_reqs_ptr + item) * GROUP
 
-    # Q rows of the pack into shared memory (the A operand of every score product). Row r is request
-    # entry_req[entry_start + r // GROUP] at q head kv_head * GROUP + r % GROUP (r // GROUP as in the Triton kernel).
+    # Q rows of the pack into shared memory (the A operand of every score product).
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather))
-    req_in_pack = (rows * ((65536 + GROUP - 1) // GROUP)) >> 16
+    req_in_pack, head = _pack_row(rows, kv_head, GROUP)
     row_mask = rows < num_rows
     req = gl.load(entry_req_ptr + entry_start + req_in_pack, mask=row_mask, other=0).to(gl.int64)
-    head = kv_head * GROUP + rows - req_in_pack * GROUP
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, gather))
     q_rows = gl.expand_dims(req * stride_q_b + head * stride_q_h, 1)
     q_mask = gl.expand_dims(row_mask, 1) & gl.expand_dims(dims < HEAD_DIM, 0)
@@ -196,10 +202,10 @@ def _wide_pack_item(
 
     rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     dims_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    req_o = (rows_o * ((65536 + GROUP - 1) // GROUP)) >> 16
+    req_o, head_o = _pack_row(rows_o, kv_head, GROUP)
+    head_o = head_o.to(gl.int64)
     mask_o = rows_o < num_rows
     entry = entry_start + req_o
-    head_o = (kv_head * GROUP + rows_o - req_o * GROUP).to(gl.int64)
     dest = gl.load(entry_dest_ptr + entry, mask=mask_o, other=0).to(gl.int64)
     is_partial = mask_o & (dest >= 0)
     is_direct = mask_o & (dest < 0)
@@ -211,10 +217,10 @@ def _wide_pack_item(
         mask=gl.expand_dims(is_partial, 1) & full,
     )
     rows_s = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    req_s = (rows_s * ((65536 + GROUP - 1) // GROUP)) >> 16
+    req_s, head_s = _pack_row(rows_s, kv_head, GROUP)
+    head_s = head_s.to(gl.int64)
     mask_s = rows_s < num_rows
     dest_s = gl.load(entry_dest_ptr + entry_start + req_s, mask=mask_s, other=0).to(gl.int64)
-    head_s = (kv_head * GROUP + rows_s - req_s * GROUP).to(gl.int64)
     partial_s = mask_s & (dest_s >= 0)
     gl.store(partial_lse_ptr + gl.where(partial_s, dest_s, 0) * stride_plse_p + head_s, lse, mask=partial_s)
     out_row = gl.where(is_direct, -dest - 1, 0)
@@ -261,7 +267,6 @@ def _wide_pack_kernel(
     BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
     SCHEDULE: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
 ):
     # The same launch contract and schedules as _pack_attn_kernel (launch_info on the device, persistent programs).
     dtype: gl.constexpr = k_ptr.dtype.element_ty
@@ -322,7 +327,6 @@ def _wide_pack_kernel(
             BLOCK_M,
             BLOCK_N,
             NUM_STAGES,
-            NUM_WARPS,
         )
         if queued:
             work = gl.atomic_add(queue_ptr, 1)
