@@ -8,6 +8,7 @@ merge kernel. It never synchronises with the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import chain
 
@@ -301,6 +302,8 @@ class PatDecodeWrapper:
             raise RuntimeError("run() called before plan()")
         self._check_run_inputs(q, k_buffer, v_buffer, out)
         scale = default_sm_scale(self.head_dim) if sm_scale is None else float(sm_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale!r}")
         if out is None:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None

@@ -349,7 +349,7 @@ def test_persistent_grid_covers_all_work(schedule, num_programs):
         assert queue.tolist() == [0, 0]
 
 
-def test_queue_schedule_needs_a_work_queue():
+def test_pack_attention_rejects_a_missing_work_queue_and_a_bad_scale():
     dtype, head_dim = torch.float16, 64
     k, v = random_kv(16, 1, head_dim, dtype)
     q = random_q(1, 1, head_dim, dtype)
@@ -360,6 +360,9 @@ def test_queue_schedule_needs_a_work_queue():
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule="queue")
     with pytest.raises(ValueError, match="work_queue"):
         pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=0.1)
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
+        pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=-0.1)
 
 
 def test_programs_per_sm_counts_registers_shared_memory_and_threads():

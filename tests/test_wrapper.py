@@ -277,6 +277,9 @@ class TestBadInput:
             w.run(q, k, v[:4])
         with pytest.raises(ValueError, match="out must be"):
             w.run(q, k, v, out=torch.empty(2, 8, 64, device=DEVICE))
+        for scale in (0.0, -0.125, float("nan"), float("inf")):  # the kernels take maxima of unscaled scores
+            with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
+                w.run(q, k, v, sm_scale=scale)
         if ON_GPU:
             with pytest.raises(ValueError, match="q is on cpu"):
                 w.run(q.cpu(), k, v)

@@ -267,12 +267,13 @@ def _pack_attn_item(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        # Scores in the log2 domain: exp2 is the hardware instruction, sm_scale_log2 = sm_scale * log2(e).
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        # Scores in the log2 domain (exp2 is the hardware instruction, sm_scale_log2 = sm_scale * log2(e)), the scale
+        # applied inside the exponent: one fused multiply-add per score.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(col_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * sm_scale_log2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -357,6 +358,8 @@ def pack_attention(
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({num_kv_heads})")
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
         _check_last_dim_contiguous(name, t)
+    if not (math.isfinite(sm_scale) and sm_scale > 0):  # the kernels take row maxima of unscaled scores
+        raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale!r}")
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:

@@ -79,13 +79,16 @@ def _pack_row(rows, kv_head, GROUP: gl.constexpr):
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, tile, kv_len, sm_scale_log2, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Online softmax of one score tile (log2 domain): the new running max, the tile's probabilities, the rescale
-    factor of everything before it and the new running sum."""
-    cols = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    s = gl.where(gl.expand_dims(cols < kv_len, 0), s * sm_scale_log2, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    """Online softmax of one raw score tile, in the log2 domain: the new running max, the tile's probabilities, the
+    rescale factor of everything before it and the new running sum. Per score: one max, one fused multiply-add (the
+    scale inside the exponent), one exp2, one add; the column mask only on a tile that reaches past ``kv_len``."""
+    if (tile + 1) * BLOCK_N > kv_len:
+        cols = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < kv_len, 0), s, float("-inf"))
+    row_max = gl.max(s, axis=1) * sm_scale_log2  # sm_scale_log2 > 0: the max of the scaled scores
+    m_new = gl.maximum(m_i, row_max)
     alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_new, 1))  # one FMA per score (fp fusion)
     l_new = l_i * alpha + gl.sum(p, axis=1)
     return m_new, p, alpha, l_new
 
@@ -216,13 +219,8 @@ def _wide_pack_item(
         out,
         mask=gl.expand_dims(is_partial, 1) & full,
     )
-    rows_s = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    req_s, head_s = _pack_row(rows_s, kv_head, GROUP)
-    head_s = head_s.to(gl.int64)
-    mask_s = rows_s < num_rows
-    dest_s = gl.load(entry_dest_ptr + entry_start + req_s, mask=mask_s, other=0).to(gl.int64)
-    partial_s = mask_s & (dest_s >= 0)
-    gl.store(partial_lse_ptr + gl.where(partial_s, dest_s, 0) * stride_plse_p + head_s, lse, mask=partial_s)
+    lse_o = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
+    gl.store(partial_lse_ptr + part * stride_plse_p + head_o, lse_o, mask=is_partial)
     out_row = gl.where(is_direct, -dest - 1, 0)
     gl.store(
         out_ptr + gl.expand_dims(out_row * stride_out_b + head_o * stride_out_h, 1) + gl.expand_dims(dims_o, 0),
