@@ -62,7 +62,6 @@ def _merge_kernel(
     merge_indptr_ptr,
     merge_indices_ptr,
     num_merge_ptr,
-    last_row,
     out_ptr,
     stride_po_p,
     stride_po_h,
@@ -81,15 +80,11 @@ def _merge_kernel(
     head0 = (tl.program_id(1) // (HEAD_DIM_PAD // DIM_BLOCK)) * HEAD_BLOCK
     dim0 = (tl.program_id(1) % (HEAD_DIM_PAD // DIM_BLOCK)) * DIM_BLOCK
     # The request count lives on the device so that a graph captured with max_batch_size programs replays any plan.
-    # It is loaded beside the program's list bounds (clamped into the buffers), not before them: one dependent
-    # round trip less ahead of the partials.
-    row = tl.minimum(i, last_row)
-    num_merge = tl.load(num_merge_ptr)
-    req = tl.load(merge_req_ptr + row).to(tl.int64)
-    begin = tl.load(merge_indptr_ptr + row)
-    end = tl.load(merge_indptr_ptr + row + 1)
-    if i >= num_merge:
+    if i >= tl.load(num_merge_ptr):
         return
+    req = tl.load(merge_req_ptr + i).to(tl.int64)
+    begin = tl.load(merge_indptr_ptr + i)
+    end = tl.load(merge_indptr_ptr + i + 1)
     dims = dim0 + tl.arange(0, DIM_BLOCK)
     dim_mask = dims < HEAD_DIM
     out_ty = out_ptr.dtype.element_ty
@@ -212,9 +207,6 @@ def merge_partials(
     if dim_block < 16 or dim_block & (dim_block - 1) or head_dim_pad % dim_block:
         raise ValueError(f"dim_block must be a power of two >= 16 dividing {head_dim_pad}, got {dim_block}")
     dim_blocks = head_dim_pad // dim_block
-    last_row = min(merge_req.numel(), merge_indptr.numel() - 1) - 1  # programs past it read this row, then exit
-    if last_row < 0:
-        raise ValueError("merge_req and merge_indptr hold no merge list (need at least 1 and 2 entries)")
     _merge_kernel[(num_programs, triton.cdiv(num_heads, head_block) * dim_blocks)](
         partial_o,
         partial_lse,
@@ -222,7 +214,6 @@ def merge_partials(
         merge_indptr,
         merge_indices,
         num_merge,
-        last_row,
         out,
         partial_o.stride(0),
         partial_o.stride(1),
