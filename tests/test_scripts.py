@@ -54,7 +54,7 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["config"]["when"]): t for t in rows}
     tail = tiles[8, 7, 16, "any"]
     assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
-    assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0, tail
+    assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0 and tail["loop_spill_ops"] == 0, tail
     wide = tiles[8, 4, 128, "any"]
     assert wide["config"]["num_stages"] == 5 and wide["copies_in_flight"] > 0, wide
     lone_tail, beside_tail = tiles[4, 7, 16, "alone"], tiles[4, 7, 16, "beside_wider"]
