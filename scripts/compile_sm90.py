@@ -52,7 +52,7 @@ class Compiled:
     registers: int
     spilled_bytes: int  # the thread's stack frame (spilled registers) and local memory
     # Local-memory loads/stores (spill traffic) in the SASS between the first and the last tensor-core instruction,
-    # i.e. inside the KV loop: spills elsewhere (per work item, in the epilogue's fused merge) cost little.
+    # i.e. inside the KV loop: spills elsewhere (once per work item: its setup and epilogue) cost little.
     loop_spill_ops: int
     shared_bytes: int
     programs_per_sm: int
