@@ -8,7 +8,6 @@ merge kernel. It never synchronises with the device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from itertools import chain
 
@@ -23,6 +22,7 @@ from pat_sglang.kernels import (
     merge_partials,
     pack_attention,
 )
+from pat_sglang.kernels.common import check_sm_scale
 from pat_sglang.kernels.merge import merge_dim_block, merge_head_block
 from pat_sglang.packing import (
     ByteModel,
@@ -302,8 +302,7 @@ class PatDecodeWrapper:
             raise RuntimeError("run() called before plan()")
         self._check_run_inputs(q, k_buffer, v_buffer, out)
         scale = default_sm_scale(self.head_dim) if sm_scale is None else float(sm_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale!r}")
+        check_sm_scale(scale)  # here too, before any launch forks onto the side streams
         if out is None:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None

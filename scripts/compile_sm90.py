@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Compile the pack kernel's production tiles for sm90 (H100/H200) on any machine, GPU or not, and print what
 decides their speed before a GPU run: registers, the stack frame of spilled registers, shared memory, programs per
-SM, whether the KV loop keeps K/V copies in flight while it computes (Triton's pipeliner, read from the TTGIR), and
-whether ptxas had to serialize the asynchronous wgmma products.
+SM, spill loads/stores inside the KV loop (SASS), whether the KV loop keeps K/V copies in flight while it computes
+(Triton's pipeliner, read from the TTGIR), and whether ptxas had to serialize the asynchronous wgmma products.
 
 Triton compiles for a target without a device (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) and the
 triton wheel ships ptxas and cuobjdump, so this runs on the CPU-only dev machine. Registers are cuobjdump's count of
@@ -42,7 +42,7 @@ pack_module = importlib.import_module("pat_sglang.kernels.pack_attention")
 SM90 = SimpleNamespace(
     regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
 )
-_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,8 @@ def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_hea
         from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as fn
     else:
         fn = pack_module._pack_attn_kernel
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     consts = kernel_constexprs(
-        cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=torch_dtype, wgmma=wgmma
+        cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=_TORCH_DTYPES[dtype], wgmma=wgmma
     )
     elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
     elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"}
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group", type=int, nargs="+", default=[4, 7], help="GQA groups (q heads per KV head)")
     p.add_argument("--kv-heads", type=int, nargs="+", default=[8, 4], help="KV heads of the model (picks the table)")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_DTYPES))
     p.add_argument("--block-m", type=int, nargs="+", help="only these BLOCK_M tiles")
     p.add_argument("--json", action="store_true", help="one JSON object per tile instead of the table")
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pat_sglang.kernels.common import interpreting, padded_head_dim
+from pat_sglang.kernels.common import check_sm_scale, interpreting, padded_head_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -358,8 +358,7 @@ def pack_attention(
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of KV heads ({num_kv_heads})")
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
         _check_last_dim_contiguous(name, t)
-    if not (math.isfinite(sm_scale) and sm_scale > 0):  # the kernels take row maxima of unscaled scores
-        raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale!r}")
+    check_sm_scale(sm_scale)
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
