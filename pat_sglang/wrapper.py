@@ -40,8 +40,10 @@ from pat_sglang.packing import plan as plan_module
 from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, PlanCapacity, advance_plan, rebatch_plan
 from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, graph_tiles
 
-# Side streams for tile-config launches; more configs than this share them round-robin.
+# Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
+# (TileConfig.first) takes one more side stream, of the highest priority.
 NUM_SIDE_STREAMS = 4
+HIGH_PRIORITY = -5  # torch clamps it to the device's highest stream priority
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Number of SMs assumed when planning for a CPU device (the interpreter): small, so tests exercise KV splits.
 CPU_NUM_SMS = 4
@@ -333,7 +335,7 @@ class PatDecodeWrapper:
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
         active = graph.launches_for(plan) if graph else tuple(range(len(plan.launches)))
         if self.device.type == "cuda" and len(active) > 1:
-            self._fork_join(launch, active)
+            self._fork_join(launch, active, [plan.launches[i].config.first for i in active])
         else:
             for i in active:
                 launch(i)
@@ -352,26 +354,33 @@ class PatDecodeWrapper:
         )
         return out
 
-    def _fork_join(self, launch, indices: Sequence[int]) -> None:
+    def _fork_join(self, launch, indices: Sequence[int], first: Sequence[bool]) -> None:
         """Run ``launch(i)`` for each tile config in ``indices`` on side streams forked from and joined back into the
-        current one."""
+        current one: the configs marked ``first`` on the high-priority stream, the others round-robin."""
         main = torch.cuda.current_stream(self.device)
         if not self._streams:
+            # The last one has the highest priority: the block scheduler places its programs ahead of the others'.
             self._streams = [torch.cuda.Stream(self.device) for _ in range(NUM_SIDE_STREAMS)]
+            self._streams.append(torch.cuda.Stream(self.device, priority=HIGH_PRIORITY))
             # Made once and recorded again every run (a wait takes the record made just before it), so that no
             # step creates CUDA events.
             self._fork_event = torch.cuda.Event()
             self._done_events = [torch.cuda.Event() for _ in self._streams]
+        plain = [i for i, f in zip(indices, first) if not f]
+        width = max(1, min(len(plain), NUM_SIDE_STREAMS))
+        stream_of = {i: k % width for k, i in enumerate(plain)}
+        stream_of.update({i: NUM_SIDE_STREAMS for i, f in zip(indices, first) if f})
+        used = sorted(set(stream_of.values()))
         fork = self._fork_event
         fork.record(main)
-        used = self._streams[: min(len(indices), len(self._streams))]
-        for s in used:
-            s.wait_event(fork)
-        for k, i in enumerate(indices):
-            with torch.cuda.stream(used[k % len(used)]):
+        for k in used:
+            self._streams[k].wait_event(fork)
+        for i in indices:
+            with torch.cuda.stream(self._streams[stream_of[i]]):
                 launch(i)
-        for s, done in zip(used, self._done_events):
-            done.record(s)
+        for k in used:
+            done = self._done_events[k]
+            done.record(self._streams[k])
             main.wait_event(done)
 
     def _check_run_inputs(

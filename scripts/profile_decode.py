@@ -46,7 +46,8 @@ wrapper_module = importlib.import_module("pat_sglang.wrapper")
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
 # register cap, schedule) as in pat_sglang/packing/tiles.py; a variant's entries replace those of both D<=128
-# tables), one schedule for every tile, packs of at most 64 rows, the merge's heads per program.
+# tables), one schedule for every tile, packs of at most 64 rows, the merge's heads per program, which BLOCK_M's
+# launch is dispatched first.
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -107,6 +108,7 @@ VARIANTS: dict[str, dict] = {
     "merge-hb4": {"merge_head_block": 4},
     "merge-hb16": {"merge_head_block": 16},
     "merge-whole-head": {"merge_whole_head": True},  # before head-dimension blocks for a very few requests
+    "first-none": {"dispatch_first": 0},  # no launch dispatched first (tiles.DISPATCH_FIRST_BLOCK_M)
 }
 
 
@@ -158,6 +160,7 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
             (lambda *a, hb=variant["merge_head_block"]: hb) if "merge_head_block" in variant else None,
         ),
         _patched(tiles_module, "_TILES_D128", _tile_table(variant, tiles_module._TILES_D128)),
+        _patched(tiles_module, "DISPATCH_FIRST_BLOCK_M", variant.get("dispatch_first")),
         _patched(tiles_module, "_TILES_D128_FEW_KV_HEADS", _tile_table(variant, tiles_module._TILES_D128_FEW_KV_HEADS)),
         _patched(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", _beside_wider_tails(variant)),
         _patched(
@@ -200,7 +203,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
         graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
 
     if variant.get("serial"):
-        pat._fork_join = lambda launch, indices: [launch(i) for i in indices]
+        pat._fork_join = lambda launch, indices, first: [launch(i) for i in indices]
     pat.plan(
         torch.from_numpy(case.kv_indptr_np),
         case.kv_indices,

@@ -386,6 +386,18 @@ def test_tail_tile_depends_on_wider_packs_for_few_kv_heads(num_kv_heads):
         tiles_module.fixed_config_index(fixed[:1], np.asarray([4]))
 
 
+@pytest.mark.parametrize("num_kv_heads", [2, 4, 8, 32])
+def test_only_the_narrow_long_packs_launch_first(num_kv_heads):
+    """With many KV heads the 17-32-row tile is dispatched ahead of the others (TileConfig.first); no other tile,
+    and none with few KV heads or 256-wide heads."""
+    many = num_kv_heads > tiles_module.FEW_KV_HEADS
+    for rows in (4, 17, 32, 33, 64, 128):
+        for head_dim in (64, 128, 256):
+            cfg = choose_tile(rows, head_dim, 4096, num_kv_heads=num_kv_heads)
+            assert cfg.first == (many and cfg.block_m == tiles_module.DISPATCH_FIRST_BLOCK_M and head_dim <= 128)
+    assert sum(c.first for c in tiles_module.graph_tiles(128, num_kv_heads, 4)) == int(many)
+
+
 def test_paths_validation_names_prefix_paths():
     indptr = np.array([0, 10, 20])
     with pytest.raises(ValueError, match=r"prefix_paths\[1\].*covers 12 tokens"):

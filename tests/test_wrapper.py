@@ -392,6 +392,31 @@ def test_graph_mode_refuses_what_does_not_fit():
         PatDecodeWrapper(8, 2, 64, device=DEVICE, use_cuda_graph=True, max_num_kv_tokens=10)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="side streams need a GPU")
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_first_launch_on_the_high_priority_stream(graph):
+    """With 8 KV heads the 32-row packs (8 samples of one prompt at GQA 4) launch on the high-priority side stream,
+    beside the other launches; the result stays exact, eagerly and replayed from a CUDA graph."""
+    wl = make_workload("parallel_sampling", prompts=2, n=8, scale=1 / 32)
+    lay = wl.materialize()
+    indptr, indices = torch.from_numpy(lay.kv_indptr), torch.from_numpy(lay.kv_indices).to(DEVICE)
+    kw = dict(use_cuda_graph=True, max_batch_size=wl.batch_size, max_num_kv_tokens=len(indices)) if graph else {}
+    w = PatDecodeWrapper(32, 8, 64, device=DEVICE, shortest_split=16, **kw)
+    w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+    assert [lc.config.block_m for lc in w.plan_info.launches if lc.config.first and lc.num_items] == [32]
+    q = random_q(wl.batch_size, 32, 64, torch.bfloat16)
+    k, v = random_kv(lay.num_slots, 8, 64, torch.bfloat16)
+    out = w.run(q, k, v)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = w.run(q, k, v)
+        out.zero_()
+        g.replay()
+    assert_close(out, decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.bfloat16)
+    assert w._streams[-1].priority < w._streams[0].priority
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_then_replay_new_plans():
     """Capture run() once for a padded batch of 24, then replan and replay each step: equal to eager and reference.

@@ -55,6 +55,9 @@ class TileConfig:
     # kernel for sm90 (kernels/wide_pack_sm90.py: one warpgroup per 64 rows, so num_warps = block_m / 16), which the
     # launcher replaces by the Triton kernel with the same blocks wherever it cannot run (see wgmma_supported).
     kernel: str = "triton"
+    # Dispatched ahead of the plan's other launches (the wrapper runs it on a high-priority stream, whose programs
+    # the block scheduler places first): for the launch whose pieces run longest. The kernel ignores it.
+    first: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):

@@ -61,6 +61,13 @@ _TILES_D128_FEW_KV_HEADS = {
     64: (64, 4, 3, None, "auto", "wgmma"),
     128: (32, 8, 4, 128, "auto", "wgmma"),
 }
+# With 8 or more KV heads, packs of 17-32 rows (llama3-8b: 5-8 requests at GQA 4, e.g. a prompt's 8 parallel samples
+# or a document shared by a few requests) are narrow but long: 1500-2500 tokens per piece in rag and
+# parallel_sampling, which one program reads at ~7 GB/s (100-130 µs; per-program timers on the H200). Their launch is
+# dispatched first (TileConfig.first): in situ rag/llama3-8b 233.6 -> 214.2 µs, parallel_sampling 168.4 -> 165.5,
+# the other sharing rows level (docs/PERF_NOTES.md, tenth session). With 4 KV heads (qwen2.5-7b, GQA 7: 5-9
+# requests make 64-row packs) the 32- or the 64-row launch first was level or slower: no launch goes first there.
+DISPATCH_FIRST_BLOCK_M = 32
 _TILES_D256 = {
     16: (32, 4, 2, None, "auto"),
     32: (32, 4, 2, None, "auto"),
@@ -157,6 +164,7 @@ def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_w
         when = "beside_wider" if beside_wider else "alone"
         entry = _TAILS_BESIDE_WIDER_FEW_KV_HEADS if beside_wider else entry
     block_n, num_warps, num_stages, max_regs, schedule, *kernel = entry
+    first = table is _TILES_D128 and block_m == DISPATCH_FIRST_BLOCK_M
     # Short ranges: no point in a KV tile much wider than the range itself.
     while block_n > 16 and block_n >= 2 * kv_len:
         block_n //= 2
@@ -169,4 +177,5 @@ def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_w
         schedule=schedule,
         when=when,
         kernel=kernel[0] if kernel else "triton",
+        first=first,
     )
