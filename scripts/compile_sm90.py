@@ -54,6 +54,9 @@ class Compiled:
     # Local-memory loads/stores (spill traffic) in the SASS between the first and the last tensor-core instruction,
     # i.e. inside the KV loop: spills elsewhere (once per work item: its setup and epilogue) cost little.
     loop_spill_ops: int
+    # CTA-wide barriers (BAR) in the same span: each one a round trip through shared memory, e.g. a row max or sum
+    # reduced across warps or the probabilities handed to the warps of the second product.
+    loop_barriers: int
     shared_bytes: int
     programs_per_sm: int
     # K/V tiles whose copies are in flight while the KV loop's products run: for the Triton kernel the cp.async groups
@@ -135,7 +138,9 @@ def inspect_tile(cfg: TileConfig, *, group: int, **kwargs) -> Compiled:
     # Spilled registers live in the thread's stack frame.
     spilled = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
     mma = [i for i, line in enumerate(sass) if re.search(r"\b(HMMA|HGMMA)\b", line)]
-    loop_spills = sum(1 for line in sass[mma[0] : mma[-1] + 1] if re.search(r"\b(LDL|STL)\b", line)) if mma else 0
+    in_loop = sass[mma[0] : mma[-1] + 1] if mma else []
+    loop_spills = sum(1 for line in in_loop if re.search(r"\b(LDL|STL)\b", line))
+    loop_barriers = sum(1 for line in in_loop if re.search(r"\bBAR\b", line))
     ttgir = kernel.asm["ttgir"]
     loop = ttgir[ttgir.index("scf.for") :]
     wait = re.search(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)
@@ -146,6 +151,7 @@ def inspect_tile(cfg: TileConfig, *, group: int, **kwargs) -> Compiled:
         registers=registers,
         spilled_bytes=spilled,
         loop_spill_ops=loop_spills,
+        loop_barriers=loop_barriers,
         shared_bytes=shared,
         programs_per_sm=programs_per_sm(registers, cfg.num_warps, shared, SM90),
         copies_in_flight=cfg.num_stages - 2 if cfg.kernel == "wgmma" else int(wait.group(1)) if wait else 0,
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("compile_sm90.py needs the ptxas and cuobjdump that ship in the triton wheel")
     if not args.json:
         head = "kv_heads group BLOCK_M BLOCK_N warps stages cap  when         kernel regs  stack_B shared_B per_SM"
-        print(head + " copies_in_flight wgmma_serialized loop_spill_ops")
+        print(head + " copies_in_flight wgmma_serialized loop_spill_ops loop_barriers")
     for kv_heads in args.kv_heads:
         for group in args.group:
             # The tiles a CUDA graph of this head configuration captures (both 16-row tiles where there are two).
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{kv_heads:8d} {group:5d} {cfg.block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} "
                     f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {cfg.kernel:6s} {c.registers:5d} "
                     f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d} "
-                    f"{str(c.wgmma_serialized):16s} {c.loop_spill_ops:14d}",
+                    f"{str(c.wgmma_serialized):16s} {c.loop_spill_ops:14d} {c.loop_barriers:13d}",
                     flush=True,
                 )
 

@@ -55,6 +55,9 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     tail = tiles[8, 7, 16, "any"]
     assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
     assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0 and tail["loop_spill_ops"] == 0, tail
+    # Its four warps split the 64 KV columns: the row max, the row sum and the probabilities cross warps through
+    # shared memory, behind CTA barriers, in every KV tile (docs/PERF_NOTES.md, tenth session).
+    assert tail["loop_barriers"] > 0, tail
     wide = tiles[8, 4, 128, "any"]
     assert wide["config"]["num_stages"] == 5 and wide["copies_in_flight"] > 0, wide
     lone_tail, beside_tail = tiles[4, 7, 16, "alone"], tiles[4, 7, 16, "beside_wider"]
