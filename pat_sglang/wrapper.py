@@ -569,7 +569,7 @@ class _GraphBuffers:
         # A persistent grid per config: its programs loop over that config's (item, KV head) pairs. (Fewer programs
         # for the wide configs, or only as many as fit an SM at once, measured level or slower on the H200:
         # docs/PERF_NOTES.md.)
-        self.grids = tuple((c.grid_per_sm or ctas_per_sm) * w.num_sms for c in self.configs)
+        self.grids = (ctas_per_sm * w.num_sms,) * len(self.configs)
         cap = self.capacity
         self.sizes = {
             "item_kv_start": cap.max_items,

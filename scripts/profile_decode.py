@@ -46,8 +46,8 @@ wrapper_module = importlib.import_module("pat_sglang.wrapper")
 # programs per SM per BLOCK_M, CTAS_PER_SM (the planner's split target and the grids), all launches on one stream,
 # the split partial share, the most KV splits per pack, tile-table entries per BLOCK_M ((BLOCK_N, warps, stages,
 # register cap, schedule) as in pat_sglang/packing/tiles.py; a variant's entries replace those of both D<=128
-# tables and both 16-row tiles for plans with wider packs), one schedule for every tile, packs of at most 64 rows, the
-# merge's heads per program, which BLOCK_M's launch is dispatched first, the grid of the tails beside wider packs.
+# tables), one schedule for every tile, packs of at most 64 rows, the merge's heads per program, which BLOCK_M's
+# launch is dispatched first.
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -109,9 +109,6 @@ VARIANTS: dict[str, dict] = {
     "merge-hb16": {"merge_head_block": 16},
     "merge-whole-head": {"merge_whole_head": True},  # before head-dimension blocks for a very few requests
     "first-none": {"dispatch_first": 0},  # no launch dispatched first (tiles.DISPATCH_FIRST_BLOCK_M)
-    # Beside wider packs with many KV heads, the four-warp tail tile on 4 programs per SM (before 2026-11-29's tenth
-    # session) instead of the one-warp tile on 8.
-    "tails-4warp": {"tiles": {16: (64, 4, 3, None, "auto")}, "tails_grid_per_sm": 4},
 }
 
 
@@ -139,13 +136,13 @@ def _tile_table(variant: dict, base: dict) -> dict | None:
     return table
 
 
-def _beside_wider_tails(variant: dict, base: tuple) -> tuple | None:
-    """The 16-row tile for plans with wider packs (``base``: the one for few KV heads or for many) as a variant runs
-    it: its 16-row entry, if any, with ``schedule_all``'s schedule."""
+def _beside_wider_tails(variant: dict) -> tuple | None:
+    """The 16-row tile for plans with wider packs (few KV heads) as a variant runs it: its 16-row entry, if any, with
+    ``schedule_all``'s schedule."""
     entry = variant.get("tiles", {}).get(16)
     if entry is None and "schedule_all" not in variant:
         return None
-    entry = entry or base
+    entry = entry or tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
     return (*entry[:4], variant.get("schedule_all", entry[4]), *entry[5:])
 
 
@@ -165,17 +162,7 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
         _patched(tiles_module, "_TILES_D128", _tile_table(variant, tiles_module._TILES_D128)),
         _patched(tiles_module, "DISPATCH_FIRST_BLOCK_M", variant.get("dispatch_first")),
         _patched(tiles_module, "_TILES_D128_FEW_KV_HEADS", _tile_table(variant, tiles_module._TILES_D128_FEW_KV_HEADS)),
-        _patched(
-            tiles_module,
-            "_TAILS_BESIDE_WIDER_FEW_KV_HEADS",
-            _beside_wider_tails(variant, tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS),
-        ),
-        _patched(
-            tiles_module,
-            "_TAILS_BESIDE_WIDER_MANY_KV_HEADS",
-            _beside_wider_tails(variant, tiles_module._TAILS_BESIDE_WIDER_MANY_KV_HEADS),
-        ),
-        _patched(tiles_module, "TAILS_BESIDE_WIDER_GRID_PER_SM", variant.get("tails_grid_per_sm")),
+        _patched(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", _beside_wider_tails(variant)),
         _patched(
             wrapper_module,
             "merge_dim_block",
@@ -213,9 +200,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
         graph.configs = tuple(orders[variant["order"]])
     if "programs_per_sm" in variant or "order" in variant:
         per_sm = variant.get("programs_per_sm", {})
-        graph.grids = tuple(
-            per_sm.get(c.block_m, c.grid_per_sm or plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs
-        )
+        graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
 
     if variant.get("serial"):
         pat._fork_join = lambda launch, indices, first: [launch(i) for i in indices]

@@ -329,9 +329,8 @@ def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
     for name in ("_TILES_D128", "_TILES_D128_FEW_KV_HEADS"):
         table = {m: (*entry[:4], schedule) for m, entry in getattr(tiles_module, name).items()}
         monkeypatch.setattr(tiles_module, name, table)
-    for name in ("_TAILS_BESIDE_WIDER_FEW_KV_HEADS", "_TAILS_BESIDE_WIDER_MANY_KV_HEADS"):
-        beside = getattr(tiles_module, name)
-        monkeypatch.setattr(tiles_module, name, (*beside[:4], schedule))
+    beside = tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
+    monkeypatch.setattr(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", (*beside[:4], schedule))
     tiles_module._tile.cache_clear()
     try:
         w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)

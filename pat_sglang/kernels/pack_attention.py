@@ -58,9 +58,6 @@ class TileConfig:
     # Dispatched ahead of the plan's other launches (the wrapper runs it on a high-priority stream, whose programs
     # the block scheduler places first): for the launch whose pieces run longest. The kernel ignores it.
     first: bool = False
-    # Programs per SM of this config's persistent grid in a CUDA graph (None: the planner's CTAS_PER_SM): a one-warp
-    # tile fits twice as many programs as the four-warp ones. The kernel ignores it.
-    grid_per_sm: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
@@ -73,8 +70,6 @@ class TileConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.when not in WHENS:
             raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
-        if self.grid_per_sm is not None and self.grid_per_sm < 1:
-            raise ValueError(f"grid_per_sm must be None or >= 1, got {self.grid_per_sm}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         wgmma_blocks = self.block_m >= 64 and self.num_warps == self.block_m // 16 and self.num_stages >= 3

@@ -48,14 +48,6 @@ _TILES_D128 = {
 # 3-8% faster on the qwen2.5-7b sharing rows, while alone it lost 8% on no_sharing).
 FEW_KV_HEADS = 4
 _TAILS_BESIDE_WIDER_FEW_KV_HEADS = (64, 4, 3, None, "auto")
-# With more KV heads (llama3-8b) the 16-row tile depends on the plan too: beside wider packs a one-warp tile (BLOCK_N
-# 32, 255 registers, 20 KB of shared memory) on a grid of 8 programs per SM. Its warp owns whole rows, so its KV loop
-# has 1 CTA barrier instead of the four-warp tile's 8, and four of its programs fit next to a 128-row program where
-# two four-warp ones did (per-program timers on the H200: system_prompt/llama3-8b's tails 4.9 GB/s per program, ~20
-# GB/s on an SM that holds a wide program instead of ~17; docs/PERF_NOTES.md, tenth session). Alone (no_sharing,
-# single_long) it was 7% slower than the four-warp tile, which stays for plans without wider packs.
-_TAILS_BESIDE_WIDER_MANY_KV_HEADS = (32, 1, 3, None, "auto")
-TAILS_BESIDE_WIDER_GRID_PER_SM = 8
 # Their 128-row tile is the hand-scheduled Gluon kernel (TileConfig.kernel "wgmma", kernels/wide_pack_sm90.py; the
 # Triton kernel with the same blocks where it cannot run): in the graph-mode plans of the qwen2.5-7b sharing rows it
 # measured 2-5% faster on the geomean than the Triton (64, 8, 2, cap 128) tile (multi_agent -9%, system_prompt +2%),
@@ -168,13 +160,9 @@ def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_w
         table = _TILES_D128_FEW_KV_HEADS if few_kv_heads else _TILES_D128
     when = "any"
     entry = table[block_m]
-    grid_per_sm = None
-    if table is not _TILES_D256 and block_m == 16:
+    if table is _TILES_D128_FEW_KV_HEADS and block_m == 16:
         when = "beside_wider" if beside_wider else "alone"
-        if beside_wider and few_kv_heads:
-            entry = _TAILS_BESIDE_WIDER_FEW_KV_HEADS
-        elif beside_wider:
-            entry, grid_per_sm = _TAILS_BESIDE_WIDER_MANY_KV_HEADS, TAILS_BESIDE_WIDER_GRID_PER_SM
+        entry = _TAILS_BESIDE_WIDER_FEW_KV_HEADS if beside_wider else entry
     block_n, num_warps, num_stages, max_regs, schedule, *kernel = entry
     first = table is _TILES_D128 and block_m == DISPATCH_FIRST_BLOCK_M
     # Short ranges: no point in a KV tile much wider than the range itself.
@@ -190,5 +178,4 @@ def _tile(block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_w
         when=when,
         kernel=kernel[0] if kernel else "triton",
         first=first,
-        grid_per_sm=grid_per_sm,
     )
