@@ -74,21 +74,32 @@ def cuda_tools_dir() -> Path | None:
     return d if (d / "ptxas").exists() and (d / "cuobjdump").exists() else None
 
 
-def compile_tile(cfg: TileConfig, *, group: int, head_dim: int = 128, num_kv_heads: int = 8, dtype: str = "bf16"):
+def compile_tile(
+    cfg: TileConfig,
+    *,
+    group: int,
+    head_dim: int = 128,
+    num_kv_heads: int = 8,
+    dtype: str = "bf16",
+    fn=None,
+    pointer_types: dict[str, str] | None = None,
+):
     """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``); the Gluon
-    kernel (kernels/wide_pack_sm90.py) for a config whose kernel is "wgmma"."""
+    kernel (kernels/wide_pack_sm90.py) for a config whose kernel is "wgmma". ``fn``: a variant of the Triton
+    kernel with the same arguments and constexprs (plus extra pointers, typed by ``pointer_types``: name -> element
+    type, e.g. scripts/trace_programs.py's trace buffer)."""
     wgmma = cfg.kernel == "wgmma"
     if wgmma:
         from triton.experimental.gluon._runtime import GluonASTSource
 
         from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as fn
-    else:
+    elif fn is None:
         fn = pack_module._pack_attn_kernel
     consts = kernel_constexprs(
         cfg, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=_TORCH_DTYPES[dtype], wgmma=wgmma
     )
     elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
-    elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"}
+    elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32"} | (pointer_types or {})
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,15 @@ import bench_decode  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_decode.py", "tune_tiles.py", "profile_decode.py", "profile_plan.py", "compile_sm90.py"]
+    "script",
+    [
+        "bench_decode.py",
+        "tune_tiles.py",
+        "profile_decode.py",
+        "profile_plan.py",
+        "compile_sm90.py",
+        "trace_programs.py",
+    ],
 )
 def test_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
@@ -27,11 +36,45 @@ def test_help(script):
     assert "usage" in out.stdout
 
 
-def test_profile_decode_says_it_needs_a_gpu():
+@pytest.mark.parametrize("script", ["profile_decode.py", "trace_programs.py"])
+def test_gpu_scripts_say_they_need_a_gpu(script):
     if torch.cuda.is_available():
-        pytest.skip("on a GPU it profiles (docs/PERF_NOTES.md)")
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_decode.py")], capture_output=True, text=True)
+        pytest.skip("on a GPU they profile (docs/PERF_NOTES.md)")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script)], capture_output=True, text=True)
     assert out.returncode != 0 and "needs a GPU" in out.stderr
+
+
+def test_trace_programs_pairs_and_windows():
+    """trace_programs.py's reading of the programs' records: pairs (whose item, how long, how many bytes) and the
+    windows of pairs in flight, SMs busy and bytes moved."""
+    import trace_programs as tp
+
+    rec = np.full((3, tp.RECORD), -1, dtype=np.int64)
+    rec[0, :6] = [5, 1000, 0, 11000, 2, 21000]  # SM 5 from 1 µs: pair 0 until 11 µs, pair 2 until 21 µs
+    rec[0, -1] = 2
+    rec[1, :4] = [7, 1000, 1, 6000]  # SM 7: pair 1 until 6 µs
+    rec[1, -1] = 1  # program 2 never ran
+    pairs = tp.pairs_from_records(rec, 0, np.array([100, 50]), num_kv_heads=2, bytes_per_token=512, t0_ns=1000)
+    assert [(p.program, p.sm, p.start_us, p.end_us, p.tokens) for p in pairs] == [
+        (0, 5, 0.0, 10.0, 100), (0, 5, 10.0, 20.0, 50), (1, 7, 0.0, 5.0, 100)
+    ]  # fmt: skip
+    (w0, inflight0, sms0, tbs0), (w1, inflight1, sms1, tbs1) = tp.windows(pairs, end_us=20.0, width_us=10.0)
+    assert (w0, inflight0, sms0) == (0.0, 1.5, 2) and tbs0 == pytest.approx(2 * 51200 / 10e-6 / 1e12)
+    assert (w1, inflight1, sms1) == (10.0, 1.0, 1) and tbs1 == pytest.approx(25600 / 10e-6 / 1e12)
+
+
+def test_trace_programs_kernel_builds_for_sm90():
+    """The traced copy of the pack kernel still finds its anchors in kernels/pack_attention.py and compiles for
+    sm90 with the tail tile's residency (no GPU needed; a subprocess, as for compile_sm90.py)."""
+    import compile_sm90
+
+    if compile_sm90.cuda_tools_dir() is None:
+        pytest.skip("this triton install ships no ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "trace_programs.py"), "--compile-check"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "traced BLOCK_M 16:" in out.stdout and "4 programs per SM" in out.stdout.splitlines()[0], out.stdout
 
 
 def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
