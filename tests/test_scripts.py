@@ -44,7 +44,7 @@ def test_gpu_scripts_say_they_need_a_gpu(script):
     assert out.returncode != 0 and "needs a GPU" in out.stderr
 
 
-def test_trace_programs_pairs_and_windows():
+def test_trace_programs_pairs_and_windows(capsys):
     """trace_programs.py's reading of the programs' records: pairs (whose item, how long, how many bytes) and the
     windows of pairs in flight, SMs busy and bytes moved."""
     import trace_programs as tp
@@ -61,6 +61,10 @@ def test_trace_programs_pairs_and_windows():
     (w0, inflight0, sms0, tbs0), (w1, inflight1, sms1, tbs1) = tp.windows(pairs, end_us=20.0, width_us=10.0)
     assert (w0, inflight0, sms0) == (0.0, 1.5, 2) and tbs0 == pytest.approx(2 * 51200 / 10e-6 / 1e12)
     assert (w1, inflight1, sms1) == (10.0, 1.0, 1) and tbs1 == pytest.approx(25600 / 10e-6 / 1e12)
+    tp.print_trace("synthetic", 21.0, {"M16N64w4s3": pairs, "M32N64w2s2": []}, 10.0)
+    printed = capsys.readouterr().out
+    assert "M16N64w4s3: 3 pairs on 2 programs / 2 SMs" in printed and "M32N64w2s2: no pairs" in printed
+    assert "1.5 pairs   2 SMs" in printed, printed
 
 
 def test_trace_programs_kernel_builds_for_sm90():
