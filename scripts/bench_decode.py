@@ -135,6 +135,20 @@ def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
     return 1e6 * statistics.median(cold), 1e6 * statistics.median(step)
 
 
+def case_pat(case: Case, graph_mode: bool) -> PatDecodeWrapper:
+    """pat for ``case``'s heads; in graph mode with buffers sized to its batch and KV tokens, as a server captures
+    it."""
+    sizes = dict(max_batch_size=case.batch, max_num_kv_tokens=int(case.kv_indptr_np[-1])) if graph_mode else {}
+    heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
+    return PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, **sizes)
+
+
+def plan_case(pat: PatDecodeWrapper, case: Case) -> None:
+    """``pat.plan`` for ``case``'s batch, its radix paths given (as the SGLang backend gives them)."""
+    indptr = torch.from_numpy(case.kv_indptr_np)
+    pat.plan(indptr, case.kv_indices, prefix_paths=case.workload.prefix_paths, kv_data_type=case.dtype)
+
+
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """Capture ``fn`` in a CUDA graph (as SGLang runs decode) and return its replay: launch overhead excluded."""
     side = torch.cuda.Stream()
@@ -370,13 +384,9 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
 
     # Under --graph, pat runs as a server would: graph mode (fixed buffers and grids, any later plan replays).
     graph_mode = args.graph and case.device.type == "cuda"
-    heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
-    sizes = dict(max_batch_size=case.batch, max_num_kv_tokens=int(case.kv_indptr_np[-1])) if graph_mode else {}
-    pat = PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, **sizes)
-    indptr_cpu = torch.from_numpy(case.kv_indptr_np)
+    pat = case_pat(case, graph_mode)
     row.pat_plan_us, row.pat_step_plan_us = time_plans(case, args.plan_reps, graph_mode)
-    plan = lambda: pat.plan(indptr_cpu, case.kv_indices, prefix_paths=wl.prefix_paths, kv_data_type=case.dtype)
-    plan()
+    plan_case(pat, case)
     fns: dict[str, Callable[[], torch.Tensor]] = {"pat": lambda: pat.run(case.q, case.k, case.v)}
 
     makers = {"flashinfer": FlashInferDecode, "cascade": FlashInferCascade, "sglang_triton": SGLangTritonDecode}
@@ -407,8 +417,8 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
         else:
             row.us[name] = time_us(fn, case.device, **timing)
     if graph_mode:
-        eager = PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device)
-        eager.plan(indptr_cpu, case.kv_indices, prefix_paths=wl.prefix_paths, kv_data_type=case.dtype)
+        eager = case_pat(case, graph_mode=False)
+        plan_case(eager, case)
         row.pat_eager_us = time_us(lambda: eager.run(case.q, case.k, case.v), case.device, **timing)
     return row
 

@@ -25,9 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_decode import DTYPES, HEAD_CONFIGS, Case, graphed  # noqa: E402
+from bench_decode import DTYPES, HEAD_CONFIGS, Case, case_pat, graphed, plan_case  # noqa: E402
 
-from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.kernels.common import padded_head_dim  # noqa: E402
 from pat_sglang.kernels.pack_attention import programs_per_sm  # noqa: E402
@@ -181,14 +180,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     kernel's launches per replay and mean µs, the replay's timeline (each launch's start offset and duration, median
     over replays, in start order) and the plan's launches (tile config, items, KV tokens)."""
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
-    pat = PatDecodeWrapper(
-        *heads,
-        page_size=case.page_size,
-        device=case.device,
-        use_cuda_graph=True,
-        max_batch_size=case.batch,
-        max_num_kv_tokens=int(case.kv_indptr_np[-1]),
-    )
+    pat = case_pat(case, graph_mode=True)
     graph = pat._graph
     if "order" in variant:
         wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
@@ -204,12 +196,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
 
     if variant.get("serial"):
         pat._fork_join = lambda launch, indices, first: [launch(i) for i in indices]
-    pat.plan(
-        torch.from_numpy(case.kv_indptr_np),
-        case.kv_indices,
-        prefix_paths=case.workload.prefix_paths,
-        kv_data_type=case.dtype,
-    )
+    plan_case(pat, case)
     plan = pat.plan_info
     launches = []
     for lc, grid in zip(plan.launches, graph.grids):

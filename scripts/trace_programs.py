@@ -159,18 +159,15 @@ def windows(pairs: list[Pair], end_us: float, width_us: float = 10.0) -> list[tu
 def trace_case(case, replays: int = 6) -> tuple[float, dict[str, list[Pair]], PatDecodeWrapper]:
     """Replay ``case`` (bench_decode's Case)'s graph-mode plan with the traced kernel: the median replay's µs (L2
     flushed) and its pairs per traced launch (named by tile)."""
-    from bench_decode import graphed
+    from bench_decode import case_pat, graphed, plan_case
 
     buffers = TraceBuffers()
     traced = traced_module(buffers)
     real = wrapper_module.pack_attention
     wrapper_module.pack_attention = traced.pack_attention
     try:
-        pat = PatDecodeWrapper(case.num_qo_heads, case.num_kv_heads, case.head_dim, page_size=case.page_size,
-                               device=case.device, use_cuda_graph=True, max_batch_size=case.batch,
-                               max_num_kv_tokens=int(case.kv_indptr_np[-1]))  # fmt: skip
-        pat.plan(torch.from_numpy(case.kv_indptr_np), case.kv_indices, prefix_paths=case.workload.prefix_paths,
-                 kv_data_type=case.dtype)  # fmt: skip
+        pat = case_pat(case, graph_mode=True)
+        plan_case(pat, case)
         out = torch.empty_like(case.q)
         replay = graphed(lambda: pat.run(case.q, case.k, case.v, out=out))
         flush = torch.empty(64 << 20, dtype=torch.int32, device=case.device)
