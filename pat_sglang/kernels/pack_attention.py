@@ -431,6 +431,7 @@ def _capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+@functools.cache
 def _wide_pack_kernel():
     """The Gluon kernel (imported on first use: Gluon is Triton's experimental frontend), or None without it."""
     try:
