@@ -191,9 +191,10 @@ class PatDecodeWrapper:
             raise ValueError("kv_indptr: the batch is empty (need at least one request)")
         if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 1 or kv_indices.dtype not in INDEX_DTYPES:
             raise ValueError("kv_indices must be a 1-D int32 or int64 tensor")
-        if kv_indices.device.type != "cpu" and kv_indices.device != self.device:
+        indices_on_host = kv_indices.is_cpu  # a flag read: Tensor.device builds a torch.device per access
+        if not indices_on_host and kv_indices.device != self.device:
             raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
-        indptr = kv_indptr.cpu().numpy().astype(np.int64)
+        indptr = (kv_indptr if kv_indptr.is_cpu else kv_indptr.cpu()).numpy().astype(np.int64)
         lens = indptr[1:] - indptr[:-1]  # np.diff's generic path costs 3 µs more per step
         if indptr[0] != 0 or lens.min() < 0:
             raise ValueError("kv_indptr must start at 0 and never decrease")
@@ -201,7 +202,7 @@ class PatDecodeWrapper:
             raise ValueError(f"kv_indptr ends at {int(indptr[-1])} but kv_indices has {kv_indices.numel()} entries")
 
         host_indices = None
-        if prefix_paths is None or kv_indices.device.type == "cpu":
+        if prefix_paths is None or indices_on_host:
             host_indices = kv_indices.cpu().numpy()
         if host_indices is not None and self.page_size > 1:
             _check_page_runs(indptr, host_indices, self.page_size)
@@ -595,6 +596,7 @@ class _GraphBuffers:
         # the device is two plans behind. Entries past a plan's counts are never read, so nothing is zeroed.
         pinned = w.device.type == "cuda"
         self.staging = [torch.zeros(pos, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self.staging_host = [s.numpy() for s in self.staging]  # views of the same memory, made once
         # The event recorded after each staging copy's last upload, made once (see _fork_join). Waiting on one that
         # was never recorded returns at once (torch creates the CUDA event at its first record).
         self.staged = [torch.cuda.Event(), torch.cuda.Event()] if pinned else [None, None]
@@ -633,7 +635,7 @@ class _GraphBuffers:
         if self.staged[turn] is not None:
             self.staged[turn].synchronize()
         staging = self.staging[turn]
-        host = staging.numpy()
+        host = self.staging_host[turn]
         held = self.held[turn]  # per field, the array this staging copy holds (advanced plans share most)
         for name in PatPlan.ARRAY_FIELDS:
             a = getattr(plan, name)

@@ -132,6 +132,7 @@ def test_advanced_plan_covers_the_grown_batch(rf, heads, num_sms, growth):
         assert empty_tail_grew
         return
     _check_plan_covers_every_pair_once(advanced, indptr2, indices2)
+    assert advanced.item_kv_start.dtype == advanced.item_kv_len.dtype == np.int32, "the plan's arrays stay int32"
     fresh = forest_from_paths(indptr2, rf.prefix_paths)
     assert advanced.unique_kv_tokens == fresh.unique_kv_tokens()
     assert advanced.request_kv_tokens == int(indptr2[-1])

@@ -68,6 +68,11 @@ class StepInfo:
         untailed[reqs] = False
         return items, reqs, np.flatnonzero(untailed)
 
+    @cached_property
+    def kv_tokens(self) -> int:
+        """The batch's KV tokens when planned (the sum of ``seq_lens``)."""
+        return int(self.seq_lens.sum())
+
 
 @dataclass(frozen=True)
 class PatPlan:
@@ -298,11 +303,12 @@ def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | No
         return None
     grow = seq_lens - step.seq_lens
     items, reqs, untailed = step.tail_items
-    if int(grow.min()) < 0 or grow[untailed].any():
-        return None  # a request shrank, or one grew that has no tail item
+    # A request shrank, or one grew that has no tail item (there is rarely any: test for them only then).
+    if grow.min() < 0 or (len(untailed) and grow[untailed].any()):
+        return None
     item_len = plan.item_kv_len.copy()
-    item_len[items] += grow[reqs].astype(np.int32)
-    added = int(grow.sum())
+    item_len[items] += grow[reqs]  # in place: int64 growth into the int32 lengths
+    added = int(kv_indptr[len(seq_lens)] - kv_indptr[0]) - step.kv_tokens  # sum(grow) without a reduction
     advanced = object.__new__(PatPlan)  # a frozen dataclass: copy its fields, then set the ones that change
     advanced.__dict__.update(
         plan.__dict__,
