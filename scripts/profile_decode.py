@@ -108,6 +108,11 @@ VARIANTS: dict[str, dict] = {
     "merge-hb16": {"merge_head_block": 16},
     "merge-whole-head": {"merge_whole_head": True},  # before head-dimension blocks for a very few requests
     "first-none": {"dispatch_first": 0},  # no launch dispatched first (tiles.DISPATCH_FIRST_BLOCK_M)
+    # The private tails beside wider packs take pairs from the work queue (or the snake) instead of the stride: the
+    # 16-row tile of the many-KV-heads table (its launches beside wider packs; alone, "auto" takes the queue anyway)
+    # and the few-KV-heads table's tile for plans with wider packs (its tile for lone tail launches unchanged).
+    "queue-tails": {"tail_schedule": "queue"},
+    "snake-tails": {"tail_schedule": "snake"},
 }
 
 
@@ -127,11 +132,14 @@ def _patched(module, name: str, value):
 def _tile_table(variant: dict, base: dict) -> dict | None:
     """A D<=128 tile table (``base``: the one for many KV heads or for few) as a variant runs it: its entries over the
     table's own, every schedule set by ``schedule_all``."""
-    if "tiles" not in variant and "schedule_all" not in variant:
+    tail_schedule = variant.get("tail_schedule") if base is tiles_module._TILES_D128 else None
+    if "tiles" not in variant and "schedule_all" not in variant and tail_schedule is None:
         return None
     table = {**base, **variant.get("tiles", {})}
     if "schedule_all" in variant:
         table = {m: (*entry[:4], variant["schedule_all"], *entry[5:]) for m, entry in table.items()}
+    if tail_schedule is not None:
+        table[16] = (*table[16][:4], tail_schedule, *table[16][5:])
     return table
 
 
@@ -139,14 +147,16 @@ def _beside_wider_tails(variant: dict) -> tuple | None:
     """The 16-row tile for plans with wider packs (few KV heads) as a variant runs it: its 16-row entry, if any, with
     ``schedule_all``'s schedule."""
     entry = variant.get("tiles", {}).get(16)
-    if entry is None and "schedule_all" not in variant:
+    if entry is None and "schedule_all" not in variant and "tail_schedule" not in variant:
         return None
     entry = entry or tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
-    return (*entry[:4], variant.get("schedule_all", entry[4]), *entry[5:])
+    schedule = variant.get("tail_schedule", variant.get("schedule_all", entry[4]))
+    return (*entry[:4], schedule, *entry[5:])
 
 
-def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:
-    variant = variant or {}
+@contextmanager
+def variant_patches(variant: dict):
+    """The planner's and the wrapper's module constants and tile tables as ``variant`` sets them, restored after."""
     with (
         _patched(plan_module, "MAX_SPLIT_PARTIAL_SHARE", variant.get("split_share")),
         _patched(packs_module, "MAX_PACK_ROWS", variant.get("max_pack_rows")),
@@ -170,9 +180,15 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
     ):
         tiles_module._tile.cache_clear()
         try:
-            return _profile_case(case, replays, variant, timeline)
+            yield
         finally:
             tiles_module._tile.cache_clear()
+
+
+def profile_case(case: Case, replays: int, variant: dict | None = None, timeline: bool = True) -> dict:
+    variant = variant or {}
+    with variant_patches(variant):
+        return _profile_case(case, replays, variant, timeline)
 
 
 def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> dict:

@@ -44,6 +44,25 @@ def test_gpu_scripts_say_they_need_a_gpu(script):
     assert out.returncode != 0 and "needs a GPU" in out.stderr
 
 
+@pytest.mark.parametrize("variant", ["queue-tails", "snake-tails"])
+def test_tail_schedule_variants_change_only_the_tails_beside_wider_packs(variant):
+    """profile_decode.py's tail-schedule variants: with many KV heads the 16-row tile takes the schedule; with few
+    KV heads only the tile for plans with wider packs does (the lone-tails tile keeps "auto"); every other tile keeps
+    its schedule, and the tables are back to the defaults afterwards."""
+    import profile_decode
+
+    from pat_sglang.packing.tiles import graph_tiles
+
+    schedule = profile_decode.VARIANTS[variant]["tail_schedule"]
+    before = {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))}
+    with profile_decode.variant_patches(profile_decode.VARIANTS[variant]):
+        for kv, group in ((8, 4), (4, 7)):
+            for c in graph_tiles(128, kv, group):
+                tail_beside = c.block_m == 16 and c.when in ("any", "beside_wider")
+                assert c.schedule == (schedule if tail_beside else "auto"), (kv, c)
+    assert {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))} == before
+
+
 def test_trace_programs_pairs_and_windows(capsys):
     """trace_programs.py's reading of the programs' records: pairs (whose item, how long, how many bytes) and the
     windows of pairs in flight, SMs busy and bytes moved."""
