@@ -244,7 +244,7 @@ class PatDecodeWrapper:
             capacity=self._graph.capacity if self._graph else None,
         )
         if prefix_paths is not None and self.replan_every > 0:
-            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every)
+            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every, self.num_sms)
         self._install(plan, kv_indices, indptr)
 
     def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray) -> None:
@@ -441,8 +441,11 @@ class _StepCache:
 
     JOIN_SHARE = 0.125  # newcomers' own tokens are read in few pieces: only a small share of the step's tokens
 
-    def __init__(self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int) -> None:
+    def __init__(
+        self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int, num_sms: int
+    ) -> None:
         self.paths = _copy_paths(prefix_paths)
+        self.num_sms = num_sms  # for the rebatched plan's launch flags (rebatch_plan)
         self.kv_data_type = kv_data_type
         self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
         self.plan = plan
@@ -483,6 +486,7 @@ class _StepCache:
             capacity=graph.capacity if graph is not None else None,
             join_twin=twins,
             join_path_end=path_ends,
+            num_sms=self.num_sms,
         )
         if rebatched is None:
             return False

@@ -113,6 +113,8 @@ VARIANTS: dict[str, dict] = {
     # and the few-KV-heads table's tile for plans with wider packs (its tile for lone tail launches unchanged).
     "queue-tails": {"tail_schedule": "queue"},
     "snake-tails": {"tail_schedule": "snake"},
+    # The same through the planner, only where the wider launches fit the SMs at once (plan.QUEUE_TAILS_BESIDE_FITTING).
+    "queue-tails-fit": {"queue_tails_fit": True},
 }
 
 
@@ -163,6 +165,7 @@ def variant_patches(variant: dict):
         _patched(plan_module, "CTAS_PER_SM", variant.get("ctas")),
         _patched(plan_module, "MAX_SPLITS", variant.get("max_splits")),
         _patched(plan_module, "WAVE_SLACK", variant.get("wave_slack")),
+        _patched(plan_module, "QUEUE_TAILS_BESIDE_FITTING", variant.get("queue_tails_fit")),
         _patched(
             wrapper_module,
             "merge_head_block",

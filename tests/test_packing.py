@@ -467,3 +467,39 @@ def test_launch_info_marks_a_launch_that_runs_alone():
         busy = info[:, 1] > 0
         assert (busy.sum() == 1) == alone, name
         assert info[:, 2].tolist() == (busy & alone).astype(int).tolist(), name
+
+
+@pytest.mark.parametrize("name", ["system_prompt", "tree_of_thought", "rag"])
+def test_tails_may_queue_beside_wider_launches_that_fit(monkeypatch, name):
+    """With plan.QUEUE_TAILS_BESIDE_FITTING the 16-row launch of a plan with wider packs may take the queue exactly
+    when the wider launches' programs fit the SMs at once (a BLOCK_M-row program counting BLOCK_M / 128 of an SM);
+    the other launches keep the lone-launch rule; a rebatched plan gets the same rule."""
+    from pat_sglang.packing import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", True)
+    wl = make_workload(name, scale=1 / 8)
+    lay = wl.materialize()
+    forest = forest_from_paths(lay.kv_indptr, wl.prefix_paths)
+    hq, hkv = 32, 8
+    seen = set()
+    for num_sms in (1, 16, 132):
+        plan = _plan(forest, lay.kv_indptr, (hq, hkv), num_sms=num_sms)
+        keep = np.arange(plan.num_reqs - 1)
+        rebatched = rebatch_plan(
+            plan, keep, np.zeros(0, dtype=np.int64), unique_kv_tokens=1, fixed_launches=False, num_sms=num_sms
+        )
+        for p in (plan, rebatched):
+            info = p.launch_info.reshape(-1, 3)
+            block_m = np.asarray([lc.config.block_m for lc in p.launches])
+            busy = info[:, 1] > 0
+            wider = busy & (block_m > 16)
+            share = (info[wider, 1] * hkv * block_m[wider]).sum() / 128
+            tails = busy & (block_m == 16) & wider.any() & (share <= num_sms)
+            alone = busy & (busy.sum() == 1)
+            assert info[:, 2].tolist() == (tails | alone).astype(int).tolist(), (name, num_sms)
+            seen.add(bool(tails.any()))
+    assert seen == {True, False}, seen  # both cases occur among the three device sizes
+    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", False)
+    plan = _plan(forest, lay.kv_indptr, (hq, hkv), num_sms=132)
+    info = plan.launch_info.reshape(-1, 3)
+    assert info[:, 2].sum() == int((info[:, 1] > 0).sum() == 1), "off: only a lone launch may queue"

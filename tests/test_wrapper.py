@@ -319,6 +319,27 @@ def test_graph_mode_buffers_take_every_later_plan():
         assert len(w.plan_info.launches) == len(w._graph.configs)
 
 
+def test_queued_tails_beside_fitting_wider_launches(monkeypatch):
+    """plan.QUEUE_TAILS_BESIDE_FITTING on (graph mode, fixed grids): the tails beside wider packs take the work
+    queue where the plan lets them, and every step stays exact."""
+    from pat_sglang.packing import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", True)
+    w = _graph_wrapper()
+    queued = 0
+    for wl, indptr, indices, num_slots in _graph_steps():
+        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
+        info = w.plan_info.launch_info.reshape(-1, 3)
+        block_m = np.asarray([lc.config.block_m for lc in w.plan_info.launches])
+        wider = (info[:, 1] > 0) & (block_m > 16)
+        queued += int(wider.any() and info[block_m == 16, 2].any())
+        q = random_q(wl.batch_size, 8, 64, torch.float16)
+        k, v = random_kv(num_slots, 2, 64, torch.float16)
+        for _ in range(2):  # the queue is left at zero for the next launch
+            assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
+    assert queued > 0, "no step put its tails on the queue beside wider packs"
+
+
 @pytest.mark.parametrize("schedule", ["snake", "queue"])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):

@@ -42,10 +42,11 @@ class TileConfig:
     # How a launch's programs take (item, KV head) pairs (items come longest first): "stride" (program p takes
     # p, p + P, ...), "snake" (odd rounds reversed, so a program that took a long pair next takes a short one; it
     # balances only when the whole grid is resident at once), "queue" (an atomic counter hands out the next pair to
-    # whichever program is free; needs a work queue buffer) or "auto": the queue when the plan marks the launch as
-    # its only busy one and it has more pairs than programs, else stride. (Measured on the H200: the queue balances
-    # a lone launch best, whatever part of its grid is resident, but beside other launches its programs take SM
-    # share from the wide launch that bounds the step, and with one pair per program it only adds atomics.)
+    # whichever program is free; needs a work queue buffer) or "auto": the queue when the plan lets the launch queue
+    # (its only busy launch; see PatPlan's launch_info) and it has more pairs than programs, else stride. (Measured
+    # on the H200: the queue balances a lone launch best, whatever part of its grid is resident, but beside other
+    # launches its programs take SM share from the wide launch that bounds the step, and with one pair per program
+    # it only adds atomics.)
     schedule: str = "stride"
     # Which plans the planner gives this config to (the kernel ignores it): "any"; "alone": plans whose packs all
     # take this BLOCK_M (its launch runs alone); "beside_wider": plans that also have wider packs. A lone launch of
@@ -119,7 +120,7 @@ def _pack_attn_kernel(
     DOT_PRECISION: tl.constexpr,
     SCHEDULE: tl.constexpr,
 ):
-    # launch_ptr holds (first item, number of items, runs alone) of this tile config, on the device, so that a CUDA
+    # launch_ptr holds (first item, number of items, may queue) of this tile config, on the device, so that a CUDA
     # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says
     # (see TileConfig.schedule); a queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
     # last program resets both for the next launch (no extra launch, works inside a CUDA graph). When this loop
@@ -344,9 +345,9 @@ def pack_attention(
         items: the plan's work-item arrays (int32, on q's device).
         out: ``[B, Hq, D]`` in q's dtype; rows whose entry is direct are written here.
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
-        launch_info: int32 ``[3]`` on the device: (first item, number of items, runs alone) of this config; read by
-            the kernel, so a CUDA graph captured once replays later plans. "Runs alone" (the plan's only busy
-            launch) lets the "auto" schedule take the work queue.
+        launch_info: int32 ``[3]`` on the device: (first item, number of items, may queue) of this config; read by
+            the kernel, so a CUDA graph captured once replays later plans. "May queue" (the plan's only busy launch,
+            see ``PatPlan``) lets the "auto" schedule take the work queue.
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
         num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
             each (eager); a fixed, smaller grid loops (CUDA graphs).
@@ -365,7 +366,7 @@ def pack_attention(
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
-        raise ValueError("launch_info must be an int32 tensor of (first item, number of items, runs alone)")
+        raise ValueError("launch_info must be an int32 tensor of (first item, number of items, may queue)")
     queued = config.schedule in ("queue", "auto")
     if queued and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
         raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")

@@ -15,7 +15,7 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import choose_tiles, fixed_config_index
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, choose_tiles, fixed_config_index
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
@@ -33,6 +33,14 @@ CTAS_PER_SM = 4
 WAVE_SLACK = 0.125
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
+# Whether the private tails (the 16-row launch) of a plan with wider packs may take the work queue (the "auto"
+# schedule, with more pairs than programs) when all the wider launches' programs fit the device at once (counting a
+# program of BLOCK_M rows as BLOCK_M / 128 of an SM: one 128-row, two 64-row or four 32-row programs per SM, as
+# scripts/compile_sm90.py reads their residency). Then no wider program waits for a slot that a queued tail program
+# holds, and the queue hands the longest pairs left to whichever program frees first, so that the programs that start
+# only when the wide ones end take short pairs (a model of the tenth session's timelines: system_prompt/llama3-8b's
+# tails end ~18 µs earlier, docs/PERF_NOTES.md, eleventh session). Off until measured on the H200.
+QUEUE_TAILS_BESIDE_FITTING = False
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,10 @@ class PatPlan:
 
     ``modelled_kv_bytes`` / ``modelled_partial_bytes`` count all KV heads, KV splits included;
     ``unique_kv_tokens`` and ``request_kv_tokens`` are the batch's floors with and without sharing.
-    ``launch_info`` holds (first item, item count, runs alone) per launch and ``num_merge`` the merge count: the
-    kernels read both on the device, so a captured CUDA graph replays any later plan.
+    ``launch_info`` holds (first item, item count, may queue) per launch and ``num_merge`` the merge count: the
+    kernels read both on the device, so a captured CUDA graph replays any later plan. "May queue" lets a launch
+    whose schedule is "auto" take the work queue: the plan's only busy launch, or its tails beside wider launches
+    that fit the device at once (``QUEUE_TAILS_BESIDE_FITTING``).
     """
 
     num_reqs: int
@@ -232,6 +242,7 @@ def build_plan(
             size, pieces = eased
     while True:
         plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
+        plan["launch_info"][2::3] = _may_queue(configs, plan["launch_info"][1::3], num_kv_heads, num_sms)
         order, piece = plan.pop("order"), plan.pop("piece")
         if capacity is None or _fits(plan, capacity):
             break
@@ -331,6 +342,7 @@ def rebatch_plan(
     capacity: PlanCapacity | None = None,
     join_twin: list | None = None,
     join_path_end: np.ndarray | None = None,
+    num_sms: int | None = None,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
     by newcomers of ``join_lens`` tokens.
@@ -463,7 +475,9 @@ def rebatch_plan(
     if not fixed_launches:
         used = np.bincount(cfg, minlength=len(plan.launches)) > 0
     cfg = (np.cumsum(used) - 1)[cfg]
-    launches, launch_info = _launches([lc.config for lc, u in zip(plan.launches, used) if u], cfg)
+    configs = [lc.config for lc, u in zip(plan.launches, used) if u]
+    launches, launch_info = _launches(configs, cfg)
+    launch_info[2::3] = _may_queue(configs, launch_info[1::3], plan.num_kv_heads, num_sms)
 
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
     heads = plan.num_kv_heads
@@ -584,16 +598,29 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     }
 
 
+def _may_queue(configs: list[TileConfig], items: np.ndarray, num_kv_heads: int, num_sms: int | None) -> np.ndarray:
+    """Per launch (``items`` per config), whether its "auto" schedule may take the work queue (``PatPlan``); without
+    ``num_sms`` only the plan's only busy launch may."""
+    busy = items > 0
+    queue = busy & (np.count_nonzero(busy) == 1)
+    block_m = np.asarray([c.block_m for c in configs], dtype=np.int64)
+    wider = busy & (block_m > BLOCK_M_CHOICES[0])
+    if QUEUE_TAILS_BESIDE_FITTING and num_sms is not None and wider.any():
+        sm_share = float((items[wider] * num_kv_heads * block_m[wider]).sum()) / BLOCK_M_CHOICES[-1]
+        queue |= busy & (block_m == BLOCK_M_CHOICES[0]) & (sm_share <= num_sms)
+    return queue
+
+
 def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
     """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
-    ``launch_info`` (first item, item count, runs alone: the plan's only busy launch) as the kernels read it."""
+    ``launch_info`` (first item, item count, may queue: 0 until the caller sets it with ``_may_queue``) as the
+    kernels read it."""
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
     launches = tuple(
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
-    alone = (per_config > 0) & (np.count_nonzero(per_config) == 1)
-    return launches, np.stack([offsets, per_config, alone], axis=1).reshape(-1)
+    return launches, np.stack([offsets, per_config, np.zeros_like(per_config)], axis=1).reshape(-1)
 
 
 def _modelled_kv_bytes(item_len, item_num_reqs, group: int, kv_bytes_per_token: int, num_kv_heads: int) -> int:

@@ -21,8 +21,8 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
 # sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
 # accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (the atomic
-# work queue when its launch is the plan's only busy one and has more pairs than programs, else the static stride;
-# see TileConfig.schedule).
+# work queue when the plan lets its launch queue (its only busy one; plan.QUEUE_TAILS_BESIDE_FITTING) and it has more
+# pairs than programs, else the static stride; see TileConfig.schedule).
 #
 # num_stages and Triton 3.6's pipeliner: a tile's K/V gather depends on its slot load, so the pipeliner gives the slot
 # load a stage of its own, and up to 4 stages the loop waits for every copy at its top (the K/V of the next tile is
