@@ -115,6 +115,9 @@ VARIANTS: dict[str, dict] = {
     "snake-tails": {"tail_schedule": "snake"},
     # The same through the planner, only where the wider launches fit the SMs at once (plan.QUEUE_TAILS_BESIDE_FITTING).
     "queue-tails-fit": {"queue_tails_fit": True},
+    # The queued tails dispatched right after the widest launch (the graph's branches start ~2 µs apart, and the tails
+    # were last: their programs started at ~8 µs in the tenth session's timelines).
+    "queue-tails-second": {"tail_schedule": "queue", "order": "tails"},
 }
 
 
@@ -194,6 +197,20 @@ def profile_case(case: Case, replays: int, variant: dict | None = None, timeline
         return _profile_case(case, replays, variant, timeline)
 
 
+def launch_order(configs: tuple, order: str) -> tuple:
+    """Graph-mode launch order of a variant: "wide" (widest first), "narrow" (the narrowest first, then widest
+    first) or "tails" (the widest, then the 16-row tiles, then the rest widest first)."""
+    wide_first = sorted(configs, key=lambda c: -c.block_m)
+    if order == "wide":
+        return tuple(wide_first)
+    if order == "narrow":
+        return tuple(wide_first[-1:] + wide_first[:-1])
+    if order == "tails":  # both 16-row tiles where the tail tile depends on the plan
+        rest = wide_first[1:]
+        return tuple(wide_first[:1] + [c for c in rest if c.block_m == 16] + [c for c in rest if c.block_m != 16])
+    raise ValueError(f"order must be wide, narrow or tails, got {order!r}")
+
+
 def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> dict:
     """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (do_bench median, L2 flushed), each
     kernel's launches per replay and mean µs, the replay's timeline (each launch's start offset and duration, median
@@ -202,13 +219,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     pat = case_pat(case, graph_mode=True)
     graph = pat._graph
     if "order" in variant:
-        wide_first = sorted(graph.configs, key=lambda c: -c.block_m)
-        orders = {
-            "wide": wide_first,
-            "narrow": wide_first[-1:] + wide_first[:-1],
-            "tails": wide_first[:1] + wide_first[-1:] + wide_first[1:-1],  # the private tails' tile second
-        }
-        graph.configs = tuple(orders[variant["order"]])
+        graph.configs = launch_order(graph.configs, variant["order"])
     if "programs_per_sm" in variant or "order" in variant:
         per_sm = variant.get("programs_per_sm", {})
         graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)

@@ -63,6 +63,23 @@ def test_tail_schedule_variants_change_only_the_tails_beside_wider_packs(variant
     assert {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))} == before
 
 
+def test_tails_second_order_moves_every_tail_tile():
+    """profile_decode.py's "tails" launch order: the widest tile, then every 16-row tile (two with few KV heads),
+    then the rest widest first."""
+    import profile_decode
+
+    from pat_sglang.packing.tiles import graph_tiles
+
+    for kv, group in ((8, 4), (4, 7)):
+        configs = graph_tiles(128, kv, group)
+        order = profile_decode.launch_order(configs, "tails")
+        assert sorted(order, key=id) == sorted(configs, key=id)
+        sixteen = [c.block_m == 16 for c in order]
+        assert order[0].block_m == 128 and sixteen == [False] + [True] * sum(sixteen) + [False] * (
+            len(order) - 1 - sum(sixteen)
+        ), order
+
+
 def test_trace_programs_pairs_and_windows(capsys):
     """trace_programs.py's reading of the programs' records: pairs (whose item, how long, how many bytes) and the
     windows of pairs in flight, SMs busy and bytes moved."""
