@@ -9,6 +9,7 @@ A backend whose package is missing is skipped with a message, never the run.
 
     python scripts/bench_decode.py                      # every workload x llama3-8b, qwen2.5-7b, bf16
     python scripts/bench_decode.py --workload system_prompt --heads llama3-8b --refcheck
+    python scripts/bench_decode.py --plan-only --plan-reps 100   # pat's host plan times only, on any machine
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ class Case:
     page_size: int
     seed: int
     notes: dict[str, str] = field(default_factory=dict)
+    with_tensors: bool = True  # False: the layout only (plan timing), no q / KV pool
 
     def __post_init__(self) -> None:
         layout = self.workload.materialize(page_size=self.page_size, seed=self.seed)
@@ -351,6 +353,8 @@ class Case:
         self.kv_indptr = torch.from_numpy(layout.kv_indptr).to(self.device)
         self.kv_indices = torch.from_numpy(layout.kv_indices).to(self.device)
         self.forest = forest_from_paths(layout.kv_indptr, self.workload.prefix_paths)
+        if not self.with_tensors:
+            return
         g = torch.Generator(device=self.device).manual_seed(self.seed)
         shape = (layout.num_slots, self.num_kv_heads, self.head_dim)
         self.k = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
@@ -507,6 +511,35 @@ def parse_heads(spec: str) -> tuple[str, tuple[int, int, int]]:
     return spec, (hq, hkv, d)
 
 
+def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, int, float, float]]:
+    """``--plan-only``: the fresh and the followed-step plan time of every case (``time_plans``), printed as a table.
+    Slots on the host make ``plan`` check the radix paths against them (O(KV tokens)), which a GPU run (slots on the
+    device) never does: on a CPU device that check is left out, so that the times are the GPU host's work."""
+    import pat_sglang.wrapper as wrapper_module
+
+    checks = wrapper_module.check_forest_slots
+    if device.type == "cpu":
+        wrapper_module.check_forest_slots = lambda *a: None
+    out = []
+    try:
+        for wl_name in args.workload:
+            for heads_name, (hq, hkv, d) in args.heads:
+                params = {"batch": args.batch} if args.batch and wl_name in ("system_prompt", "no_sharing") else {}
+                wl = make_workload(wl_name, seed=args.seed, scale=args.scale, page_size=args.page_size, **params)
+                case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed, with_tensors=False)
+                fresh, step = time_plans(case, args.plan_reps, args.graph)
+                out.append((wl_name, heads_name, case.batch, fresh, step))
+    finally:
+        wrapper_module.check_forest_slots = checks
+    mode = "graph mode" if args.graph else "eager"
+    print(f"host µs of pat's plan, median of {args.plan_reps} ({mode}, {device.type}, page size {args.page_size})")
+    print("| workload | heads | B | fresh plan µs | step plan µs |")
+    print("| --- | --- | --: | --: | --: |")
+    for wl_name, heads_name, b, fresh, step in out:
+        print(f"| {wl_name} | {heads_name} | {b} | {fresh:.0f} | {step:.0f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=sorted(WORKLOADS))
@@ -524,6 +557,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--rep-ms", type=int, default=500)
     p.add_argument("--plan-reps", type=int, default=20)
     p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="time pat's host plan only (fresh and followed steps, graph mode), no kernels: any machine",
+    )
+    p.add_argument(
         "--graph",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -533,6 +571,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--out", type=Path, default=ROOT / "out", help="folder for bench_decode.{csv,json,png}")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.plan_only:
+        plan_times(args, device)
+        return []
 
     meta = versions() | {
         "dtype": args.dtype,

@@ -184,6 +184,22 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert "system_prompt" in capsys.readouterr().out
 
 
+def test_bench_decode_plan_only(capsys):
+    """--plan-only times the host plan (no kernels, no KV pool) and puts the slot check back afterwards."""
+    import pat_sglang.wrapper as wrapper_module
+
+    check = wrapper_module.check_forest_slots
+    args = "--plan-only --workload system_prompt single_long --heads 4/2/64 --batch 3 --scale 0.004 --plan-reps 2"
+    assert bench_decode.main(args.split()) == []
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| workload") and [line.split(" | ")[0] for line in lines[2:]] == [
+        "| system_prompt",
+        "| single_long",
+    ]
+    assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in lines[2:])
+    assert wrapper_module.check_forest_slots is check
+
+
 @pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])
 def test_bench_plan_timing_follows_steps(graph_mode):
     """bench_decode's plan timing runs on the CPU device, fresh plans and followed steps, in graph mode through the
