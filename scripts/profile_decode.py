@@ -118,6 +118,10 @@ VARIANTS: dict[str, dict] = {
     # The queued tails dispatched right after the widest launch (the graph's branches start ~2 µs apart, and the tails
     # were last: their programs started at ~8 µs in the tenth session's timelines).
     "queue-tails-second": {"tail_schedule": "queue", "order": "tails"},
+    # Queued tails cut into pieces of at most 384 / 512 tokens (plan.TAIL_PIECE_CAP): a lone long pair stops bounding
+    # a launch of one pair per program (qwen2.5-7b's system_prompt and multi_agent).
+    "queue-tails-cap384": {"tail_schedule": "queue", "tail_piece_cap": 384},
+    "queue-tails-cap512": {"tail_schedule": "queue", "tail_piece_cap": 512},
 }
 
 
@@ -169,6 +173,7 @@ def variant_patches(variant: dict):
         _patched(plan_module, "MAX_SPLITS", variant.get("max_splits")),
         _patched(plan_module, "WAVE_SLACK", variant.get("wave_slack")),
         _patched(plan_module, "QUEUE_TAILS_BESIDE_FITTING", variant.get("queue_tails_fit")),
+        _patched(plan_module, "TAIL_PIECE_CAP", variant.get("tail_piece_cap")),
         _patched(
             wrapper_module,
             "merge_head_block",

@@ -21,7 +21,14 @@ from pat_sglang.packing import (
 )
 from pat_sglang.packing import tiles as tiles_module
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import CTAS_PER_SM, MAX_SPLITS, advance_plan, rebatch_plan, split_partial_share
+from pat_sglang.packing.plan import (
+    CTAS_PER_SM,
+    MAX_SPLITS,
+    PlanCapacity,
+    advance_plan,
+    rebatch_plan,
+    split_partial_share,
+)
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
@@ -503,3 +510,31 @@ def test_tails_may_queue_beside_wider_launches_that_fit(monkeypatch, name):
     plan = _plan(forest, lay.kv_indptr, (hq, hkv), num_sms=132)
     info = plan.launch_info.reshape(-1, 3)
     assert info[:, 2].sum() == int((info[:, 1] > 0).sum() == 1), "off: only a lone launch may queue"
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["eager", "graph"])
+def test_tail_piece_cap_cuts_only_narrow_packs(monkeypatch, fixed):
+    """plan.TAIL_PIECE_CAP (an experiment knob): packs of at most 16 rows come in pieces of at most the cap (aligned
+    to 16 tokens), wider packs keep the split target's pieces, every pair is still attended once, and a plan whose
+    capacity cannot hold the capped pieces gives the cap up instead of looping."""
+    from pat_sglang.packing import plan as plan_module
+
+    wl = make_workload("system_prompt", batch=12, scale=1 / 2)
+    lay = wl.materialize()
+    forest = forest_from_paths(lay.kv_indptr, wl.prefix_paths)
+    kw = {}
+    if fixed:
+        kw = dict(fixed_configs=tiles_module.graph_tiles(128, 8, 4))
+    base = _plan(forest, lay.kv_indptr, (32, 8), num_sms=1, **kw)
+    monkeypatch.setattr(plan_module, "TAIL_PIECE_CAP", 64)
+    capped = _plan(forest, lay.kv_indptr, (32, 8), num_sms=1, **kw)
+    narrow = capped.item_num_reqs * 4 <= 16
+    assert capped.item_kv_len[narrow].max() <= 64 < base.item_kv_len[base.item_num_reqs * 4 <= 16].max()
+    wide = lambda p: sorted(p.item_kv_len[p.item_num_reqs * 4 > 16].tolist())  # noqa: E731
+    assert wide(capped) == wide(base)
+    indptr, indices = lay.kv_indptr, lay.kv_indices
+    _check_plan_covers_every_pair_once(_without_empty_launches(capped) if fixed else capped, indptr, indices)
+    if fixed:
+        tight = PlanCapacity(max_items=len(base.item_kv_len), max_entries=10**6, max_partials=10**6,
+                             max_merge_reqs=10**6)  # fmt: skip
+        assert _plan(forest, indptr, (32, 8), num_sms=1, capacity=tight, **kw).num_items <= tight.max_items

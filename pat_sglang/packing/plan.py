@@ -41,6 +41,12 @@ WIDE_PACK_ROWS = 64
 # only when the wide ones end take short pairs (a model of the tenth session's timelines: system_prompt/llama3-8b's
 # tails end ~18 µs earlier, docs/PERF_NOTES.md, eleventh session). Off until measured on the H200.
 QUEUE_TAILS_BESIDE_FITTING = False
+# An experiment knob (scripts/profile_decode.py's variants; None in production): packs of at most 16 rows (private
+# tails, small groups) are cut into pieces of at most this many tokens, beyond the split target, where the plan fits
+# its capacity. A lone long pair bounds a launch whose pairs are one per program (qwen2.5-7b's system_prompt tails:
+# 1024 tokens, ~61 µs at one program's read rate); capped pieces let a queue spread it (docs/PERF_NOTES.md, eleventh
+# session). Measured slower without a queue in the tenth session.
+TAIL_PIECE_CAP: int | None = None
 
 
 @dataclass(frozen=True)
@@ -227,17 +233,19 @@ def build_plan(
     piece_cost = cost.sum() * num_kv_heads / slots
     align = max(page_size, 16)
 
-    def split_sizes(piece_cost: float, rounding=np.ceil) -> tuple[np.ndarray, np.ndarray]:
+    def split_sizes(piece_cost: float, rounding=np.ceil, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         want = rounding(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
+        if cap is not None:
+            want = np.where(rows <= BLOCK_M_CHOICES[0], np.maximum(want, -(-lens // cap)), want)
         n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), MAX_SPLITS))
         per_piece = -(-lens // n)  # ceil(lens / n), then up to a multiple of the alignment
         size = -(-per_piece // align) * align
         return size, -(-lens // size)
 
-    size, pieces = split_sizes(piece_cost)
+    size, pieces = split_sizes(piece_cost, cap=TAIL_PIECE_CAP)
     pairs = int(pieces.sum()) * num_kv_heads
     if slots < pairs <= (1 + WAVE_SLACK) * slots:  # rounded down instead, each pack's pieces fit the slots
-        eased = split_sizes(piece_cost, np.floor)
+        eased = split_sizes(piece_cost, np.floor, cap=TAIL_PIECE_CAP)
         if int(eased[1].sum()) * num_kv_heads <= slots:
             size, pieces = eased
     while True:
