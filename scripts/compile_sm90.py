@@ -85,14 +85,15 @@ def compile_tile(
     pointer_types: dict[str, str] | None = None,
 ):
     """The pack kernel for one tile config, compiled for sm90 (a ``triton.compiler.CompiledKernel``); the Gluon
-    kernel (kernels/wide_pack_sm90.py) for a config whose kernel is "wgmma". ``fn``: a variant of the Triton
-    kernel with the same arguments and constexprs (plus extra pointers, typed by ``pointer_types``: name -> element
-    type, e.g. scripts/trace_programs.py's trace buffer)."""
+    kernel (kernels/wide_pack_sm90.py) for a config whose kernel is "wgmma". ``fn``: a variant of that kernel (Triton
+    or Gluon) with the same arguments and constexprs (plus extra pointers, typed by ``pointer_types``: name ->
+    element type, e.g. scripts/trace_programs.py's trace buffer)."""
     wgmma = cfg.kernel == "wgmma"
     if wgmma:
         from triton.experimental.gluon._runtime import GluonASTSource
 
-        from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as fn
+        if fn is None:
+            from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as fn
     elif fn is None:
         fn = pack_module._pack_attn_kernel
     consts = kernel_constexprs(

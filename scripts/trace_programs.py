@@ -8,16 +8,17 @@ each program's read rate, and the ragged end of a launch (docs/PERF_NOTES.md, te
     python scripts/trace_programs.py --workload system_prompt --tail-tile 128,4,2   # another 16-row tile
     python scripts/trace_programs.py --compile-check                                # no GPU: the traced kernel builds
 
-How: the Triton kernel's source (pat_sglang/kernels/pack_attention.py) is rewritten in memory (a trace buffer
-argument; ``%smid`` and ``%globaltimer`` read at each program's start and after each pair) and swapped into the
-wrapper for the run. The Gluon kernels (wgmma tiles) are not traced: their launches show as time with no traced
-pairs. Tracing adds up to ~10% to a replay: compare traced against traced, and confirm a change with
-profile_decode.py's untraced times.
+How: the kernels' sources (pat_sglang/kernels/pack_attention.py, and the Gluon kernel of the wgmma tiles in
+kernels/wide_pack_sm90.py, whose persistent loop is the same) are rewritten in memory (a trace buffer argument;
+``%smid`` and ``%globaltimer`` read at each program's start and after each pair) and swapped into the wrapper for the
+run; launches of the Gluon kernel are named with a trailing "g" (M128N32w8s4g). Tracing adds up to ~10% to a replay:
+compare traced against traced, and confirm a change with profile_decode.py's untraced times.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import os
@@ -51,7 +52,8 @@ MAX_PAIRS = (RECORD - 3) // 2
 _TIMER = 'tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)'
 _SMID = 'tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)'
 # (anchor in the kernel's source, what replaces it): each anchor must occur, or the kernel changed under the script.
-_EDITS = (
+# The Triton kernel's persistent loop; the Gluon kernel (kernels/wide_pack_sm90.py) repeats it with `gl.` for `tl.`.
+_LOOP_EDITS = (
     ("    NUM_KV_HEADS: tl.constexpr,\n", "    trace_ptr,\n    NUM_KV_HEADS: tl.constexpr,\n"),
     (
         "    nprog = tl.num_programs(0)\n",
@@ -75,11 +77,18 @@ _EDITS = (
         f"    tl.store(_rec + {RECORD - 1}, _n.to(tl.int64))\n"
         "    if queued:\n        if tl.atomic_add(queue_ptr + 1, 1)",
     ),
+)
+# The launcher passes the trace buffer to either kernel and takes the traced Gluon kernel (_traced_gluon, set on the
+# traced module) for the wgmma tiles.
+_LAUNCHER_EDITS = (
     (
         "        partial_lse.stride(0),\n        **kernel_constexprs(",
-        "        partial_lse.stride(0),\n"
-        "        *((_trace_buffer(config, num_programs, q.device),) if kernel is _pack_attn_kernel else ()),\n"
+        "        partial_lse.stride(0),\n        _trace_buffer(config, num_programs, q.device),\n"
         "        **kernel_constexprs(",
+    ),
+    (
+        "        from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as kernel\n",
+        "        kernel = _traced_gluon()\n",
     ),
 )
 
@@ -96,21 +105,38 @@ class TraceBuffers:
         return self.buffers[config]
 
 
-def traced_module(buffers: TraceBuffers | None = None):
-    """A copy of kernels/pack_attention.py whose Triton kernel records its programs into ``buffers``."""
-    src = Path(pack_module.__file__).read_text()
-    for anchor, replacement in _EDITS:
+def _edited_module(source: Path, edits, name: str, extra: dict):
+    """Import a copy of ``source`` with ``edits`` applied (each anchor must occur) and ``extra`` in its namespace."""
+    src = source.read_text()
+    for anchor, replacement in edits:
         if src.count(anchor) < 1:
-            raise RuntimeError(f"trace_programs.py: the pack kernel changed, this anchor is gone: {anchor!r}")
+            raise RuntimeError(f"trace_programs.py: {source.name} changed, this anchor is gone: {anchor!r}")
         src = src.replace(anchor, replacement, 1)
-    path = Path(tempfile.mkdtemp()) / "pack_attention_traced.py"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("pack_attention_traced", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    module.__dict__["_trace_buffer"] = buffers or TraceBuffers()
+    module.__dict__.update(extra)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def traced_gluon_kernel():
+    """The Gluon wide-pack kernel (kernels/wide_pack_sm90.py) recording its programs as the Triton kernel does, or
+    None where Gluon is missing."""
+    try:
+        from pat_sglang.kernels import wide_pack_sm90
+    except ImportError:
+        return None
+    edits = [(a.replace("tl.", "gl."), r.replace("tl.", "gl.")) for a, r in _LOOP_EDITS]
+    return _edited_module(Path(wide_pack_sm90.__file__), edits, "wide_pack_sm90_traced", {})._wide_pack_kernel
+
+
+def traced_module(buffers: TraceBuffers | None = None):
+    """A copy of kernels/pack_attention.py whose kernels (Triton and Gluon) record their programs into ``buffers``."""
+    extra = {"_trace_buffer": buffers or TraceBuffers(), "_traced_gluon": functools.cache(traced_gluon_kernel)}
+    return _edited_module(Path(pack_module.__file__), _LOOP_EDITS + _LAUNCHER_EDITS, "pack_attention_traced", extra)
 
 
 @dataclass(frozen=True)
@@ -191,7 +217,7 @@ def trace_case(case, replays: int = 6) -> tuple[float, dict[str, list[Pair]], Pa
     for lc in plan.launches:
         if lc.config in records:
             c = lc.config
-            name = f"M{c.block_m}N{c.block_n}w{c.num_warps}s{c.num_stages}"
+            name = f"M{c.block_m}N{c.block_n}w{c.num_warps}s{c.num_stages}" + ("g" if c.kernel == "wgmma" else "")
             launches[name] = pairs_from_records(records[lc.config], lc.item_offset, plan.item_kv_len,
                                                 case.num_kv_heads, bytes_per_token, t0)  # fmt: skip
     return wall_us, launches, pat
@@ -222,15 +248,21 @@ def print_trace(title: str, wall_us: float, launches: dict[str, list[Pair]], wid
 
 
 def compile_check() -> None:
-    """Build the traced kernel and compile its 16- and 128-row tiles for sm90 (no GPU needed)."""
+    """Build the traced kernels and compile a 16- and a 128-row Triton tile and the Gluon tiles of the tables for sm90
+    (no GPU needed)."""
     import compile_sm90
 
     if compile_sm90.cuda_tools_dir() is None:
         sys.exit("trace_programs.py --compile-check needs the ptxas and cuobjdump that ship in the triton wheel")
-    fn = traced_module()._pack_attn_kernel
-    for cfg in (TileConfig(16, 64, 4, 3), TileConfig(128, 64, 8, 5, max_regs=128)):
-        c = compile_sm90.inspect_tile(cfg, group=4, fn=fn, pointer_types={"trace_ptr": "i64"})
-        print(f"traced BLOCK_M {cfg.block_m}: {c.registers} registers, {c.spilled_bytes} B spilled, "
+    module = traced_module()
+    gluon = module._wide_pack_kernel()
+    tiles = [(TileConfig(16, 64, 4, 3), 4), (TileConfig(128, 64, 8, 5, max_regs=128), 4)]
+    if gluon is not None:
+        tiles += [(TileConfig(64, 64, 4, 3, kernel="wgmma"), 4), (TileConfig(128, 32, 8, 4, 128, kernel="wgmma"), 7)]
+    for cfg, group in tiles:
+        fn = gluon if cfg.kernel == "wgmma" else module._pack_attn_kernel
+        c = compile_sm90.inspect_tile(cfg, group=group, fn=fn, pointer_types={"trace_ptr": "i64"})
+        print(f"traced BLOCK_M {cfg.block_m} ({cfg.kernel}): {c.registers} registers, {c.spilled_bytes} B spilled, "
               f"{c.shared_bytes} B shared, {c.programs_per_sm} programs per SM")  # fmt: skip
 
 

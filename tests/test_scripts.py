@@ -104,8 +104,9 @@ def test_trace_programs_pairs_and_windows(capsys):
 
 
 def test_trace_programs_kernel_builds_for_sm90():
-    """The traced copy of the pack kernel still finds its anchors in kernels/pack_attention.py and compiles for
-    sm90 with the tail tile's residency (no GPU needed; a subprocess, as for compile_sm90.py)."""
+    """The traced copies of the pack kernels still find their anchors in kernels/pack_attention.py and
+    kernels/wide_pack_sm90.py and compile for sm90, the tail tile with its residency and the Gluon tiles with theirs
+    (no GPU needed; a subprocess, as for compile_sm90.py)."""
     import compile_sm90
 
     if compile_sm90.cuda_tools_dir() is None:
@@ -114,7 +115,10 @@ def test_trace_programs_kernel_builds_for_sm90():
     cmd = [sys.executable, str(ROOT / "scripts" / "trace_programs.py"), "--compile-check"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "traced BLOCK_M 16:" in out.stdout and "4 programs per SM" in out.stdout.splitlines()[0], out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("traced BLOCK_M 16 (triton):") and "4 programs per SM" in lines[0], out.stdout
+    gluon = [line for line in lines if "(wgmma)" in line]
+    assert len(gluon) == 2 and all("2 programs per SM" in line for line in gluon), out.stdout
 
 
 def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
