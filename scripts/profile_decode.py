@@ -122,6 +122,10 @@ VARIANTS: dict[str, dict] = {
     # a launch of one pair per program (qwen2.5-7b's system_prompt and multi_agent).
     "queue-tails-cap384": {"tail_schedule": "queue", "tail_piece_cap": 384},
     "queue-tails-cap512": {"tail_schedule": "queue", "tail_piece_cap": 512},
+    # With the Triton 128-row tile at BLOCK_N 32 (5 stages, cap 128: 82 KB of shared memory instead of 131 and its
+    # wgmma products asynchronous, where the BLOCK_N 64 tile's are serialized; scripts/compile_sm90.py). Both tables'
+    # 128-row entry is replaced: run it with many KV heads (llama3-8b), whose table has the Triton tile.
+    "queue-tails-n32s5": {"tail_schedule": "queue", "tiles": {128: (32, 8, 5, 128, "auto")}},
 }
 
 
