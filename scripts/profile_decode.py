@@ -126,6 +126,20 @@ VARIANTS: dict[str, dict] = {
     # wgmma products asynchronous, where the BLOCK_N 64 tile's are serialized; scripts/compile_sm90.py). Both tables'
     # 128-row entry is replaced: run it with many KV heads (llama3-8b), whose table has the Triton tile.
     "queue-tails-n32s5": {"tail_schedule": "queue", "tiles": {128: (32, 8, 5, 128, "auto")}},
+    # The tail tile under an 80-register cap (no spill inside its KV loop; scripts/compile_sm90.py), so that three tail
+    # programs fit beside a wide program whose shared memory leaves room for them (qwen2.5-7b's Gluon 128-row tile:
+    # 98 KB; the Triton BLOCK_N 32 one: 82 KB) instead of two, and five per SM alone (the tails' grid sized to match).
+    "tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}},
+    "queue-tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}, "tail_schedule": "queue"},
+    "tails-cap80-n32s5": {
+        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
+        "programs_per_sm": {16: 5},
+    },
+    "queue-tails-cap80-n32s5": {
+        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
+        "programs_per_sm": {16: 5},
+        "tail_schedule": "queue",
+    },
 }
 
 

@@ -63,6 +63,25 @@ def test_tail_schedule_variants_change_only_the_tails_beside_wider_packs(variant
     assert {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))} == before
 
 
+def test_every_profile_variant_builds_its_tiles_and_restores_the_defaults():
+    """Each of profile_decode.py's variants patches valid tile tables (graph_tiles builds every config of both head
+    configurations under it) and leaves the defaults as they were; the cap-80 tail variants cap the tails."""
+    import profile_decode
+
+    from pat_sglang.packing import plan as plan_module
+    from pat_sglang.packing.tiles import graph_tiles
+
+    heads = ((8, 4), (4, 7))
+    before = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
+    for name, variant in profile_decode.VARIANTS.items():
+        with profile_decode.variant_patches(variant):
+            tiles = {kv: graph_tiles(128, kv, g) for kv, g in heads}
+            if "cap80" in name:
+                assert all(c.max_regs == 80 for t in tiles.values() for c in t if c.block_m == 16), name
+        after = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
+        assert after == before, name
+
+
 def test_tails_second_order_moves_every_tail_tile():
     """profile_decode.py's "tails" launch order: the widest tile, then every 16-row tile (two with few KV heads),
     then the rest widest first."""
