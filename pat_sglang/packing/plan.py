@@ -43,9 +43,10 @@ WIDE_PACK_ROWS = 64
 QUEUE_TAILS_BESIDE_FITTING = False
 # An experiment knob (scripts/profile_decode.py's variants; None in production): packs of at most 16 rows (private
 # tails, small groups) are cut into pieces of at most this many tokens, beyond the split target, where the plan fits
-# its capacity (no piece shorter than the shortest split: a pack under twice MIN_SPLIT_TOKENS stays whole). A lone long pair bounds a launch whose pairs are one per program (qwen2.5-7b's system_prompt tails:
-# 1024 tokens, ~61 µs at one program's read rate); capped pieces let a queue spread it (docs/PERF_NOTES.md, eleventh
-# session). Measured slower without a queue in the tenth session.
+# its capacity (no piece shorter than the shortest split: a pack under twice MIN_SPLIT_TOKENS stays whole). A lone
+# long pair bounds a launch whose pairs are one per program (qwen2.5-7b's system_prompt tails: 1024 tokens, ~61 µs at
+# one program's read rate); capped pieces let a queue spread it (docs/PERF_NOTES.md, eleventh session). Measured
+# slower without a queue in the tenth session.
 TAIL_PIECE_CAP: int | None = None
 
 
