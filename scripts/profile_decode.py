@@ -135,6 +135,10 @@ VARIANTS: dict[str, dict] = {
         "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
         "programs_per_sm": {16: 5},
     },
+    # The 32-row tile with four warps under a 128-register cap: no spill and four programs per SM, as the two-warp
+    # tile (255 registers), with twice the warps per program for the long narrow pieces that run nearly alone
+    # (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session).
+    "tile32-w4-cap128": {"tiles": {32: (64, 4, 2, 128, "auto")}},
     "queue-tails-cap80-n32s5": {
         "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
         "programs_per_sm": {16: 5},
