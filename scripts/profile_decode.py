@@ -135,6 +135,12 @@ VARIANTS: dict[str, dict] = {
         "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
         "programs_per_sm": {16: 5},
     },
+    # Cap-80 tails beside the Gluon 128-row tile (BLOCK_N 32, 4 stages, cap 128: 98 KB, three such tails beside it)
+    # with many KV heads too, where the Gluon tile measured level or slower beside two four-warp tails (eighth session).
+    "tails-cap80-gluon128": {
+        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 4, 128, "auto", "wgmma")},
+        "programs_per_sm": {16: 5},
+    },
     # The 32-row tile with four warps under a 128-register cap: no spill and four programs per SM, as the two-warp
     # tile (255 registers), with twice the warps per program for the long narrow pieces that run nearly alone
     # (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session).
