@@ -130,9 +130,16 @@ VARIANTS: dict[str, dict] = {
     # programs fit beside a wide program whose shared memory leaves room for them (qwen2.5-7b's Gluon 128-row tile:
     # 98 KB; the Triton BLOCK_N 32 one: 82 KB) instead of two, and five per SM alone (the tails' grid sized to match).
     "tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}},
+    "tails-cap80s": {"tiles": {16: (64, 4, 3, 80, "stride")}, "programs_per_sm": {16: 5}},  # stride only: no loop spill
     "queue-tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}, "tail_schedule": "queue"},
     "tails-cap80-n32s5": {
         "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
+        "programs_per_sm": {16: 5},
+    },
+    # The same with the tails compiled for the static stride only: under the 80-register cap the queue's code leaves
+    # 3 spill instructions in the KV loop ("auto", "queue"), the stride none (scripts/compile_sm90.py).
+    "tails-cap80s-n32s5": {
+        "tiles": {16: (64, 4, 3, 80, "stride"), 128: (32, 8, 5, 128, "auto")},
         "programs_per_sm": {16: 5},
     },
     # Cap-80 tails beside the Gluon 128-row tile (BLOCK_N 32, 4 stages, cap 128: 98 KB, three such tails beside it)
