@@ -250,8 +250,8 @@ def build_plan(
         if int(eased[1].sum()) * num_kv_heads <= slots:
             size, pieces = eased
     while True:
-        plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
-        plan["launch_info"][2::3] = _may_queue(configs, plan["launch_info"][1::3], num_kv_heads, num_sms)
+        plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs,
+                      num_kv_heads=num_kv_heads, num_sms=num_sms)  # fmt: skip
         order, piece = plan.pop("order"), plan.pop("piece")
         if capacity is None or _fits(plan, capacity):
             break
@@ -485,8 +485,7 @@ def rebatch_plan(
         used = np.bincount(cfg, minlength=len(plan.launches)) > 0
     cfg = (np.cumsum(used) - 1)[cfg]
     configs = [lc.config for lc, u in zip(plan.launches, used) if u]
-    launches, launch_info = _launches(configs, cfg)
-    launch_info[2::3] = _may_queue(configs, launch_info[1::3], plan.num_kv_heads, num_sms)
+    launches, launch_info = _launches(configs, cfg, plan.num_kv_heads, num_sms)
 
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
     heads = plan.num_kv_heads
@@ -557,7 +556,8 @@ def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, 
     return None
 
 
-def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
+def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs, *,
+           num_kv_heads: int, num_sms: int) -> dict:  # fmt: skip
     """Cut packs into items, order them (by config, longest first), assign destinations and the merge CSR."""
     item_pack = np.repeat(np.arange(len(lens)), pieces)
     piece = np.arange(len(item_pack)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
@@ -586,7 +586,7 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     first = np.flatnonzero(np.r_[True, sorted_req[1:] != sorted_req[:-1]]) if len(sorted_req) else by_req
     merge_req, counts = sorted_req[first], np.diff(np.append(first, len(sorted_req)))
 
-    launches, launch_info = _launches(configs, item_cfg)
+    launches, launch_info = _launches(configs, item_cfg, num_kv_heads, num_sms)
     return {
         "order": order,
         "piece": piece,
@@ -620,16 +620,18 @@ def _may_queue(configs: list[TileConfig], items: np.ndarray, num_kv_heads: int, 
     return queue
 
 
-def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
+def _launches(
+    configs: list[TileConfig], item_cfg: np.ndarray, num_kv_heads: int, num_sms: int | None
+) -> tuple[tuple[Launch, ...], np.ndarray]:
     """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
-    ``launch_info`` (first item, item count, may queue: 0 until the caller sets it with ``_may_queue``) as the
-    kernels read it."""
+    ``launch_info`` (first item, item count, may queue: ``_may_queue``) as the kernels read it."""
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
     launches = tuple(
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
-    return launches, np.stack([offsets, per_config, np.zeros_like(per_config)], axis=1).reshape(-1)
+    may_queue = _may_queue(configs, per_config, num_kv_heads, num_sms)
+    return launches, np.stack([offsets, per_config, may_queue], axis=1).reshape(-1)
 
 
 def _modelled_kv_bytes(item_len, item_num_reqs, group: int, kv_bytes_per_token: int, num_kv_heads: int) -> int:
