@@ -511,6 +511,13 @@ def parse_heads(spec: str) -> tuple[str, tuple[int, int, int]]:
     return spec, (hq, hkv, d)
 
 
+def args_workload(args: argparse.Namespace, name: str):
+    """The workload ``name`` as the command line asks for it (seed, scale, page size, and --batch where the workload
+    has a batch knob)."""
+    params = {"batch": args.batch} if args.batch and name in ("system_prompt", "no_sharing") else {}
+    return make_workload(name, seed=args.seed, scale=args.scale, page_size=args.page_size, **params)
+
+
 def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, int, float, float]]:
     """``--plan-only``: the fresh and the followed-step plan time of every case (``time_plans``), printed as a table.
     Slots on the host make ``plan`` check the radix paths against them (O(KV tokens)), which a GPU run (slots on the
@@ -524,8 +531,7 @@ def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     try:
         for wl_name in args.workload:
             for heads_name, (hq, hkv, d) in args.heads:
-                params = {"batch": args.batch} if args.batch and wl_name in ("system_prompt", "no_sharing") else {}
-                wl = make_workload(wl_name, seed=args.seed, scale=args.scale, page_size=args.page_size, **params)
+                wl = args_workload(args, wl_name)
                 case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed, with_tensors=False)
                 fresh, step = time_plans(case, args.plan_reps, args.graph)
                 out.append((wl_name, heads_name, case.batch, fresh, step))
@@ -593,9 +599,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cases = [(w, h) for w in args.workload for h in args.heads]
     rows = []
     for wl_name, (heads_name, (hq, hkv, d)) in tqdm(cases, desc="bench_decode", file=sys.stderr):
-        params = {"batch": args.batch} if args.batch and wl_name in ("system_prompt", "no_sharing") else {}
-        wl = make_workload(wl_name, seed=args.seed, scale=args.scale, page_size=args.page_size, **params)
-        case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
+        case = Case(args_workload(args, wl_name), hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
         rows.append(run_case(case, args, heads_name, ceilings))
         del case
         if device.type == "cuda":
