@@ -47,6 +47,12 @@ wrapper_module = importlib.import_module("pat_sglang.wrapper")
 # register cap, schedule) as in pat_sglang/packing/tiles.py; a variant's entries replace those of both D<=128
 # tables), one schedule for every tile, packs of at most 64 rows, the merge's heads per program, which BLOCK_M's
 # launch is dispatched first.
+# Tiles the eleventh session's variants share (docs/PERF_NOTES.md): the tail tile under an 80-register cap (with the
+# "auto" schedule, or compiled for the stride only), its grid, and the Triton 128-row tile at BLOCK_N 32, 5 stages.
+_CAP80_TAILS = (64, 4, 3, 80, "auto")
+_CAP80_TAILS_STRIDE = (64, 4, 3, 80, "stride")
+_CAP80_GRID = {16: 5}
+_WIDE_N32S5 = (32, 8, 5, 128, "auto")
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -76,7 +82,7 @@ VARIANTS: dict[str, dict] = {
     "tile128-s5": {"tiles": {128: (64, 8, 5, 128, "auto")}},
     "tile128-s5-cap168": {"tiles": {128: (64, 8, 5, 168, "auto")}},
     "tile128-s5-nocap": {"tiles": {128: (64, 8, 5, None, "auto")}},
-    "tile128-n32s5": {"tiles": {128: (32, 8, 5, 128, "auto")}},
+    "tile128-n32s5": {"tiles": {128: _WIDE_N32S5}},
     "n32s5-16": {"tiles": {16: (32, 4, 5, None, "auto")}},
     "n32s5-32": {"tiles": {32: (32, 2, 5, None, "auto")}},
     "s5-64": {"tiles": {64: (64, 4, 5, None, "auto")}},
@@ -125,36 +131,36 @@ VARIANTS: dict[str, dict] = {
     # With the Triton 128-row tile at BLOCK_N 32 (5 stages, cap 128: 82 KB of shared memory instead of 131 and its
     # wgmma products asynchronous, where the BLOCK_N 64 tile's are serialized; scripts/compile_sm90.py). Both tables'
     # 128-row entry is replaced: run it with many KV heads (llama3-8b), whose table has the Triton tile.
-    "queue-tails-n32s5": {"tail_schedule": "queue", "tiles": {128: (32, 8, 5, 128, "auto")}},
+    "queue-tails-n32s5": {"tail_schedule": "queue", "tiles": {128: _WIDE_N32S5}},
     # The tail tile under an 80-register cap (no spill inside its KV loop; scripts/compile_sm90.py), so that three tail
     # programs fit beside a wide program whose shared memory leaves room for them (qwen2.5-7b's Gluon 128-row tile:
     # 98 KB; the Triton BLOCK_N 32 one: 82 KB) instead of two, and five per SM alone (the tails' grid sized to match).
-    "tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}},
-    "tails-cap80s": {"tiles": {16: (64, 4, 3, 80, "stride")}, "programs_per_sm": {16: 5}},  # stride only: no loop spill
-    "queue-tails-cap80": {"tiles": {16: (64, 4, 3, 80, "auto")}, "programs_per_sm": {16: 5}, "tail_schedule": "queue"},
+    "tails-cap80": {"tiles": {16: _CAP80_TAILS}, "programs_per_sm": _CAP80_GRID},
+    "tails-cap80s": {"tiles": {16: _CAP80_TAILS_STRIDE}, "programs_per_sm": _CAP80_GRID},  # stride only: no loop spill
+    "queue-tails-cap80": {"tiles": {16: _CAP80_TAILS}, "programs_per_sm": _CAP80_GRID, "tail_schedule": "queue"},
     "tails-cap80-n32s5": {
-        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
-        "programs_per_sm": {16: 5},
+        "tiles": {16: _CAP80_TAILS, 128: _WIDE_N32S5},
+        "programs_per_sm": _CAP80_GRID,
     },
     # The same with the tails compiled for the static stride only: under the 80-register cap the queue's code leaves
     # 3 spill instructions in the KV loop ("auto", "queue"), the stride none (scripts/compile_sm90.py).
     "tails-cap80s-n32s5": {
-        "tiles": {16: (64, 4, 3, 80, "stride"), 128: (32, 8, 5, 128, "auto")},
-        "programs_per_sm": {16: 5},
+        "tiles": {16: _CAP80_TAILS_STRIDE, 128: _WIDE_N32S5},
+        "programs_per_sm": _CAP80_GRID,
     },
     # Cap-80 tails beside the Gluon 128-row tile (BLOCK_N 32, 4 stages, cap 128: 98 KB, three such tails beside it)
     # with many KV heads too, where the Gluon tile measured level or slower beside two four-warp tails (eighth session).
     "tails-cap80-gluon128": {
-        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 4, 128, "auto", "wgmma")},
-        "programs_per_sm": {16: 5},
+        "tiles": {16: _CAP80_TAILS, 128: tiles_module._TILES_D128_FEW_KV_HEADS[128]},  # the Gluon 128-row tile
+        "programs_per_sm": _CAP80_GRID,
     },
     # The 32-row tile with four warps under a 128-register cap: no spill and four programs per SM, as the two-warp
     # tile (255 registers), with twice the warps per program for the long narrow pieces that run nearly alone
     # (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session).
     "tile32-w4-cap128": {"tiles": {32: (64, 4, 2, 128, "auto")}},
     "queue-tails-cap80-n32s5": {
-        "tiles": {16: (64, 4, 3, 80, "auto"), 128: (32, 8, 5, 128, "auto")},
-        "programs_per_sm": {16: 5},
+        "tiles": {16: _CAP80_TAILS, 128: _WIDE_N32S5},
+        "programs_per_sm": _CAP80_GRID,
         "tail_schedule": "queue",
     },
 }
