@@ -158,6 +158,11 @@ VARIANTS: dict[str, dict] = {
     # tile (255 registers), with twice the warps per program for the long narrow pieces that run nearly alone
     # (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session).
     "tile32-w4-cap128": {"tiles": {32: (64, 4, 2, 128, "auto")}},
+    # The 17-32-row packs' split cost per token doubled or raised by half (plan.BLOCK_M_COST_WEIGHT): their programs
+    # read more slowly than the tails', so their pieces should be shorter (rag/llama3-8b: ~2000-token pieces, ~146 µs).
+    "cost32x2": {"block_m_cost": {32: 2.0}},
+    "cost32x1.5": {"block_m_cost": {32: 1.5}},
+    "tile32-w2": {"tiles": {32: (64, 2, 2, None, "auto")}},  # the two-warp 32-row tile before the twelfth session
     "queue-tails-cap80-n32s5": {
         "tiles": {16: _CAP80_TAILS, 128: _WIDE_N32S5},
         "programs_per_sm": _CAP80_GRID,
@@ -215,6 +220,7 @@ def variant_patches(variant: dict):
         _patched(plan_module, "WAVE_SLACK", variant.get("wave_slack")),
         _patched(plan_module, "QUEUE_TAILS_BESIDE_FITTING", variant.get("queue_tails_fit")),
         _patched(plan_module, "TAIL_PIECE_CAP", variant.get("tail_piece_cap")),
+        _patched(plan_module, "BLOCK_M_COST_WEIGHT", variant.get("block_m_cost")),
         _patched(
             wrapper_module,
             "merge_head_block",

@@ -15,7 +15,7 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, choose_tiles, fixed_config_index
+from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_index, choose_tiles, fixed_config_index
 
 # A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
 MIN_SPLIT_TOKENS = 256
@@ -33,6 +33,11 @@ CTAS_PER_SM = 4
 WAVE_SLACK = 0.125
 # Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
 WIDE_PACK_ROWS = 64
+# An experiment knob (scripts/profile_decode.py's variants; empty in production): per BLOCK_M, a factor on a pack's
+# split cost per token, for tiles whose programs read more slowly than the others (per-program timers on the H200:
+# rag/llama3-8b's 32-row pieces of ~2000 tokens at ~7 GB/s took ~146 µs, the 16-row ones ~8.5, the Gluon 64-row
+# ones ~19), so that their packs are cut into more, shorter pieces.
+BLOCK_M_COST_WEIGHT: dict[int, float] = {}
 # Whether the private tails (the 16-row launch) of a plan with wider packs may take the work queue (the "auto"
 # schedule, with more pairs than programs) when all the wider launches' programs fit the device at once (counting a
 # program of BLOCK_M rows as BLOCK_M / 128 of an SM: one 128-row, two 64-row or four 32-row programs per SM, as
@@ -231,6 +236,11 @@ def build_plan(
     # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
     cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
+    if BLOCK_M_COST_WEIGHT:
+        weight = np.ones(len(BLOCK_M_CHOICES))
+        for block_m, w in BLOCK_M_COST_WEIGHT.items():
+            weight[BLOCK_M_CHOICES.index(block_m)] = w
+        cost = cost * weight[block_m_index(rows)]
     piece_cost = cost.sum() * num_kv_heads / slots
     align = max(page_size, 16)
 
