@@ -163,6 +163,16 @@ VARIANTS: dict[str, dict] = {
     "cost32x2": {"block_m_cost": {32: 2.0}},
     "cost32x1.5": {"block_m_cost": {32: 1.5}},
     "tile32-w2": {"tiles": {32: (64, 2, 2, None, "auto")}},  # the two-warp 32-row tile before the twelfth session
+    # The 32-row tile with K/V issued two tiles ahead (BLOCK_N 32, 5 stages, cap 128: 128 registers, no spill, 43 KB,
+    # four per SM; sm90 compile), and with two warpgroups (128 registers uncapped, two per SM).
+    "tile32-n32s5": {"tiles": {32: (32, 4, 5, 128, "auto")}},
+    "tile32-w8": {"tiles": {32: (64, 8, 2, None, "auto")}},
+    # Narrow packs in the Gluon 64-row tile (TileConfig.wgmma_block_m): its K/V ring keeps copies in flight with the
+    # slots a tile ahead, ~19 GB/s per program against the Triton tails' ~8.5 (rag/llama3-8b timelines), at two
+    # programs per SM instead of four.
+    "tails-gluon64": {"tiles": {16: (64, 4, 3, None, "auto", "wgmma")}},
+    "tile32-gluon64": {"tiles": {32: (64, 4, 3, None, "auto", "wgmma")}},
+    "narrow-gluon64": {"tiles": {16: (64, 4, 3, None, "auto", "wgmma"), 32: (64, 4, 3, None, "auto", "wgmma")}},
     "queue-tails-cap80-n32s5": {
         "tiles": {16: _CAP80_TAILS, 128: _WIDE_N32S5},
         "programs_per_sm": _CAP80_GRID,

@@ -243,6 +243,9 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=64, block_n=16, num_warps=4, num_stages=3, kernel="cuda")
     with pytest.raises(ValueError, match="num_warps = block_m / 16"):
         TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, kernel="wgmma")
+    with pytest.raises(ValueError, match="num_warps = block_m / 16"):
+        TileConfig(block_m=16, block_n=64, num_warps=1, num_stages=3, kernel="wgmma")
+    assert TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, kernel="wgmma").wgmma_block_m == 64
     with pytest.raises(ValueError, match="num_stages >= 3"):
         TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kernel="wgmma")
 
@@ -278,6 +281,8 @@ def test_wgmma_kernel_stands_down_where_it_cannot_run(monkeypatch):
         (128, 16, 5, None),
         (64, 64, 4, None),
         (64, 32, 3, None),
+        (32, 64, 3, None),  # packs of up to 32 or 16 rows in the 64-row tile
+        (16, 64, 3, None),
     ],
 )
 @pytest.mark.parametrize("group, head_dim", [(4, 128), (7, 128), (1, 64), (8, 64)])
@@ -288,8 +293,8 @@ def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head
     num_kv_heads = 2
     num_heads = num_kv_heads * group
     lens = [1, block_n - 1, block_n, block_n + 1, 5 * block_n + 7]
-    full = block_m // group
-    reqs = [full, full - 1, max(1, full // 2), full, 1]
+    full = max(1, block_m // group)
+    reqs = [full, max(1, full - 1), max(1, full // 2), full, 1]
     k, v = random_kv(4096, num_kv_heads, head_dim, dtype)
     gen = torch.Generator().manual_seed(block_m + block_n + group)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).tolist()
@@ -303,7 +308,7 @@ def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head
     items = _items(starts, lens, entry_start, reqs, entry_req, entry_dest)
     out = torch.full_like(q, float("nan"))
     po, plse = _workspace(batch, num_heads, head_dim)
-    cfg = TileConfig(block_m, block_n, block_m // 16, num_stages, max_regs=max_regs, kernel="wgmma")
+    cfg = TileConfig(block_m, block_n, max(block_m, 64) // 16, num_stages, max_regs=max_regs, kernel="wgmma")
     scale = default_sm_scale(head_dim)
     pack_attention(
         q, k, v, slots, items, out, po, plse, _launch(0, len(lens)), config=cfg, num_programs=3, sm_scale=scale

@@ -53,8 +53,9 @@ class TileConfig:
     # few pairs wants deep prefetch per program, a launch beside wide programs wants programs that fit next to them.
     when: str = "any"
     # "triton": the Triton kernel below (any device, the CPU interpreter included); "wgmma": the hand-scheduled Gluon
-    # kernel for sm90 (kernels/wide_pack_sm90.py: one warpgroup per 64 rows, so num_warps = block_m / 16), which the
-    # launcher replaces by the Triton kernel with the same blocks wherever it cannot run (see wgmma_supported).
+    # kernel for sm90 (kernels/wide_pack_sm90.py: one warpgroup per 64 rows, so num_warps = block_m / 16; a config of
+    # 16 or 32 rows runs its packs in the one-warpgroup 64-row tile, see wgmma_block_m), which the launcher replaces
+    # by the Triton kernel with the same blocks wherever it cannot run (see wgmma_supported).
     kernel: str = "triton"
     # Dispatched ahead of the plan's other launches (the wrapper runs it on a high-priority stream, whose programs
     # the block scheduler places first): for the launch whose pieces run longest. The kernel ignores it.
@@ -73,12 +74,18 @@ class TileConfig:
             raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        wgmma_blocks = self.block_m >= 64 and self.num_warps == self.block_m // 16 and self.num_stages >= 3
+        wgmma_blocks = self.num_warps == self.wgmma_block_m // 16 and self.num_stages >= 3
         if self.kernel == "wgmma" and not wgmma_blocks:
             raise ValueError(
-                f"kernel 'wgmma' needs block_m 64 or 128 with num_warps = block_m / 16 and num_stages >= 3, got "
-                f"block_m={self.block_m}, num_warps={self.num_warps}, num_stages={self.num_stages}"
+                f"kernel 'wgmma' needs num_warps = block_m / 16 (4 below 64 rows: one warpgroup) and num_stages >= 3, "
+                f"got block_m={self.block_m}, num_warps={self.num_warps}, num_stages={self.num_stages}"
             )
+
+    @property
+    def wgmma_block_m(self) -> int:
+        """The Gluon kernel's BLOCK_M for this config: a warpgroup's product has at least 64 rows, so packs of up to
+        16 or 32 rows run in a 64-row tile (the rows past a pack's are masked, as in any short pack)."""
+        return max(self.block_m, 64)
 
 
 @triton.jit
@@ -457,7 +464,7 @@ def kernel_constexprs(
         SCHEDULE=SCHEDULES.index(config.schedule),
     )
     if wgmma:  # its K/V ring is hand-written: the stages are its own constexpr
-        return common | dict(NUM_STAGES=config.num_stages)
+        return common | dict(BLOCK_M=config.wgmma_block_m, NUM_STAGES=config.num_stages)
     return common | dict(
         HEAD_DIM_PAD=padded_head_dim(head_dim),
         # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
