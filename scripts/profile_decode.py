@@ -114,6 +114,7 @@ VARIANTS: dict[str, dict] = {
     "merge-hb16": {"merge_head_block": 16},
     "merge-whole-head": {"merge_whole_head": True},  # before head-dimension blocks for a very few requests
     "first-none": {"dispatch_first": 0},  # no launch dispatched first (tiles.DISPATCH_FIRST_BLOCK_M)
+    "first-64": {"dispatch_first": 64},  # the 64-row launch first (rag/llama3-8b's longest pairs, 2064 tokens)
     # The private tails beside wider packs take pairs from the work queue (or the snake) instead of the stride: the
     # 16-row tile of the many-KV-heads table (its launches beside wider packs; alone, "auto" takes the queue anyway)
     # and the few-KV-heads table's tile for plans with wider packs (its tile for lone tail launches unchanged).

@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window-us", type=float, default=10.0, help="width of the in-flight/bandwidth windows")
     p.add_argument("--tail-tile", help="BLOCK_N,warps,stages of the 16-row tile (heads with many KV heads)")
+    p.add_argument(
+        "--variant", nargs="+", default=["default"], help="scripts/profile_decode.py variants (VARIANTS) to trace"
+    )
     p.add_argument("--compile-check", action="store_true", help="only build and compile the traced kernel (sm90)")
     args = p.parse_args(argv)
     if args.compile_check:
@@ -284,10 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("trace_programs.py reads the GPU's timers: it needs a GPU")
     from bench_decode import DTYPES, HEAD_CONFIGS, Case
+    from profile_decode import VARIANTS, variant_patches
 
     unknown = sorted(set(args.heads) - set(HEAD_CONFIGS))
     if unknown:
         p.error(f"--heads: unknown {unknown}; choose from {sorted(HEAD_CONFIGS)}")
+    unknown = sorted(set(args.variant) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variant: unknown {unknown}; choose from {sorted(VARIANTS)}")
     if args.tail_tile:
         block_n, warps, stages = (int(x) for x in args.tail_tile.split(","))
         tiles_module._TILES_D128 = {**tiles_module._TILES_D128, 16: (block_n, warps, stages, None, "auto")}
@@ -297,8 +304,10 @@ def main(argv: list[str] | None = None) -> None:
             hq, hkv, d = HEAD_CONFIGS[heads_name]
             wl = make_workload(name, seed=args.seed)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], torch.device("cuda"), 1, args.seed)
-            wall_us, launches, _ = trace_case(case)
-            print_trace(f"{name} / {heads_name}", wall_us, launches, args.window_us)
+            for variant in args.variant:
+                with variant_patches(VARIANTS[variant]):
+                    wall_us, launches, _ = trace_case(case)
+                print_trace(f"{name} / {heads_name} / {variant}", wall_us, launches, args.window_us)
 
 
 if __name__ == "__main__":
