@@ -18,6 +18,7 @@ compare traced against traced, and confirm a change with profile_decode.py's unt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -90,7 +91,37 @@ _LAUNCHER_EDITS = (
         "        from pat_sglang.kernels.wide_pack_sm90 import _wide_pack_kernel as kernel\n",
         "        kernel = _traced_gluon()\n",
     ),
+    (
+        "    kernel = _wide_pack_kernel() if wgmma else _pack_attn_kernel\n",
+        "    kernel = _wide_pack_kernel() if wgmma else _pack_attn_kernel\n"
+        "    options = _trace_options(options, config, wgmma, group, num_kv_heads, head_dim, q.dtype)\n",
+    ),
 )
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@functools.cache
+def untraced_registers(config: TileConfig, group: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """Registers of the production (untraced) Triton kernel for ``config`` (an sm90 compile), or None without the
+    CUDA tools of the triton wheel."""
+    import compile_sm90
+
+    if compile_sm90.cuda_tools_dir() is None:
+        return None
+    return compile_sm90.inspect_tile(
+        config, group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=_DTYPE_NAMES[dtype]
+    ).registers
+
+
+def trace_options(options: dict, config: TileConfig, wgmma: bool, group: int, num_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype) -> dict:  # fmt: skip
+    """The traced Triton kernel's launch options: without a register cap of its own, a config is capped at what the
+    untraced kernel allocates (registers come in blocks of 8 per thread), so that the records' registers do not
+    change how many programs an SM holds (qwen2.5-7b's 16-row tile: 123 registers, 154 traced, 4 -> 3 per SM)."""
+    if wgmma or config.max_regs is not None or "maxnreg" in options:
+        return options
+    regs = untraced_registers(config, group, num_kv_heads, head_dim, dtype)
+    return options if regs is None else {**options, "maxnreg": min(255, -(-regs // 8) * 8)}
 
 
 class TraceBuffers:
@@ -135,7 +166,11 @@ def traced_gluon_kernel():
 
 def traced_module(buffers: TraceBuffers | None = None):
     """A copy of kernels/pack_attention.py whose kernels (Triton and Gluon) record their programs into ``buffers``."""
-    extra = {"_trace_buffer": buffers or TraceBuffers(), "_traced_gluon": functools.cache(traced_gluon_kernel)}
+    extra = {
+        "_trace_buffer": buffers or TraceBuffers(),
+        "_traced_gluon": functools.cache(traced_gluon_kernel),
+        "_trace_options": trace_options,
+    }
     return _edited_module(Path(pack_module.__file__), _LOOP_EDITS + _LAUNCHER_EDITS, "pack_attention_traced", extra)
 
 
@@ -223,6 +258,30 @@ def trace_case(case, replays: int = 6) -> tuple[float, dict[str, list[Pair]], Pa
     return wall_us, launches, pat
 
 
+def residency_at(launches: dict[str, list[Pair]], at_us: float) -> str:
+    """Per launch, how many of its programs each SM holds at ``at_us``, counted over the SMs that hold a program of
+    the first (widest) launch then and over the others: ``name: {programs: SMs}``."""
+    resident: dict[str, dict[int, set[int]]] = {}
+    for name, pairs in launches.items():
+        span: dict[int, list[float]] = {}
+        for p in pairs:
+            lo, hi = span.setdefault(p.program, [p.start_us, p.end_us])
+            span[p.program] = [min(lo, p.start_us), max(hi, p.end_us)]
+        sms = {p.program: p.sm for p in pairs}
+        for prog, (lo, hi) in span.items():
+            if lo <= at_us < hi:
+                resident.setdefault(name, {}).setdefault(sms[prog], set()).add(prog)
+    wide = set(resident.get(next(iter(launches)), {}))
+    parts = []
+    for name in launches:
+        per_sm = resident.get(name, {})
+        for label, sms in (("beside wide", wide), ("other", None)):
+            counts = [len(per_sm.get(sm, ())) for sm in (sms if sms is not None else set(per_sm) - wide)]
+            hist = np.bincount(counts) if counts else np.zeros(1, dtype=int)
+            parts.append(f"{name} {label} " + "{" + ", ".join(f"{k}: {v}" for k, v in enumerate(hist) if v) + "}")
+    return "; ".join(parts)
+
+
 def print_trace(title: str, wall_us: float, launches: dict[str, list[Pair]], width_us: float) -> None:
     print(f"\n== {title}: replay {wall_us:.1f} µs (traced, L2 flushed)")
     busy = {n: v for n, v in launches.items() if v}
@@ -239,6 +298,8 @@ def print_trace(title: str, wall_us: float, launches: dict[str, list[Pair]], wid
               f"{np.median([p.tokens for p in pairs]):.0f}; GB/s per pair median {np.median(rate):.1f}")  # fmt: skip
     if not busy:
         return
+    for at in (20.0, 40.0):
+        print(f"  programs per SM at {at:.0f} µs: " + residency_at(busy, at))
     end = max(p.end_us for v in busy.values() for p in v)
     table = {n: windows(v, end, width_us) for n, v in busy.items()}
     print("  window µs  " + "".join(f"{n:>30s}" for n in busy))
@@ -248,22 +309,28 @@ def print_trace(title: str, wall_us: float, launches: dict[str, list[Pair]], wid
 
 
 def compile_check() -> None:
-    """Build the traced kernels and compile a 16- and a 128-row Triton tile and the Gluon tiles of the tables for sm90
-    (no GPU needed)."""
+    """Build the traced kernels and compile the 16-row Triton tile (GQA 4 and 7, capped as traced), a 128-row Triton
+    tile and the Gluon tiles of the tables for sm90 (no GPU needed)."""
     import compile_sm90
 
     if compile_sm90.cuda_tools_dir() is None:
         sys.exit("trace_programs.py --compile-check needs the ptxas and cuobjdump that ship in the triton wheel")
     module = traced_module()
     gluon = module._wide_pack_kernel()
-    tiles = [(TileConfig(16, 64, 4, 3), 4), (TileConfig(128, 64, 8, 5, max_regs=128), 4)]
+    tiles = [(TileConfig(16, 64, 4, 3), 4), (TileConfig(16, 64, 4, 3), 7), (TileConfig(128, 64, 8, 5, max_regs=128), 4)]
     if gluon is not None:
         tiles += [(TileConfig(64, 64, 4, 3, kernel="wgmma"), 4), (TileConfig(128, 32, 8, 4, 128, kernel="wgmma"), 7)]
     for cfg, group in tiles:
         fn = gluon if cfg.kernel == "wgmma" else module._pack_attn_kernel
-        c = compile_sm90.inspect_tile(cfg, group=group, fn=fn, pointer_types={"trace_ptr": "i64"})
-        print(f"traced BLOCK_M {cfg.block_m} ({cfg.kernel}): {c.registers} registers, {c.spilled_bytes} B spilled, "
-              f"{c.shared_bytes} B shared, {c.programs_per_sm} programs per SM")  # fmt: skip
+        kv_heads = 8 if group == 4 else 4
+        options = trace_options({}, cfg, cfg.kernel == "wgmma", group, kv_heads, 128, torch.bfloat16)
+        cfg = dataclasses.replace(cfg, max_regs=options.get("maxnreg", cfg.max_regs))
+        c = compile_sm90.inspect_tile(
+            cfg, group=group, num_kv_heads=kv_heads, fn=fn, pointer_types={"trace_ptr": "i64"}
+        )
+        print(f"traced BLOCK_M {cfg.block_m} ({cfg.kernel}, GQA {group}): {c.registers} registers, "
+              f"{c.spilled_bytes} B spilled, {c.shared_bytes} B shared, "
+              f"{c.programs_per_sm} programs per SM")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

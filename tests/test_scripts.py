@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_decode  # noqa: E402
 
+from pat_sglang.kernels.pack_attention import TileConfig  # noqa: E402
+
 
 @pytest.mark.parametrize(
     "script",
@@ -122,6 +124,31 @@ def test_trace_programs_pairs_and_windows(capsys):
     assert "1.5 pairs   2 SMs" in printed, printed
 
 
+def test_trace_programs_keeps_the_untraced_residency(monkeypatch, capsys):
+    """The traced Triton kernel takes the untraced kernel's registers as its cap (rounded up to a block of 8) where
+    its config has none, so that tracing does not change programs per SM; capped configs and the Gluon kernel keep
+    their options. Programs per SM at a time, beside the widest launch's programs and elsewhere."""
+    import trace_programs as tp
+
+    monkeypatch.setattr(tp, "untraced_registers", lambda *a: 123)
+    tail = TileConfig(16, 64, 4, 3)
+    assert tp.trace_options({}, tail, False, 7, 4, 128, torch.bfloat16) == {"maxnreg": 128}
+    capped = TileConfig(32, 64, 4, 2, max_regs=128)
+    assert tp.trace_options({"maxnreg": 128}, capped, False, 7, 4, 128, torch.bfloat16) == {"maxnreg": 128}
+    assert tp.trace_options({}, TileConfig(64, 64, 4, 3, kernel="wgmma"), True, 7, 4, 128, torch.bfloat16) == {}
+    monkeypatch.setattr(tp, "untraced_registers", lambda *a: None)  # no CUDA tools: no cap
+    assert tp.trace_options({}, tail, False, 7, 4, 128, torch.bfloat16) == {}
+    P = tp.Pair
+    launches = {
+        "wide": [P(0, 0, 0.0, 50.0, 10, 10), P(1, 1, 0.0, 50.0, 10, 10)],
+        "tails": [P(0, 0, 0.0, 30.0, 1, 1), P(1, 0, 5.0, 45.0, 1, 1), P(2, 2, 0.0, 60.0, 1, 1)]
+        + [P(3, 2, 0.0, 60.0, 1, 1)],
+    }
+    assert tp.residency_at(launches, 20.0) == (
+        "wide beside wide {1: 2}; wide other {}; tails beside wide {0: 1, 2: 1}; tails other {2: 1}"
+    )
+
+
 def test_trace_programs_kernel_builds_for_sm90():
     """The traced copies of the pack kernels still find their anchors in kernels/pack_attention.py and
     kernels/wide_pack_sm90.py and compile for sm90, the tail tile with its residency and the Gluon tiles with theirs
@@ -135,8 +162,9 @@ def test_trace_programs_kernel_builds_for_sm90():
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("traced BLOCK_M 16 (triton):") and "4 programs per SM" in lines[0], out.stdout
-    gluon = [line for line in lines if "(wgmma)" in line]
+    tails = [line for line in lines if line.startswith("traced BLOCK_M 16 (triton")]
+    assert len(tails) == 2 and all("4 programs per SM" in line for line in tails), out.stdout  # GQA 4 and 7
+    gluon = [line for line in lines if "(wgmma" in line]
     assert len(gluon) == 2 and all("2 programs per SM" in line for line in gluon), out.stdout
 
 
