@@ -36,10 +36,11 @@ _POW2 = 1 << np.arange(9)  # 1 .. 256
 # Triton 64-row tile with 5 stages: 16-request packs alone 3.48 -> 3.86 TB/s, in situ level on every row but
 # parallel_sampling with qwen2.5-7b heads (-8%) (docs/PERF_NOTES.md, seventh session). The 64-row tile is now the Gluon
 # kernel's (below); where that cannot run the Triton kernel takes the same blocks, at 3 stages.
-# The 32-row tile: one warpgroup under a 128-register cap (128 registers, no spill, four programs per SM; sm90 compile,
-# scripts/compile_sm90.py) instead of two warps at 255 registers. In situ on the H200 (twelfth session, two
-# interleaved repeats): tree_of_thought/qwen2.5-7b 77.4 -> 71.2 µs, rag/llama3-8b 216.2 -> 211.6, rag/qwen2.5-7b
-# 140.4 -> 137.2, parallel_sampling/llama3-8b 171.5 -> 163.6, the other sharing rows within 1% (docs/PERF_NOTES.md).
+# The 32-row tile: one warpgroup under a 128-register cap (128 registers, 16-32 B of stack and no spill inside the KV
+# loop, four programs per SM; sm90 compile, scripts/compile_sm90.py) instead of two warps at 255 registers. In situ on
+# the H200 (twelfth session, two interleaved repeats): tree_of_thought/qwen2.5-7b 77.4 -> 71.2 µs, rag/llama3-8b
+# 216.2 -> 211.6, rag/qwen2.5-7b 140.4 -> 137.2, parallel_sampling/llama3-8b 171.5 -> 163.6, the other sharing rows
+# within 1% (docs/PERF_NOTES.md).
 _TILES_D128 = {
     16: (64, 4, 3, None, "auto"),
     32: (64, 4, 2, 128, "auto"),
