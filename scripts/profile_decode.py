@@ -274,6 +274,19 @@ def launch_order(configs: tuple, order: str) -> tuple:
     raise ValueError(f"order must be wide, narrow or tails, got {order!r}")
 
 
+def variant_wrapper(pat, variant: dict) -> None:
+    """The parts of ``variant`` that live on a graph-mode wrapper rather than in module constants (those are
+    ``variant_patches``'): the launch order, the graphs' grids and serial launches; before ``pat``'s first plan."""
+    graph = pat._graph
+    if "order" in variant:
+        graph.configs = launch_order(graph.configs, variant["order"])
+    if "programs_per_sm" in variant or "order" in variant:
+        per_sm = variant.get("programs_per_sm", {})
+        graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
+    if variant.get("serial"):
+        pat._fork_join = lambda launch, indices, first: [launch(i) for i in indices]
+
+
 def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> dict:
     """Graph-mode pat captured in a CUDA graph and replayed: µs per replay (do_bench median, L2 flushed), each
     kernel's launches per replay and mean µs, the replay's timeline (each launch's start offset and duration, median
@@ -281,14 +294,7 @@ def _profile_case(case: Case, replays: int, variant: dict, timeline: bool) -> di
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
     pat = case_pat(case, graph_mode=True)
     graph = pat._graph
-    if "order" in variant:
-        graph.configs = launch_order(graph.configs, variant["order"])
-    if "programs_per_sm" in variant or "order" in variant:
-        per_sm = variant.get("programs_per_sm", {})
-        graph.grids = tuple(per_sm.get(c.block_m, plan_module.CTAS_PER_SM) * pat.num_sms for c in graph.configs)
-
-    if variant.get("serial"):
-        pat._fork_join = lambda launch, indices, first: [launch(i) for i in indices]
+    variant_wrapper(pat, variant)
     plan_case(pat, case)
     plan = pat.plan_info
     launches = []

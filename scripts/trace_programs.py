@@ -217,9 +217,10 @@ def windows(pairs: list[Pair], end_us: float, width_us: float = 10.0) -> list[tu
     return rows
 
 
-def trace_case(case, replays: int = 6) -> tuple[float, dict[str, list[Pair]], PatDecodeWrapper]:
+def trace_case(case, replays: int = 6, prepare=None) -> tuple[float, dict[str, list[Pair]], PatDecodeWrapper]:
     """Replay ``case`` (bench_decode's Case)'s graph-mode plan with the traced kernel: the median replay's µs (L2
-    flushed) and its pairs per traced launch (named by tile)."""
+    flushed) and its pairs per traced launch (named by tile). ``prepare(pat)``, if given, runs before the plan (a
+    variant's wrapper-level parts, profile_decode's ``variant_wrapper``)."""
     from bench_decode import case_pat, graphed, plan_case
 
     buffers = TraceBuffers()
@@ -228,6 +229,8 @@ def trace_case(case, replays: int = 6) -> tuple[float, dict[str, list[Pair]], Pa
     wrapper_module.pack_attention = traced.pack_attention
     try:
         pat = case_pat(case, graph_mode=True)
+        if prepare is not None:
+            prepare(pat)
         plan_case(pat, case)
         out = torch.empty_like(case.q)
         replay = graphed(lambda: pat.run(case.q, case.k, case.v, out=out))
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("trace_programs.py reads the GPU's timers: it needs a GPU")
     from bench_decode import DTYPES, HEAD_CONFIGS, Case
-    from profile_decode import VARIANTS, variant_patches
+    from profile_decode import VARIANTS, variant_patches, variant_wrapper
 
     unknown = sorted(set(args.heads) - set(HEAD_CONFIGS))
     if unknown:
@@ -372,8 +375,9 @@ def main(argv: list[str] | None = None) -> None:
             wl = make_workload(name, seed=args.seed)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], torch.device("cuda"), 1, args.seed)
             for variant in args.variant:
+                prepare = functools.partial(variant_wrapper, variant=VARIANTS[variant])
                 with variant_patches(VARIANTS[variant]):
-                    wall_us, launches, _ = trace_case(case)
+                    wall_us, launches, _ = trace_case(case, prepare=prepare)
                 print_trace(f"{name} / {heads_name} / {variant}", wall_us, launches, args.window_us)
 
 

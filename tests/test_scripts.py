@@ -84,6 +84,33 @@ def test_every_profile_variant_builds_its_tiles_and_restores_the_defaults():
         assert after == before, name
 
 
+def test_variant_wrapper_sets_order_grids_and_serial_launches():
+    """profile_decode.py's wrapper-level variant parts (launch order, the graphs' grids, serial launches), which both
+    profile_decode.py and trace_programs.py --variant apply to a graph-mode wrapper before its plan."""
+    import profile_decode
+
+    from pat_sglang import PatDecodeWrapper
+    from pat_sglang.packing import plan as plan_module
+
+    def wrapper():
+        return PatDecodeWrapper(32, 8, 128, device=torch.device("cpu"), use_cuda_graph=True, max_batch_size=8,
+                                max_num_kv_tokens=4096)  # fmt: skip
+
+    pat = wrapper()
+    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-cap80"])
+    per_sm = [5 if c.block_m == 16 else plan_module.CTAS_PER_SM for c in pat._graph.configs]
+    assert pat._graph.grids == tuple(n * pat.num_sms for n in per_sm)
+    pat = wrapper()
+    configs = pat._graph.configs
+    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-second"])
+    assert pat._graph.configs == profile_decode.launch_order(configs, "tails")
+    pat = wrapper()
+    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["serial"])
+    ran = []
+    pat._fork_join(ran.append, [2, 0, 1], [False] * 3)
+    assert ran == [2, 0, 1]
+
+
 def test_tails_second_order_moves_every_tail_tile():
     """profile_decode.py's "tails" launch order: the widest tile, then every 16-row tile (two with few KV heads),
     then the rest widest first."""
