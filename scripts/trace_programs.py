@@ -118,7 +118,7 @@ def trace_options(options: dict, config: TileConfig, wgmma: bool, group: int, nu
     """The traced Triton kernel's launch options: without a register cap of its own, a config is capped at what the
     untraced kernel allocates (registers come in blocks of 8 per thread), so that the records' registers do not
     change how many programs an SM holds (qwen2.5-7b's 16-row tile: 123 registers, 154 traced, 4 -> 3 per SM)."""
-    if wgmma or config.max_regs is not None or "maxnreg" in options:
+    if wgmma or config.max_regs is not None:
         return options
     regs = untraced_registers(config, group, num_kv_heads, head_dim, dtype)
     return options if regs is None else {**options, "maxnreg": min(255, -(-regs // 8) * 8)}
