@@ -97,7 +97,6 @@ _LAUNCHER_EDITS = (
         "    options = _trace_options(options, config, wgmma, group, num_kv_heads, head_dim, q.dtype)\n",
     ),
 )
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @functools.cache
@@ -108,8 +107,9 @@ def untraced_registers(config: TileConfig, group: int, num_kv_heads: int, head_d
 
     if compile_sm90.cuda_tools_dir() is None:
         return None
+    name = {t: n for n, t in compile_sm90._TORCH_DTYPES.items()}[dtype]  # its dtype names, e.g. "bf16"
     return compile_sm90.inspect_tile(
-        config, group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=_DTYPE_NAMES[dtype]
+        config, group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=name
     ).registers
 
 
