@@ -53,6 +53,8 @@ _CAP80_TAILS = (64, 4, 3, 80, "auto")
 _CAP80_TAILS_STRIDE = (64, 4, 3, 80, "stride")
 _CAP80_GRID = {16: 5}
 _WIDE_N32S5 = (32, 8, 5, 128, "auto")
+# The twelfth session's: narrow packs in the one-warpgroup Gluon 64-row tile (TileConfig.wgmma_block_m).
+_GLUON64_NARROW = (64, 4, 3, None, "auto", "wgmma")
 VARIANTS: dict[str, dict] = {
     "default": {},
     # Before the "auto" schedule and the split count rounded down to fit one wave.
@@ -155,9 +157,10 @@ VARIANTS: dict[str, dict] = {
         "tiles": {16: _CAP80_TAILS, 128: tiles_module._TILES_D128_FEW_KV_HEADS[128]},  # the Gluon 128-row tile
         "programs_per_sm": _CAP80_GRID,
     },
-    # The 32-row tile with four warps under a 128-register cap: no spill and four programs per SM, as the two-warp
-    # tile (255 registers), with twice the warps per program for the long narrow pieces that run nearly alone
-    # (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session).
+    # The 32-row tile with four warps under a 128-register cap: no spill inside its KV loop and four programs per SM,
+    # as the two-warp tile (255 registers), with twice the warps per program for the long narrow pieces that run
+    # nearly alone (rag/llama3-8b's 32-row launch; scripts/compile_sm90.py, eleventh session). Production since the
+    # twelfth session.
     "tile32-w4-cap128": {"tiles": {32: (64, 4, 2, 128, "auto")}},
     # The 17-32-row packs' split cost per token doubled or raised by half (plan.BLOCK_M_COST_WEIGHT): their programs
     # read more slowly than the tails', so their pieces should be shorter (rag/llama3-8b: ~2000-token pieces, ~146 µs).
@@ -171,9 +174,9 @@ VARIANTS: dict[str, dict] = {
     # Narrow packs in the Gluon 64-row tile (TileConfig.wgmma_block_m): its K/V ring keeps copies in flight with the
     # slots a tile ahead, ~19 GB/s per program against the Triton tails' ~8.5 (rag/llama3-8b timelines), at two
     # programs per SM instead of four.
-    "tails-gluon64": {"tiles": {16: (64, 4, 3, None, "auto", "wgmma")}},
-    "tile32-gluon64": {"tiles": {32: (64, 4, 3, None, "auto", "wgmma")}},
-    "narrow-gluon64": {"tiles": {16: (64, 4, 3, None, "auto", "wgmma"), 32: (64, 4, 3, None, "auto", "wgmma")}},
+    "tails-gluon64": {"tiles": {16: _GLUON64_NARROW}},
+    "tile32-gluon64": {"tiles": {32: _GLUON64_NARROW}},
+    "narrow-gluon64": {"tiles": {16: _GLUON64_NARROW, 32: _GLUON64_NARROW}},
     "queue-tails-cap80-n32s5": {
         "tiles": {16: _CAP80_TAILS, 128: _WIDE_N32S5},
         "programs_per_sm": _CAP80_GRID,
