@@ -8,7 +8,10 @@ merge kernel. It never synchronises with the device.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import chain
 
 import numpy as np
@@ -24,6 +27,7 @@ from pat_sglang.kernels import (
 )
 from pat_sglang.kernels.common import check_sm_scale
 from pat_sglang.kernels.merge import merge_dim_block, merge_head_block
+from pat_sglang.kernels.slot_check import ERR_RANGE, ERR_SHARED, ERR_WORDS, INT32_LIMIT, check_slots
 from pat_sglang.packing import (
     ByteModel,
     Forest,
@@ -37,7 +41,15 @@ from pat_sglang.packing import (
     pack_forest,
 )
 from pat_sglang.packing import plan as plan_module
-from pat_sglang.packing.plan import MIN_SPLIT_TOKENS, PlanCapacity, advance_plan, rebatch_plan
+from pat_sglang.packing.plan import (
+    MIN_SPLIT_TOKENS,
+    PlanCapacity,
+    PlanCapacityError,
+    advance_plan,
+    rebatch_plan,
+    shared_checks,
+    shared_entries,
+)
 from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, graph_tiles
 
 # Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
@@ -50,6 +62,24 @@ CPU_NUM_SMS = 4
 # With the same radix paths as the last full plan, later decode steps advance that plan (see advance_plan) for at
 # most this many steps; then the tree, packs and splits are planned afresh for the grown tails.
 REPLAN_EVERY = 32
+# Graph mode: when a packing's plan does not fit the fixed buffers even without KV splits, it is packed again with
+# partials weighted by these factors (the merge-or-split choice then merges more: fewer partials per request), and
+# at last without sharing, which always fits (one item per request, written directly).
+DEGRADE_PARTIAL_WEIGHTS = (4, 32)
+# Set to 1 to make every plan wait for its device-side slot check and raise at once, naming the request (a debug
+# mode; by default the check's result is read without waiting, and an error raises at a later plan).
+SYNC_CHECKS_ENV = "PAT_SGLANG_SYNC_CHECKS"
+
+logger = logging.getLogger(__name__)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int, or ValueError naming ``name`` (bools, floats and strings are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 class PatDecodeWrapper:
@@ -73,6 +103,17 @@ class PatDecodeWrapper:
         replan_every: a plan made from ``prefix_paths`` is followed through at most this many later ``plan`` calls
             with the same paths (decode steps: rows move, private tails grow; see ``advance_plan``) before the
             tree is packed afresh; 0 plans every call afresh.
+        num_kv_slots: rows of the KV buffers ``run`` will read, if known: every plan checks its slots against it,
+            and ``run`` refuses smaller buffers. Otherwise plans check against the buffers of a captured ``run``
+            (CUDA graphs), or only for negatives and the int32 range, and the first ``run`` after a plan checks
+            against its buffers.
+        sync_checks: wait for each plan's device-side slot check and raise at once, naming the request (a debug
+            mode; default: the ``PAT_SGLANG_SYNC_CHECKS`` environment variable, else off: the check's result is read
+            later without waiting, and a failure raises ValueError at a later ``plan`` or at ``check_errors``).
+
+    Slots are checked at every plan: on the host when ``kv_indices`` is there (ValueError at once), else on the
+    device by one small kernel that also copies the slots into the wrapper's own int32 buffer with every
+    out-of-range slot replaced by 0, so that no kernel reads outside the KV buffers.
     """
 
     def __init__(
@@ -91,22 +132,31 @@ class PatDecodeWrapper:
         max_num_kv_tokens: int | None = None,
         max_partials_per_request: int = 16,
         replan_every: int = REPLAN_EVERY,
+        num_kv_slots: int | None = None,
+        sync_checks: bool | None = None,
     ) -> None:
-        if num_kv_heads <= 0 or num_qo_heads <= 0:
-            raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
+        num_qo_heads = _check_int("num_qo_heads", num_qo_heads, 1)
+        num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
+        head_dim = _check_int("head_dim", head_dim, 1)
+        page_size = _check_int("page_size", page_size, 1)
+        shortest_split = _check_int("shortest_split", shortest_split, 1)
+        replan_every = _check_int("replan_every", replan_every, 0)
+        if num_sms is not None:
+            num_sms = _check_int("num_sms", num_sms, 1)
+        if num_kv_slots is not None:
+            num_kv_slots = min(_check_int("num_kv_slots", num_kv_slots, 1), INT32_LIMIT)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if num_qo_heads // num_kv_heads > 128:
             raise ValueError(f"num_qo_heads / num_kv_heads must be at most 128, got {num_qo_heads // num_kv_heads}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.page_size = page_size
         self.device = torch.device(device)
+        self._on_gpu = self.device.type == "cuda"
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if num_sms is None:
@@ -114,12 +164,22 @@ class PatDecodeWrapper:
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if is_cuda else CPU_NUM_SMS
         self.num_sms = num_sms
         self.policy = Policy(policy)
-        if shortest_split < 1:
-            raise ValueError(f"shortest_split must be >= 1, got {shortest_split}")
         self.shortest_split = shortest_split
-        if replan_every < 0:
-            raise ValueError(f"replan_every must be >= 0, got {replan_every}")
         self.replan_every = replan_every
+        if sync_checks is None:
+            sync_checks = os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
+        self.sync_checks = bool(sync_checks)
+        self.num_kv_slots = num_kv_slots
+        self._slot_guard = _SlotGuard(self.device)
+        self._slots = torch.zeros(0, dtype=torch.int32, device=self.device)  # eager mode's own copy of the slots
+        self._shared_entries: tuple | None = None  # shared_entries of the plan whose entry arrays are these
+        self._shared_entries_of = None
+        self._checked_bound = 0  # the plan's slots are known to lie below this
+        self._bound_exact = False  # ... and that bound is their maximum + 1 (checked on the host)
+        # The fewest KV buffer rows a run() inside a CUDA-graph capture saw: the graph replays those buffers, so later
+        # plans check against them (replays call no run()).
+        self._captured_rows: int | None = None
+        self.degraded_plans = 0  # graph-mode plans packed with fewer partials to fit the buffers (_fresh_plan)
         self._plan: PatPlan | None = None
         self._step_cache: _StepCache | None = None
         self._items: PackItems | None = None
@@ -137,14 +197,9 @@ class PatDecodeWrapper:
         self.use_cuda_graph = use_cuda_graph
         self._graph: _GraphBuffers | None = None
         if use_cuda_graph:
-            if not max_batch_size or max_batch_size < 1:
-                raise ValueError(f"max_batch_size must be a positive int with use_cuda_graph, got {max_batch_size!r}")
-            if not max_num_kv_tokens or max_num_kv_tokens < 1:
-                raise ValueError(
-                    f"max_num_kv_tokens must be a positive int with use_cuda_graph, got {max_num_kv_tokens!r}"
-                )
-            if max_partials_per_request < 2:
-                raise ValueError(f"max_partials_per_request must be >= 2, got {max_partials_per_request}")
+            max_batch_size = _check_int("max_batch_size (with use_cuda_graph)", max_batch_size, 1)
+            max_num_kv_tokens = _check_int("max_num_kv_tokens (with use_cuda_graph)", max_num_kv_tokens, 1)
+            max_partials_per_request = _check_int("max_partials_per_request", max_partials_per_request, 2)
             self._graph = _GraphBuffers(self, max_batch_size, max_num_kv_tokens, max_partials_per_request)
 
     @property
@@ -185,27 +240,36 @@ class PatDecodeWrapper:
                 equal leading slots.
             kv_data_type: dtype of the KV cache, for the byte model only.
         """
+        self._slot_guard.raise_pending()  # a device-side check of an earlier plan that failed
         if not isinstance(kv_indptr, torch.Tensor) or kv_indptr.dim() != 1 or kv_indptr.dtype not in INDEX_DTYPES:
             raise ValueError("kv_indptr must be a 1-D int32 or int64 tensor")
         if kv_indptr.numel() < 2:
             raise ValueError("kv_indptr: the batch is empty (need at least one request)")
         if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 1 or kv_indices.dtype not in INDEX_DTYPES:
             raise ValueError("kv_indices must be a 1-D int32 or int64 tensor")
-        indices_on_host = kv_indices.is_cpu  # a flag read: Tensor.device builds a torch.device per access
-        if not indices_on_host and kv_indices.device != self.device:
+        # On the host (and checked there) only where the device is another: a CPU wrapper's slots are on its device.
+        indices_on_host = kv_indices.is_cpu and self._on_gpu  # a flag read: Tensor.device builds a torch.device
+        if not kv_indices.is_cpu and kv_indices.device != self.device:
             raise ValueError(f"kv_indices is on {kv_indices.device}; expected {self.device} or the CPU")
         indptr = (kv_indptr if kv_indptr.is_cpu else kv_indptr.cpu()).numpy().astype(np.int64)
         lens = indptr[1:] - indptr[:-1]  # np.diff's generic path costs 3 µs more per step
         if indptr[0] != 0 or lens.min() < 0:
             raise ValueError("kv_indptr must start at 0 and never decrease")
+        if lens.min() < 1:
+            i = int(np.argmin(lens))
+            raise ValueError(f"kv_indptr: request {i} has 0 KV tokens (need >= 1)")
         if indptr[-1] > kv_indices.numel():
             raise ValueError(f"kv_indptr ends at {int(indptr[-1])} but kv_indices has {kv_indices.numel()} entries")
+        if self._graph is not None:
+            self._graph.check_batch(len(lens), int(indptr[-1]))
 
         host_indices = None
         if prefix_paths is None or indices_on_host:
             host_indices = kv_indices.cpu().numpy()
-        if host_indices is not None and self.page_size > 1:
-            _check_page_runs(indptr, host_indices, self.page_size)
+        if host_indices is not None:
+            self._check_host_slots(indptr, host_indices)
+            if self.page_size > 1:
+                _check_page_runs(indptr, host_indices, self.page_size)
         cache = self._step_cache
         plan = None
         if cache is not None:
@@ -214,7 +278,7 @@ class PatDecodeWrapper:
             if host_indices is not None:  # the caller's paths against its slots (host indices only)
                 forest = cache.forest if cache.forest is not None else forest_from_paths(indptr, prefix_paths)
                 check_forest_slots(forest, indptr, host_indices)
-            self._install(plan, kv_indices, indptr)
+            self._install(plan, kv_indices, indptr, host_indices is not None)
             return
         self._step_cache = None
         if prefix_paths is None:
@@ -223,36 +287,114 @@ class PatDecodeWrapper:
             forest = forest_from_paths(indptr, prefix_paths)
             if host_indices is not None:
                 check_forest_slots(forest, indptr, host_indices)
+        plan = self._fresh_plan(forest, indptr, kv_data_type)
+        if prefix_paths is not None and self.replan_every > 0:
+            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every, self.num_sms)
+        self._install(plan, kv_indices, indptr, host_indices is not None)
 
+    def _fresh_plan(self, forest: Forest, indptr: np.ndarray, kv_data_type: torch.dtype) -> PatPlan:
+        """Pack the forest and plan it. In graph mode a plan that does not fit the fixed buffers even without KV
+        splits is packed again with fewer partials (``DEGRADE_PARTIAL_WEIGHTS``), then without sharing, instead of
+        failing the step."""
         model = ByteModel.for_heads(
             head_dim=self.head_dim,
             group_size=self.num_qo_heads // self.num_kv_heads,
             kv_dtype_bytes=kv_data_type.itemsize,
         )
-        packing = pack_forest(forest, model, self.policy)
-        plan = build_plan(
-            packing,
-            indptr,
-            num_qo_heads=self.num_qo_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            num_sms=self.num_sms,
-            page_size=self.page_size,
-            unique_kv_tokens=forest.unique_kv_tokens(),
-            shortest_split=self.shortest_split,
-            fixed_configs=self._graph.configs if self._graph else None,
-            capacity=self._graph.capacity if self._graph else None,
-        )
-        if prefix_paths is not None and self.replan_every > 0:
-            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every, self.num_sms)
-        self._install(plan, kv_indices, indptr)
-
-    def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray) -> None:
+        attempts = [(model, self.policy)]
         if self._graph is not None:
-            self._graph.upload(plan, kv_indices, int(indptr[-1]))
+            heavier = [
+                replace(model, partial_bytes_per_row=model.partial_bytes_per_row * w) for w in DEGRADE_PARTIAL_WEIGHTS
+            ]
+            attempts += [(m, self.policy) for m in heavier if self.policy == Policy.AUTO] + [(model, Policy.MERGE)]
+        for k, (m, policy) in enumerate(attempts):
+            try:
+                plan = build_plan(
+                    pack_forest(forest, m, policy),
+                    indptr,
+                    num_qo_heads=self.num_qo_heads,
+                    num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim,
+                    num_sms=self.num_sms,
+                    page_size=self.page_size,
+                    unique_kv_tokens=forest.unique_kv_tokens(),
+                    shortest_split=self.shortest_split,
+                    fixed_configs=self._graph.configs if self._graph else None,
+                    capacity=self._graph.capacity if self._graph else None,
+                )
+            except PlanCapacityError:
+                if k == len(attempts) - 1:
+                    raise
+                continue
+            if k:
+                self.degraded_plans += 1
+                how = policy.value if policy != Policy.AUTO else f"partials weighted x{DEGRADE_PARTIAL_WEIGHTS[k - 1]}"
+                logger.debug("pat: a plan of %d requests fits the CUDA-graph buffers as %s", forest.num_reqs, how)
+            return plan
+        raise AssertionError("unreachable")
+
+    def _plan_bound(self) -> int:
+        """The bound a plan checks its slots against (see ``num_kv_slots``)."""
+        return self.num_kv_slots or self._captured_rows or INT32_LIMIT
+
+    def _check_host_slots(self, indptr: np.ndarray, host_indices: np.ndarray) -> None:
+        """Slots on the host: every one inside ``[0, bound)`` (the KV buffers' rows when known, else the int32 range
+        of the slot buffers), ValueError naming the request otherwise."""
+        nnz = int(indptr[-1])
+        slots = host_indices[:nnz]
+        lo, hi = (int(slots.min()), int(slots.max())) if nnz else (0, 0)
+        bound = self._plan_bound()
+        if lo < 0 or hi >= bound:
+            at = int(np.flatnonzero((slots < 0) | (slots >= bound))[0])
+            req = int(np.searchsorted(indptr, at, side="right") - 1)
+            raise ValueError(
+                f"kv_indices: request {req}'s token {at - int(indptr[req])} has slot {int(slots[at])}, outside "
+                f"[0, {bound}) ({'the int32 range of slot buffers' if bound == INT32_LIMIT else 'the KV buffer rows'})"
+            )
+        self._checked_bound, self._bound_exact = hi + 1, True
+
+    def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray, checked: bool) -> None:
+        """Upload ``plan`` and the step's slots. Slots not ``checked`` on the host are checked on the device on their
+        way into the wrapper's slot buffer (see ``_SlotGuard``)."""
+        nnz = int(indptr[-1])
+        checks = None
+        if not checked and plan.step is not None:
+            if self._shared_entries_of is not plan.entry_req:  # once per plan; its decode steps share the arrays
+                self._shared_entries = shared_entries(plan)
+                self._shared_entries_of = plan.entry_req
+            checks = shared_checks(plan, indptr, self._shared_entries)
+        if self._graph is not None:
+            view = self._graph.upload(plan, kv_indices if checked else None, nnz, checks)
+            dst = self._graph.kv_indices
+        else:
+            view = self._upload(plan, checks)
+            if checked:
+                self._kv_indices = kv_indices.to(self.device, non_blocking=True)
+                dst = None
+            else:
+                if self._slots.numel() < nnz:
+                    self._slots = torch.zeros(max(nnz, 2 * self._slots.numel()), dtype=torch.int32, device=self.device)
+                dst = self._kv_indices = self._slots
+        if checked:
             return
-        self._upload(plan)
-        self._kv_indices = kv_indices.to(self.device, non_blocking=True)
+        bound = self._plan_bound()
+        self._checked_bound, self._bound_exact = bound, False
+        # Kept for the error's details (sync mode, and the CPU, where a check raises at once): an in-place check
+        # rewrites the bad slots.
+        details = self.sync_checks or self.device.type != "cuda"
+        before = kv_indices[:nnz].cpu().numpy().copy() if details else None
+        try:
+            self._slot_guard.check(kv_indices, dst, nnz=nnz, bound=bound, checks=view)
+            if self.sync_checks:
+                self._slot_guard.raise_pending(wait=True)
+        except ValueError:
+            if before is not None:
+                _raise_slot_details(before, indptr, bound, checks)
+            raise
+
+    def check_errors(self) -> None:
+        """Wait for the device-side slot checks launched so far and raise ValueError if one failed."""
+        self._slot_guard.raise_pending(wait=True)
 
     def _bind(self, view: dict[str, torch.Tensor]) -> None:
         """Point the launch arguments at device views of the plan's arrays (one view per PatPlan.ARRAY_FIELDS)."""
@@ -268,18 +410,27 @@ class PatDecodeWrapper:
         self._launch_info = view["launch_info"]
         self._num_merge = view["num_merge"]
 
-    def _upload(self, plan: PatPlan) -> None:
+    def _upload(self, plan: PatPlan, checks: np.ndarray | None) -> torch.Tensor | None:
+        """Copy the plan's arrays (and the slot checks' ``[3, E]`` array after them) to the device in one copy;
+        returns the device view of the checks."""
         flat, offsets = plan.flat_int32()
+        if checks is not None:
+            flat = np.concatenate([flat, checks.reshape(-1)])
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory()
         buf = host.to(self.device, non_blocking=True)
         self._bind({name: buf[o : o + n] for name, (o, n) in offsets.items()})
+        view = None
+        if checks is not None:
+            end = sum(n for _, n in offsets.values())
+            view = buf[end:].view(3, -1)
         if plan.num_partials > self._partial_o.shape[0]:
             n = plan.num_partials
             self._partial_o = torch.empty(n, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
             self._partial_lse = torch.empty(n, self.num_qo_heads, dtype=torch.float32, device=self.device)
         self._plan = plan
+        return view
 
     def run(
         self,
@@ -304,6 +455,7 @@ class PatDecodeWrapper:
         if plan is None:
             raise RuntimeError("run() called before plan()")
         self._check_run_inputs(q, k_buffer, v_buffer, out)
+        self._check_kv_rows(k_buffer.shape[0])
         scale = default_sm_scale(self.head_dim) if sm_scale is None else float(sm_scale)
         check_sm_scale(scale)  # here too, before any launch forks onto the side streams
         if out is None:
@@ -354,6 +506,27 @@ class PatDecodeWrapper:
             dim_block=merge_dim_block(merge_programs, self.num_qo_heads, self.head_dim, self.num_sms),
         )
         return out
+
+    def _check_kv_rows(self, rows: int) -> None:
+        """The KV buffers against the slots planned: refused when they hold fewer rows than promised or than a
+        slot checked on the host; checked on the device (in place, once) when the plan's slots were checked
+        against a larger bound, except inside a CUDA-graph capture (later plans check against these rows)."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            self._captured_rows = rows if self._captured_rows is None else min(self._captured_rows, rows)
+        if self.num_kv_slots is not None and rows < self.num_kv_slots:
+            raise ValueError(f"k_buffer has {rows} rows but num_kv_slots={self.num_kv_slots} were promised")
+        if rows < self._checked_bound:
+            if self._bound_exact:
+                raise ValueError(
+                    f"kv_indices: the plan reads slot {self._checked_bound - 1} but k_buffer has only {rows} rows"
+                )
+            if not capturing:
+                nnz = self._plan.request_kv_tokens
+                self._slot_guard.check(self._kv_indices, self._kv_indices, nnz=nnz, bound=rows)
+                self._checked_bound = rows
+                if self.sync_checks:
+                    self._slot_guard.raise_pending(wait=True)
 
     def _fork_join(self, launch, indices: Sequence[int], first: Sequence[bool]) -> None:
         """Run ``launch(i)`` for each tile config in ``indices`` on side streams forked from and joined back into the
@@ -427,6 +600,88 @@ def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) ->
     if len(bad):
         req = int(np.searchsorted(indptr, bad[0], side="right") - 1)
         raise ValueError(f"kv_indices: request {req}'s slots are not aligned runs of page_size={page_size}")
+
+
+class _SlotGuard:
+    """The error word of the device-side slot checks (``kernels.slot_check``) and its way to the host.
+
+    After a check the word is copied into pinned host memory without waiting; a later ``raise_pending`` reads that
+    copy once the device has made it (an event query, no sync) and raises ValueError if a check failed. On the CPU
+    the kernels run synchronously and a failed check raises at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        self.err = torch.zeros(ERR_WORDS, dtype=torch.int32, device=device)
+        self.host = torch.zeros(ERR_WORDS, dtype=torch.int32, pin_memory=self.on_gpu)
+        self.event = torch.cuda.Event() if self.on_gpu else None
+        self.in_flight = False
+
+    def check(self, src: torch.Tensor, dst: torch.Tensor, *, nnz: int, bound: int, checks=None) -> None:
+        """Check (and copy) ``src[:nnz]`` into ``dst``; ``checks``: the ``[3, E]`` shared-slot checks, or None."""
+        with_checks = checks is not None and checks.shape[1] > 0
+        check_slots(
+            src,
+            dst,
+            self.err,
+            nnz=nnz,
+            bound=bound,
+            shared_pos=checks[0] if with_checks else None,
+            shared_ref=checks[1] if with_checks else None,
+            shared_len=checks[2] if with_checks else None,
+        )
+        if not self.on_gpu:
+            self.raise_pending()
+        elif not self.in_flight:
+            self.host.copy_(self.err, non_blocking=True)
+            self.event.record()
+            self.in_flight = True
+
+    def raise_pending(self, wait: bool = False) -> None:
+        """Raise ValueError if a check whose result has reached the host failed (``wait``: every check so far)."""
+        if wait or not self.on_gpu:
+            counts = self.err.tolist()
+            self.in_flight = False
+        else:
+            if not self.in_flight or not self.event.query():
+                return
+            self.in_flight = False
+            counts = self.host.tolist()
+        if not any(counts):
+            return
+        self.err.zero_()
+        hint = f"pass sync_checks=True (or set {SYNC_CHECKS_ENV}=1) to raise at the plan itself, naming the request"
+        if counts[ERR_RANGE]:
+            raise ValueError(
+                f"kv_indices: {counts[ERR_RANGE]} slot(s) outside the KV buffers' rows (or negative) in a plan so far; "
+                f"they were read as slot 0 (the device-side check); {hint}"
+            )
+        raise ValueError(
+            f"prefix_paths: {counts[ERR_SHARED]} slot(s) of requests that share a radix node differ from the slots "
+            f"their pack reads (the paths disagree with kv_indices) in a plan so far; {hint}"
+        )
+
+
+def _raise_slot_details(slots: np.ndarray, indptr: np.ndarray, bound: int, checks: np.ndarray | None) -> None:
+    """The first bad slot of a step as a ValueError naming its request (sync_checks: the device check failed)."""
+    nnz = int(indptr[-1])
+    req_of = lambda pos: int(np.searchsorted(indptr, pos, side="right") - 1)  # noqa: E731
+    bad = np.flatnonzero((slots[:nnz] < 0) | (slots[:nnz] >= bound))
+    if len(bad):
+        at = int(bad[0])
+        r = req_of(at)
+        raise ValueError(
+            f"kv_indices: request {r}'s token {at - int(indptr[r])} has slot {int(slots[at])}, outside [0, {bound})"
+        )
+    for pos, ref, n in checks.T.tolist() if checks is not None else []:
+        diff = np.flatnonzero(slots[pos : pos + n] != slots[ref : ref + n])
+        if len(diff):
+            r, other = req_of(pos), req_of(ref)
+            rel = pos - int(indptr[r])
+            raise ValueError(
+                f"prefix_paths: requests {sorted([r, other])} share a node at tokens [{rel}, {rel + n}) but their "
+                f"kv_indices differ at token {rel + int(diff[0])}"
+            )
 
 
 class _StepCache:
@@ -594,6 +849,9 @@ class _GraphBuffers:
         for name in PatPlan.ARRAY_FIELDS:
             self.offsets[name] = pos
             pos += self.sizes[name]
+        # After the plan: the slot checks' [3, E] array (E <= entries), read by the check kernel at plan time only.
+        self.checks_offset = pos
+        pos += 3 * cap.max_entries
         self.buffer = torch.zeros(pos, dtype=torch.int32, device=w.device)
         # Two pinned staging copies of the buffer, used in turn: a plan is written into the one whose last copy to
         # the device has completed (its event), so no plan overwrites bytes still in flight and nothing waits unless
@@ -629,11 +887,20 @@ class _GraphBuffers:
             raise RuntimeError(f"a plan of {plan.num_reqs} requests has packs wider than BLOCK_M {widest}")
         return active
 
-    def upload(self, plan: PatPlan, kv_indices: torch.Tensor, nnz: int) -> None:
+    def check_batch(self, batch_size: int, nnz: int) -> None:
+        """Raise ValueError for a batch that no plan fits into these buffers."""
         if nnz > self.max_num_kv_tokens:
             raise ValueError(f"kv_indices: {nnz} KV tokens exceed max_num_kv_tokens={self.max_num_kv_tokens}")
-        if plan.num_reqs > self.max_batch_size:
-            raise ValueError(f"kv_indptr: batch of {plan.num_reqs} exceeds max_batch_size={self.max_batch_size}")
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"kv_indptr: batch of {batch_size} exceeds max_batch_size={self.max_batch_size}")
+
+    def upload(
+        self, plan: PatPlan, kv_indices: torch.Tensor | None, nnz: int, checks: np.ndarray | None
+    ) -> torch.Tensor | None:
+        """Stage and copy the plan (and the slot checks) into the fixed buffers; ``kv_indices`` (slots checked on
+        the host) into the fixed slot buffer, unless it is that buffer or None (the slot check copies them).
+        Returns the device view of the checks."""
+        self.check_batch(plan.num_reqs, nnz)
         turn = self.turn
         self.turn ^= 1
         if self.staged[turn] is not None:
@@ -646,9 +913,15 @@ class _GraphBuffers:
             if held.get(name) is not a:
                 host[self.offsets[name] : self.offsets[name] + len(a)] = a
                 held[name] = a
+        view = None
+        if checks is not None:
+            size = checks.size
+            host[self.checks_offset : self.checks_offset + size] = checks.reshape(-1)
+            view = self.buffer[self.checks_offset : self.checks_offset + size].view(3, -1)
         self.buffer.copy_(staging, non_blocking=True)
         if self.staged[turn] is not None:
             self.staged[turn].record()
-        if kv_indices.data_ptr() != self.kv_indices.data_ptr():
+        if kv_indices is not None and kv_indices.data_ptr() != self.kv_indices.data_ptr():
             self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
         self.wrapper._plan = plan
+        return view

@@ -409,7 +409,7 @@ def test_graph_mode_refuses_what_does_not_fit():
     long = torch.arange(5000, dtype=torch.int32)
     with pytest.raises(ValueError, match="max_num_kv_tokens=4096"):
         w.plan(torch.tensor([0, 5000]), long)
-    with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
+    with pytest.raises(ValueError, match=r"max_batch_size \(with use_cuda_graph\) must be an int"):
         PatDecodeWrapper(8, 2, 64, device=DEVICE, use_cuda_graph=True, max_num_kv_tokens=10)
 
 

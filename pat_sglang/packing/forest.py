@@ -111,7 +111,10 @@ def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath])
         if sum(map(len, flat)) != 2 * len(flat):
             raise ValueError("an entry is not a pair")
         ids, toks = zip(*flat) if flat else ((), ())
+        _check_token_counts(toks, counts, ids)
         toks = np.fromiter(toks, dtype=np.int64, count=len(flat))
+    except _NotAnInt:
+        raise
     except (TypeError, ValueError) as e:
         _raise_malformed(prefix_paths)
         raise ValueError(f"prefix_paths: malformed ({e})") from e
@@ -197,6 +200,22 @@ def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath])
         tail_parent=tail_parent,
         path_end=path_end,
     )
+
+
+class _NotAnInt(ValueError):
+    """A ``num_tokens`` that is not an int (raised as it is, not as a malformed path)."""
+
+
+def _check_token_counts(toks: tuple, counts: np.ndarray, ids: tuple) -> None:
+    """Raise ValueError naming the entry whose ``num_tokens`` is not an int (a float would be truncated, a string or
+    a bool converted)."""
+    kinds = set(map(type, toks))
+    if all(issubclass(k, int | np.integer) and not issubclass(k, bool) for k in kinds):
+        return
+    for e, t in enumerate(toks):
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            req = int(np.searchsorted(np.cumsum(counts), e, side="right"))
+            raise _NotAnInt(f"prefix_paths[{req}]: node {ids[e]!r} has num_tokens {t!r}; it must be an int")
 
 
 def _raise_malformed(prefix_paths: Sequence[PrefixPath]) -> None:

@@ -163,12 +163,18 @@ assert {f.name for f in fields(PatPlan)} >= set(PatPlan.ARRAY_FIELDS)
 
 @dataclass(frozen=True)
 class PlanCapacity:
-    """Fixed buffer sizes (CUDA-graph mode): a plan that needs more raises ValueError after dropping KV splits."""
+    """Fixed buffer sizes (CUDA-graph mode): a plan that needs more raises PlanCapacityError after dropping KV
+    splits."""
 
     max_items: int
     max_entries: int
     max_partials: int
     max_merge_reqs: int
+
+
+class PlanCapacityError(ValueError):
+    """A packing whose plan does not fit the CUDA-graph buffers even without KV splits (the caller may pack with
+    fewer partials: more merging, or no sharing, which fits buffers sized for the batch)."""
 
 
 def build_plan(
@@ -267,7 +273,7 @@ def build_plan(
             break
         if (pieces == 1).all():
             need = _need(plan)
-            raise ValueError(
+            raise PlanCapacityError(
                 f"the plan needs {need} but the CUDA-graph buffers hold {capacity}: raise max_batch_size or "
                 "max_partials_per_request"
             )
@@ -551,12 +557,14 @@ def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, 
     # of np.isin sorts).
     is_candidate = np.zeros(num_reqs, dtype=bool)
     is_candidate[candidates] = True
-    full = is_candidate[e_req] & (rel[e_item] + ln[e_item] <= path_end) & (room[e_item] < 1)
+    # An item is shared only if it lies inside the path and is not its request's growing tail: a row that ended at
+    # its path when planned has its last path node in its tail item, which takes that request's later tokens.
+    full = is_candidate[e_req] & _shared(rel[e_item], ln[e_item], tail[e_item], e_req, path_end) & (room[e_item] < 1)
     in_full = np.zeros(num_reqs, dtype=bool)
     in_full[e_req[full]] = True
     for j in candidates[~in_full[candidates]].tolist():
         mine = e_item[order[offsets[j] : offsets[j + 1]]]
-        shared = rel[mine] + ln[mine] <= path_end
+        shared = _shared(rel[mine], ln[mine], tail[mine], j, path_end)
         own = mine[~shared]
         own_len = ln[own].copy()
         last = tail[own] == j
@@ -564,6 +572,37 @@ def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, 
         if int(ln[mine[shared]].sum() + own_len.sum()) == length and (own_len >= 1).all():
             return j, mine[shared], own, own_len
     return None
+
+
+def shared_entries(plan: PatPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries whose request reads a shared item: (request, offset in its row, item) per entry of every item of
+    two or more requests (int64). The pack kernel reads such an item from one member's row; each other member must
+    hold the same slots at the same offsets (``shared_checks`` turns these into the positions to compare)."""
+    step = plan.step
+    assert step is not None, "only a plan made by build_plan or rebatch_plan lists its shared entries"
+    multi = plan.item_num_reqs >= 2
+    item = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
+    on = np.flatnonzero(multi[item])
+    item = item[on]
+    return plan.entry_req[on].astype(np.int64), step.item_rel[item].astype(np.int64), item
+
+
+def shared_checks(plan: PatPlan, kv_indptr: np.ndarray, entries=None) -> np.ndarray:
+    """int32 ``[3, E]``: per entry of a shared item whose request is not the one the item reads, the position of the
+    request's own slots in ``kv_indices``, the position the item reads, and the item's length (see
+    ``shared_entries``; pass its result as ``entries`` to reuse it across decode steps of one plan)."""
+    req, rel, item = shared_entries(plan) if entries is None else entries
+    pos = kv_indptr[req] + rel
+    ref = plan.item_kv_start[item].astype(np.int64)
+    other = pos != ref
+    return np.stack([pos[other], ref[other], plan.item_kv_len[item][other]]).astype(np.int32)
+
+
+def _shared(rel: np.ndarray, ln: np.ndarray, tail: np.ndarray, req, path_end: int) -> np.ndarray:
+    """Whether items (offset ``rel``, length ``ln``, tail owner ``tail``) of request ``req`` lie wholly inside its
+    radix path of ``path_end`` tokens and stay there: an item that ends ``req``'s tail grows with ``req``'s new,
+    private tokens, so a twin may copy it but never join it."""
+    return (rel + ln <= path_end) & (tail != req)
 
 
 def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs, *,
