@@ -10,7 +10,7 @@ TRITON_SPEC ?= triton==3.6.0
 SGLANG_SPEC ?= sglang==0.5.10.post1
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv install test lint format demo gpu-check clean
+.PHONY: venv install test fuzz lint format demo gpu-check clean
 
 $(STAMP): pyproject.toml setup.py Makefile tests/requirements-sglang-cpu.txt tests/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ install: venv
 
 test: lint install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The long fuzz (tests/test_fuzz.py under the "fuzz" Hypothesis profile; `make test` runs its short "ci" profile).
+fuzz: install
+	PAT_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests/test_fuzz.py --hypothesis-show-statistics
 
 # The main job on an embedded default: a multi-agent decode step through RadixCache, PatAttnBackend and SGLang's
 # Triton backend (small under the interpreter on a CPU, full size on a GPU).

@@ -674,7 +674,9 @@ def _raise_slot_details(slots: np.ndarray, indptr: np.ndarray, bound: int, check
             f"kv_indices: request {r}'s token {at - int(indptr[r])} has slot {int(slots[at])}, outside [0, {bound})"
         )
     for pos, ref, n in checks.T.tolist() if checks is not None else []:
-        diff = np.flatnonzero(slots[pos : pos + n] != slots[ref : ref + n])
+        mine, theirs = slots[pos : min(pos + n, nnz)], slots[ref : min(ref + n, nnz)]
+        inside = min(len(mine), len(theirs))
+        diff = np.append(np.flatnonzero(mine[:inside] != theirs[:inside]), [inside] if inside < n else [])
         if len(diff):
             r, other = req_of(pos), req_of(ref)
             rel = pos - int(indptr[r])

@@ -39,7 +39,9 @@ if not torch.cuda.is_available():
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
+from pat_sglang.kernels.slot_check import check_slots  # noqa: E402
 from pat_sglang.packing import forest_from_paths  # noqa: E402
+from pat_sglang.packing.plan import shared_checks  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, Workload, make_workload  # noqa: E402
 
 HEAD_CONFIGS = {
@@ -69,6 +71,7 @@ class Row:
     pat_plan_us: float  # a fresh plan: forest, packing, splits (a new batch or new radix paths)
     pat_step_plan_us: float = float("nan")  # a later decode step of the same paths (the plan is advanced)
     pat_eager_us: float = float("nan")
+    pat_check_us: float = float("nan")  # the step's device-side slot check (once per plan, not per layer)
     us: dict[str, float] = field(default_factory=dict)
     max_err: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
@@ -148,6 +151,26 @@ def plan_case(pat: PatDecodeWrapper, case: Case) -> None:
     """``pat.plan`` for ``case``'s batch, its radix paths given (as the SGLang backend gives them)."""
     indptr = torch.from_numpy(case.kv_indptr_np)
     pat.plan(indptr, case.kv_indices, prefix_paths=case.workload.prefix_paths, kv_data_type=case.dtype)
+
+
+def slot_check(pat: PatDecodeWrapper, case: Case) -> Callable[[], None]:
+    """The device-side slot check that ``pat.plan`` launched for ``case`` (its slots against the KV pool's rows,
+    its shared items' slots against their members'), as a function to time: once per decode step."""
+    checks = shared_checks(pat.plan_info, case.kv_indptr_np)
+    shared = torch.from_numpy(checks).to(case.device)
+    dst = torch.empty_like(case.kv_indices, dtype=torch.int32)
+    err = torch.zeros(2, dtype=torch.int32, device=case.device)
+    nnz, bound = int(case.kv_indptr_np[-1]), case.k.shape[0]
+    return lambda: check_slots(
+        case.kv_indices,
+        dst,
+        err,
+        nnz=nnz,
+        bound=bound,
+        shared_pos=shared[0],
+        shared_ref=shared[1],
+        shared_len=shared[2],
+    )
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -391,6 +414,8 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
     pat = case_pat(case, graph_mode)
     row.pat_plan_us, row.pat_step_plan_us = time_plans(case, args.plan_reps, graph_mode)
     plan_case(pat, case)
+    if case.device.type == "cuda":
+        row.pat_check_us = time_us(slot_check(pat, case), case.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     fns: dict[str, Callable[[], torch.Tensor]] = {"pat": lambda: pat.run(case.q, case.k, case.v)}
 
     makers = {"flashinfer": FlashInferDecode, "cascade": FlashInferCascade, "sglang_triton": SGLangTritonDecode}
@@ -450,13 +475,15 @@ def fmt(x: float, spec: str = ".1f") -> str:
 def table(rows: list[Row], backends: list[str]) -> str:
     head = ["workload", "heads", "B", "uniq MB", "floor us", "bound"] + [f"{b} us" for b in backends]
     head += [f"x{b}" for b in backends if b != "pat"] + ["pat eff", "plan us", "step plan us", "eager us"]
+    head += ["check us", "check/32 runs"]
     lines = [head]
     for r in rows:
         line = [r.workload, r.heads, str(r.batch), fmt(r.unique_kv_bytes / 1e6), fmt(r.floor_us), r.binding_floor]
         line += [fmt(r.us.get(b, float("nan"))) for b in backends]
         line += [fmt(r.speedup(b), ".2f") for b in backends if b != "pat"]
         line += [fmt(100 * r.efficiency, ".0f") + "%", fmt(r.pat_plan_us, ".0f"), fmt(r.pat_step_plan_us, ".0f")]
-        line += [fmt(r.pat_eager_us)]
+        line += [fmt(r.pat_eager_us), fmt(r.pat_check_us, ".1f")]
+        line += [fmt(100 * r.pat_check_us / (32 * r.us["pat"]), ".2f") + "%" if r.us.get("pat") else "-"]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)

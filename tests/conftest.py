@@ -47,3 +47,13 @@ def random_q(batch: int, num_qo_heads: int, head_dim: int, dtype: torch.dtype, s
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+# Hypothesis profiles for the fuzz tests (tests/test_fuzz.py, which set no example counts of their own): "ci", the
+# short run of every `make test`, and "fuzz", the long one (`make fuzz`, or pytest --hypothesis-profile fuzz).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=2500, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("PAT_HYPOTHESIS_PROFILE", "ci"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
 from forests import RandomForest, random_forests
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from plan_checks import check_plan_covers_every_pair_once as _check_plan_covers_every_pair_once
 
 from pat_sglang.packing import (
     ByteModel,
@@ -37,52 +36,6 @@ HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
 
 def _model(num_qo_heads: int, num_kv_heads: int, head_dim: int = 128) -> ByteModel:
     return ByteModel.for_heads(head_dim=head_dim, group_size=num_qo_heads // num_kv_heads, kv_dtype_bytes=2)
-
-
-def _check_plan_covers_every_pair_once(plan, indptr: np.ndarray, indices: np.ndarray, dense: bool = True) -> None:
-    """Every (request, KV slot) pair is attended exactly once; destinations and the merge list agree; partial slots
-    are numbered 0.. without gaps (``dense``) or at least distinct and within the workspace (after requests left)."""
-    seen = Counter()
-    items_of_req = Counter()
-    for it in range(plan.num_items):
-        s, n = int(plan.item_kv_start[it]), int(plan.item_kv_len[it])
-        assert n >= 1
-        e0, ne = int(plan.item_entry_start[it]), int(plan.item_num_reqs[it])
-        reqs = plan.entry_req[e0 : e0 + ne].tolist()
-        assert len(set(reqs)) == ne, "a request appears twice in one pack"
-        assert ne * plan.num_qo_heads // plan.num_kv_heads <= 128
-        for r in reqs:
-            items_of_req[r] += 1
-            for slot in indices[s : s + n].tolist():
-                seen[(r, slot)] += 1
-    expected = Counter((i, slot) for i in range(len(indptr) - 1) for slot in indices[indptr[i] : indptr[i + 1]])
-    assert seen == expected
-
-    # Launch ranges tile the items, one config each, and every item fits its tile.
-    pos = 0
-    for lc in plan.launches:
-        assert lc.item_offset == pos and lc.num_items > 0
-        rows = plan.item_num_reqs[pos : pos + lc.num_items] * (plan.num_qo_heads // plan.num_kv_heads)
-        assert rows.max() <= lc.config.block_m
-        pos += lc.num_items
-    assert pos == plan.num_items
-
-    # Direct writes exactly for requests in one item; the rest list each of their partial slots once.
-    dest, req = plan.entry_dest, plan.entry_req
-    for r, count in items_of_req.items():
-        mine = dest[req == r]
-        assert (mine < 0).all() if count == 1 else (mine >= 0).all()
-        if count == 1:
-            assert mine[0] == -(r + 1)
-    slots = sorted(plan.merge_indices.tolist())
-    if dense:
-        assert slots == list(range(plan.num_partials))
-    else:
-        assert len(set(slots)) == len(slots) and (not slots or slots[-1] < plan.num_partials)
-    for i, r in enumerate(plan.merge_req.tolist()):
-        listed = plan.merge_indices[plan.merge_indptr[i] : plan.merge_indptr[i + 1]]
-        assert sorted(listed.tolist()) == sorted(dest[req == r].tolist())
-        assert len(listed) >= 2
 
 
 def _without_empty_launches(plan):

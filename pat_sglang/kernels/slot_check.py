@@ -11,7 +11,8 @@ One launch, two kinds of programs:
 - programs ``[0, range_programs)`` copy ``src[:nnz]`` to ``dst`` (int32), each slot outside ``[0, bound)`` replaced
   by 0 (so that no pack kernel reads out of bounds) and counted in ``err[0]``;
 - program ``range_programs + e`` compares ``src[pos[e] + t]`` with ``src[ref[e] + t]`` for ``t < length[e]`` (a
-  request's own slots against the slots its pack reads) and counts mismatches in ``err[1]``.
+  request's own slots against the slots its pack reads) and counts mismatches in ``err[1]`` (a position past
+  ``nnz`` counts as one: it can only come from a wrong plan).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def _slot_check_kernel(
     pid = tl.program_id(0)
     if pid < range_programs:
         base = pid.to(tl.int64) * (RANGE_BLOCK * RANGE_STEPS)
+        end = tl.minimum(base + RANGE_BLOCK * RANGE_STEPS, nnz)
         bad_count = 0
-        for step in range(RANGE_STEPS):
-            offs = base + step * RANGE_BLOCK + tl.arange(0, RANGE_BLOCK)
+        for start in range(base, end, RANGE_BLOCK):
+            offs = start + tl.arange(0, RANGE_BLOCK)
             mask = offs < nnz
             slot = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int64)
             bad = mask & ((slot < 0) | (slot >= bound))
@@ -71,9 +73,10 @@ def _slot_check_kernel(
         for t0 in range(0, length, SHARED_BLOCK):
             t = t0 + tl.arange(0, SHARED_BLOCK)
             mask = t < length
-            mine = tl.load(src_ptr + pos + t, mask=mask, other=0)
-            theirs = tl.load(src_ptr + ref + t, mask=mask, other=0)
-            mismatches += tl.sum((mask & (mine != theirs)).to(tl.int32), axis=0)
+            inside = mask & (pos + t < nnz) & (ref + t < nnz)  # a range past the slots counts as a mismatch
+            mine = tl.load(src_ptr + pos + t, mask=inside, other=0)
+            theirs = tl.load(src_ptr + ref + t, mask=inside, other=0)
+            mismatches += tl.sum((mask & (~inside | (mine != theirs))).to(tl.int32), axis=0)
         if mismatches > 0:
             tl.atomic_add(err_ptr + 1, mismatches)
 
@@ -148,6 +151,9 @@ def check_slots_reference(
     counts = [int(bad.sum()), 0]
     if shared_pos is not None:
         flat = src.long().cpu()
+        flat = flat[:nnz]
         for p, r, n in zip(shared_pos.tolist(), shared_ref.tolist(), shared_len.tolist()):
-            counts[1] += int((flat[p : p + n] != flat[r : r + n]).sum())
+            mine, theirs = flat[p : p + n], flat[r : r + n]
+            inside = min(len(mine), len(theirs))
+            counts[1] += int((mine[:inside] != theirs[:inside]).sum()) + n - inside
     return torch.where(bad, 0, slots).to(torch.int32), counts
