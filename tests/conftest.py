@@ -55,5 +55,6 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK)
-settings.register_profile("fuzz", max_examples=2500, deadline=None, suppress_health_check=_SLOW_OK)
+_FUZZ_EXAMPLES = int(os.environ.get("PAT_FUZZ_EXAMPLES", "2500"))
+settings.register_profile("fuzz", max_examples=_FUZZ_EXAMPLES, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("PAT_HYPOTHESIS_PROFILE", "ci"))
