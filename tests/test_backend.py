@@ -345,10 +345,11 @@ class TestRefusals:
             pat.forward_decode(q, k, v, make_layer(HQ, HKV, D, scaling=0.1), fb, **{extra: object()})
 
     def test_decode_context_parallel(self):
-        if compat.get_parallel is None:
+        parallel = compat.runtime_parallel()
+        if parallel is None:
             pytest.skip("SGLang 0.5.10.post1 has no decode context parallelism")
         runner = self._runner()
-        with compat.get_parallel().override(attn_dcp_size=2):
+        with parallel.override(attn_dcp_size=2):
             with pytest.raises(UnsupportedConfigError, match="context parallelism.*DCP size of 1"):
                 create_pat_backend(runner)
 

@@ -14,27 +14,44 @@ version string. The differences that matter to a decode backend:
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import torch
 
-try:  # SGLang 0.5.23
-    from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton
-except ImportError:  # SGLang 0.5.10.post1
-    from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
+# SGLang is imported on first use, not here: ``paths`` imports this module and stays importable without SGLang.
 
-try:
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-except ImportError:
-    KVWriteLoc = None
 
-try:
-    from sglang.srt.runtime_context import get_parallel
-except ImportError:
-    get_parallel = None
+@cache
+def _kv_indices_kernel() -> Any:
+    try:  # SGLang 0.5.23
+        from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton
+    except ImportError:  # SGLang 0.5.10.post1
+        from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
+    return create_flashinfer_kv_indices_triton
+
+
+@cache
+def _kv_write_loc() -> Any:
+    try:
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    except ImportError:
+        return None
+    return KVWriteLoc
+
+
+def runtime_parallel() -> Any:
+    """The process-wide parallel context (``srt/runtime_context.get_parallel()``), or None in a release without it."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+    except ImportError:
+        return None
+    return get_parallel()
+
 
 __all__ = [
     "attn_dcp_size",
+    "runtime_parallel",
     "cache_protected_len",
     "decode_tokens_per_request",
     "fill_kv_indices",
@@ -54,9 +71,8 @@ def cache_protected_len(req: Any) -> int | None:
 
 def attn_dcp_size() -> int:
     """The decode-context-parallel width of attention (1 where the release has no such setting)."""
-    if get_parallel is None:
-        return 1
-    return int(getattr(get_parallel(), "attn_dcp_size", 1) or 1)
+    parallel = runtime_parallel()
+    return 1 if parallel is None else int(getattr(parallel, "attn_dcp_size", 1) or 1)
 
 
 def decode_tokens_per_request(model_runner: Any) -> int:
@@ -89,12 +105,11 @@ def fill_kv_indices(
         )
         return
     table = backend.req_to_token
-    create_flashinfer_kv_indices_triton[(bs,)](
-        table, req_pool_indices[:bs], seq_lens, kv_indptr, None, kv_indices, table.stride(0)
-    )
+    _kv_indices_kernel()[(bs,)](table, req_pool_indices[:bs], seq_lens, kv_indptr, None, kv_indices, table.stride(0))
 
 
 def write_kv(pool: Any, layer: Any, forward_batch: Any, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store this step's K and V at the batch's output slots, as the release's pool takes them."""
-    loc = forward_batch.out_cache_loc if KVWriteLoc is None else KVWriteLoc.for_batch(forward_batch)
+    write_loc = _kv_write_loc()
+    loc = forward_batch.out_cache_loc if write_loc is None else write_loc.for_batch(forward_batch)
     pool.set_kv_buffer(layer, loc, k, v, layer.k_scale, layer.v_scale)
