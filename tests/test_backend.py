@@ -353,6 +353,15 @@ class TestRefusals:
             with pytest.raises(UnsupportedConfigError, match="context parallelism.*DCP size of 1"):
                 create_pat_backend(runner)
 
+    def test_metadata_glue_graph(self, monkeypatch):
+        """SGLang 0.5.23 can capture the out-of-graph metadata prep in a glue graph: pat's host plan would freeze."""
+        runner = self._runner()
+        monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+        if not compat.metadata_glue_graph_enabled():
+            pytest.skip("SGLang 0.5.10.post1 has no metadata glue graph")
+        with pytest.raises(UnsupportedConfigError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH"):
+            create_pat_backend(runner)
+
     def test_diffusion_blocks(self, monkeypatch):
         runner = self._runner()
         if not hasattr(runner, "decode_num_tokens_per_req"):

@@ -67,6 +67,11 @@ def check_supported(model_runner: Any) -> None:
             f"pat does not support decode context parallelism (attention DCP size {dcp}); use --attention-backend "
             "triton or flashinfer, or a DCP size of 1"
         )
+    if compat.metadata_glue_graph_enabled():
+        raise UnsupportedConfigError(
+            "pat plans each decode step on the host, which SGLANG_ENABLE_METADATA_GLUE_GRAPH would capture once and "
+            "replay frozen; unset it (or set it to 0) for --attention-backend pat"
+        )
     per_req = compat.decode_tokens_per_request(model_runner)
     if per_req != 1:
         raise UnsupportedConfigError(

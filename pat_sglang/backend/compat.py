@@ -51,6 +51,7 @@ def runtime_parallel() -> Any:
 
 __all__ = [
     "attn_dcp_size",
+    "metadata_glue_graph_enabled",
     "runtime_parallel",
     "cache_protected_len",
     "decode_tokens_per_request",
@@ -73,6 +74,18 @@ def attn_dcp_size() -> int:
     """The decode-context-parallel width of attention (1 where the release has no such setting)."""
     parallel = runtime_parallel()
     return 1 if parallel is None else int(getattr(parallel, "attn_dcp_size", 1) or 1)
+
+
+def metadata_glue_graph_enabled() -> bool:
+    """Whether the decode graph runner captures the backends' out-of-graph metadata prep in a CUDA graph of its own
+    (``SGLANG_ENABLE_METADATA_GLUE_GRAPH``, where the release has it): a replay of that graph would skip pat's host
+    planning and keep the captured plan."""
+    try:
+        from sglang.srt.environ import envs
+    except ImportError:
+        return False
+    flag = getattr(envs, "SGLANG_ENABLE_METADATA_GLUE_GRAPH", None)
+    return bool(flag is not None and flag.get())
 
 
 def decode_tokens_per_request(model_runner: Any) -> int:
