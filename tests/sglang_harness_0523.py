@@ -17,6 +17,7 @@ from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import checkpoint_kv_cache
+from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
@@ -30,7 +31,8 @@ from sglang.test.kits.attention_unittest.attention_methods.dense_attention impor
 )
 
 RELEASE = "0.5.23"
-TREE_CORES = ("python", "rust")  # UnifiedRadixCache's tree cores (SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND)
+# UnifiedRadixCache's tree cores (SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND), and the older RadixCache (TreeNode objects).
+TREE_CORES = ("python", "rust", "radix")
 
 MAX_REQS = 32
 MAX_CONTEXT = 512
@@ -122,20 +124,22 @@ class Scheduler:
 
     def __init__(self, runner, *, seed: int = 0, tree_core: str = "python") -> None:
         self.runner = runner
-        self.tree = UnifiedRadixCache(
-            CacheInitParams(
-                disable=False,
-                req_to_token_pool=runner.req_to_token_pool,
-                token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
-                page_size=runner.page_size,
-                tree_components=(ComponentType.FULL,),
-                tree_core_backend=tree_core,
+        params = CacheInitParams(
+            disable=False,
+            req_to_token_pool=runner.req_to_token_pool,
+            token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
+            page_size=runner.page_size,
+            tree_components=(ComponentType.FULL,),
+            tree_core_backend=None if tree_core == "radix" else tree_core,
+        )
+        if tree_core == "radix":
+            self.tree = RadixCache(params)
+        else:
+            self.tree = UnifiedRadixCache(params)
+            # SGLang falls back to the Python core quietly (an INFO line) when the Rust one cannot serve: say so.
+            assert (type(self.tree.tree_core).__name__ == "RustUnifiedTreeCore") == (tree_core == "rust"), (
+                f"asked for the {tree_core} tree core, got {type(self.tree.tree_core).__name__}"
             )
-        )
-        # SGLang falls back to the Python core quietly (an INFO line) when the Rust one cannot serve: say so here.
-        assert (type(self.tree.tree_core).__name__ == "RustUnifiedTreeCore") == (tree_core == "rust"), (
-            f"asked for the {tree_core} tree core, got {type(self.tree.tree_core).__name__}"
-        )
         self.reqs: list[Req] = []
         self.running: ScheduleBatch | None = None
         self._sampled = False
