@@ -9,7 +9,14 @@ version string. The differences that matter to a decode backend:
 - KV reads go through the runner's ``kv_index_translator`` and the batch's ``kv_loc_plan`` where they exist (the
   translator maps virtual to physical slots on unified pools); before, ``req_to_token`` rows are the slots.
 - A ``Req`` keeps ``cache_protected_len`` under ``req.kv`` (``ReqKvInfo``) where that exists.
-- Parallel settings come from the process-wide runtime context (``srt/runtime_context``) where it exists.
+- Parallel settings come from the process-wide runtime context (``srt/runtime_context``) where it exists; so does
+  attention decode context parallelism (``attn_dcp_size``), which pat refuses.
+- A runner may decode several tokens per request (``decode_num_tokens_per_req()``: diffusion-LLM blocks), and the
+  decode graph runner may capture the backends' out-of-graph prep (``SGLANG_ENABLE_METADATA_GLUE_GRAPH``); pat
+  refuses both.
+
+The CUDA-graph hooks differ too (``init_forward_metadata_out_graph`` / ``_in_graph`` replace the capture / replay
+pair); ``PatAttnBackend`` implements both sets, which needs no detection: each release calls only its own.
 """
 
 from __future__ import annotations
