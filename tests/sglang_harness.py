@@ -1,209 +1,23 @@
-"""Peer-test harness: a mock model runner with SGLang's real KV and request pools, and decode batches whose
-requests share prefixes through SGLang's real ``RadixCache`` (match, insert, node splits), as the scheduler makes them.
+"""Peer-test harness over both SGLang releases pat serves: the same interface from ``sglang_harness_0510`` (SGLang
+0.5.10.post1: ``RadixCache``, ``ModelWorkerBatch``, the capture/replay graph hooks) or ``sglang_harness_0523``
+(SGLang 0.5.23: its mock runner and runtime context, ``UnifiedRadixCache``, ``ScheduleBatch``, the out-of-graph /
+in-graph hooks), picked by what the installed SGLang has. Call ``sglang_env.prepare()`` first. Test-only.
 
-Modelled on SGLang's own ``test/attention/test_flashattn_backend.py``. Test-only.
+- ``make_runner(num_heads, num_kv_heads, head_dim, page_size=, dtype=, device=)``: a model runner with real pools.
+- ``Scheduler(runner, seed=, tree_core=)``: ``prefill(token_ids) -> req`` through the release's radix cache (one of
+  ``TREE_CORES``), ``decode_batch(backend, reqs=None) -> (ForwardBatch, batch)`` through SGLang's own
+  ``ForwardBatch.init_new``; ``.reqs``, ``.tree``.
+- ``GraphRunner(runner, backend, max_bs)``: the calls the release's decode graph runner makes (``capture()``,
+  ``in_graph(fb)``, ``prepare_replay(real_fb)``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
+import importlib.util
 
-import sglang.srt.layers.attention.triton_backend as triton_backend
-import torch
-from sglang.srt.configs.model_config import AttentionArch
-from sglang.srt.layers.radix_attention import RadixAttention
-from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+if importlib.util.find_spec("sglang.srt.runtime_context") is not None:
+    from sglang_harness_0523 import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner
+else:
+    from sglang_harness_0510 import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner
 
-# The attention TP group is a distributed-runtime global; a single-process test has TP size 1.
-triton_backend.get_attention_tp_size = lambda: 1
-
-MAX_REQS = 32
-MAX_CONTEXT = 512
-
-
-class _ModelConfig:
-    attention_arch = AttentionArch.MHA
-    is_encoder_decoder = False
-    is_multimodal = False
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, context_len: int) -> None:
-        self.context_len = context_len
-        self.num_attention_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-
-    def get_num_kv_heads(self, tp_size: int) -> int:
-        return self.num_kv_heads // tp_size
-
-
-class _SlotAllocator:
-    """Page-aligned slot allocation in the harness's hands; ``free`` is what RadixCache calls on duplicates."""
-
-    def __init__(self, page_size: int, device: torch.device) -> None:
-        self.page_size = page_size
-        self.device = device
-        self.next_page = 1  # slot 0.. page_size-1 is SGLang's padding page
-        self.freed: list[int] = []
-
-    def alloc(self, n: int) -> torch.Tensor:
-        pages = -(-n // self.page_size)
-        first = self.next_page * self.page_size
-        self.next_page += pages
-        return torch.arange(first, first + n, dtype=torch.int64)
-
-    def free(self, indices: torch.Tensor) -> None:
-        self.freed.extend(indices.tolist())
-
-
-def make_runner(
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    *,
-    page_size: int,
-    dtype: torch.dtype,
-    device,
-    max_reqs: int = MAX_REQS,
-    max_context: int = MAX_CONTEXT,
-    pool_tokens: int | None = None,
-):
-    """A model runner with the attributes TritonAttnBackend and PatAttnBackend read, and real pools
-    (``max_reqs`` rows of ``max_context`` slots; ``pool_tokens`` KV slots, by default enough for every row)."""
-    pool = MHATokenToKVPool(
-        size=pool_tokens or max_reqs * max_context,
-        page_size=page_size,
-        dtype=dtype,
-        head_num=num_kv_heads,
-        head_dim=head_dim,
-        layer_num=1,
-        device=str(device),
-        enable_memory_saver=False,
-    )
-    req_to_token = ReqToTokenPool(
-        size=max_reqs, max_context_len=max_context, device=str(device), enable_memory_saver=False
-    )
-    return SimpleNamespace(
-        model_config=_ModelConfig(num_heads, num_kv_heads, head_dim, max_context),
-        req_to_token_pool=req_to_token,
-        token_to_kv_pool=pool,
-        token_to_kv_pool_allocator=_SlotAllocator(page_size, device),
-        sliding_window_size=None,
-        device=str(device),
-        gpu_id=0,
-        page_size=page_size,
-        dtype=dtype,
-        kv_cache_dtype=dtype,
-        hybrid_gdn_config=None,
-        kimi_linear_config=None,
-        use_mla_backend=False,
-        server_args=SimpleNamespace(
-            speculative_num_draft_tokens=None,
-            speculative_num_steps=None,
-            triton_attention_num_kv_splits=8,
-            disable_cuda_graph=False,
-            chunked_prefill_size=-1,
-            enable_deterministic_inference=False,
-            triton_attention_split_tile_size=None,
-        ),
-    )
-
-
-@dataclass
-class Request:
-    """The fields of SGLang's ``Req`` that RadixCache and the path reader use."""
-
-    rid: int
-    fill_ids: list[int]
-    req_pool_idx: int
-    last_node: object = None
-    cache_protected_len: int = 0
-    prefix_indices: torch.Tensor | None = None
-    extra_key: object = None
-    priority: int = 0
-
-
-class Scheduler:
-    """Prefills requests through a real RadixCache (as the scheduler does) and builds decode ForwardBatches."""
-
-    def __init__(self, runner, *, seed: int = 0) -> None:
-        self.runner = runner
-        self.tree = RadixCache(
-            CacheInitParams(
-                disable=False,
-                req_to_token_pool=runner.req_to_token_pool,
-                token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
-                page_size=runner.page_size,
-            )
-        )
-        self.reqs: list[Request] = []
-        self.seq_lens: list[int] = []
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def prefill(self, token_ids: list[int]) -> Request:
-        """match_prefix, allocate the rest, write req_to_token, cache_unfinished_req: SGLang's prefill bookkeeping."""
-        idx = len(self.reqs)
-        req = Request(rid=idx, fill_ids=list(token_ids), req_pool_idx=idx)
-        match = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(token_ids=list(token_ids))))
-        prefix = match.device_indices.to(torch.int64).cpu()
-        req.last_node = match.last_device_node
-        req.cache_protected_len = len(prefix)
-        self.tree.inc_lock_ref(req.last_node)
-        new = self.runner.token_to_kv_pool_allocator.alloc(len(token_ids) - len(prefix))
-        row = torch.cat([prefix, new])
-        self.runner.req_to_token_pool.req_to_token[idx, : len(row)] = row.to(torch.int32)
-        self.tree.cache_unfinished_req(req)
-        self.reqs.append(req)
-        self.seq_lens.append(len(token_ids))
-        return req
-
-    def decode_batch(self, backend, reqs: list[Request] | None = None) -> ForwardBatch:
-        """One decode step for ``reqs``: each gets one new slot (the current token), seq_lens include it."""
-        reqs = self.reqs if reqs is None else reqs
-        device = self.runner.device
-        out_loc = []
-        table = self.runner.req_to_token_pool.req_to_token
-        page = self.runner.page_size
-        for r in reqs:
-            n = self.seq_lens[r.rid]
-            # The current token continues the last page when it has room (SGLang's paged allocation).
-            slot = (
-                int(table[r.req_pool_idx, n - 1]) + 1
-                if n % page
-                else int(self.runner.token_to_kv_pool_allocator.alloc(1))
-            )
-            table[r.req_pool_idx, n] = slot
-            self.seq_lens[r.rid] += 1
-            out_loc.append(slot)
-        lens = [self.seq_lens[r.rid] for r in reqs]
-        batch = SimpleNamespace(
-            forward_mode=ForwardMode.DECODE,
-            seq_lens=torch.tensor(lens, dtype=torch.int64, device=device),
-            seq_lens_cpu=torch.tensor(lens, dtype=torch.int64),
-            reqs=reqs,
-            spec_info=None,
-        )
-        fb = ForwardBatch(
-            forward_mode=ForwardMode.DECODE,
-            batch_size=len(reqs),
-            input_ids=torch.zeros(len(reqs), dtype=torch.int64, device=device),
-            req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
-            seq_lens=batch.seq_lens,
-            out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, device=device),
-            seq_lens_sum=sum(lens),
-            seq_lens_cpu=batch.seq_lens_cpu,
-            attn_backend=backend,
-        )
-        fb.req_to_token_pool = self.runner.req_to_token_pool
-        fb.token_to_kv_pool = self.runner.token_to_kv_pool
-        return fb, batch
-
-
-def make_layer(num_heads: int, num_kv_heads: int, head_dim: int, scaling: float) -> RadixAttention:
-    return RadixAttention(
-        num_heads=num_heads, head_dim=head_dim, scaling=scaling, num_kv_heads=num_kv_heads, layer_id=0
-    )
+__all__ = ["RELEASE", "TREE_CORES", "GraphRunner", "Scheduler", "make_layer", "make_runner"]

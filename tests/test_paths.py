@@ -1,13 +1,23 @@
-"""Radix paths of a decode batch (pat_sglang.backend.paths) on stand-in tree nodes: the batch walk, which memoises
-shared nodes, names exactly the nodes and lengths a walk per request names (no sglang needed)."""
+"""Radix paths of a decode batch (pat_sglang.backend.paths) on stand-in trees: the batch walk over tree nodes, which
+memoises shared nodes, names exactly the nodes and lengths a walk per request names, and so does the reading by node
+id through a tree core's ``collect_path_info`` (SGLang 0.5.23's ``UnifiedRadixCache``) on the same tree (no sglang
+needed; test_backend runs both on SGLang's real caches)."""
 
 from __future__ import annotations
+
+import logging
+from collections import namedtuple
+from types import SimpleNamespace
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pat_sglang.backend import paths as paths_mod
 from pat_sglang.backend.paths import batch_paths, radix_path
+
+# The fields of SGLang 0.5.23's TreePathNodeInfo that the reader uses, in its order.
+PathNodeInfo = namedtuple("PathNodeInfo", "node_id parent_id path_start path_end full_value_len num_children")
 
 
 class Node:
@@ -64,6 +74,36 @@ def batches(draw):
     return reqs, lens
 
 
+class TreeCore:
+    """A tree core over stand-in nodes: ``collect_path_info(ids)`` as UnifiedTreeCore answers it (root excluded;
+    ``full_value_len`` None for a node whose value is gone; an unknown id raises KeyError)."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.by_id = {n.id: n for n in nodes}
+
+    def collect_path_info(self, ids):
+        out = []
+        for node_id in ids:
+            chain, node = [], self.by_id[node_id]
+            while node.parent is not None:
+                chain.append(node)
+                node = node.parent
+            path, start = [], 0
+            for n in reversed(chain):
+                k = 0 if n.value is None else len(n.value)
+                value = None if n.value is None else k
+                path.append(PathNodeInfo(n.id, n.parent.id, start, start + k, value, 0))
+                start += k
+            out.append(tuple(path))
+        return tuple(out)
+
+
+def _by_id(reqs: list[Req]):
+    """The same requests as 0.5.23 holds them: ``last_node`` a node id, ``cache_protected_len`` under ``req.kv``."""
+    return [SimpleNamespace(last_node=r.last_node.id, kv=SimpleNamespace(cache_protected_len=r.cache_protected_len))
+            for r in reqs]  # fmt: skip
+
+
 @settings(max_examples=300, deadline=None)
 @given(batches())
 def test_batch_paths_equal_a_walk_per_request(batch):
@@ -76,6 +116,15 @@ def test_batch_paths_equal_a_walk_per_request(batch):
         assert got == expect
     for r, n, e in zip(reqs, lens, expect):
         assert radix_path(r, n) == e  # without a memo too
+    nodes, seen = [], set()
+    for r in reqs:
+        node = r.last_node
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            nodes.append(node)
+            node = node.parent
+    tree = SimpleNamespace(tree_core=TreeCore(nodes))
+    assert batch_paths(_by_id(reqs), lens, tree) == got, "node ids through the tree core: the same paths"
 
 
 def test_requests_without_a_tree_node_give_no_paths():
@@ -83,3 +132,26 @@ def test_requests_without_a_tree_node_give_no_paths():
     shared = Node(1, 8, root)
     assert batch_paths([Req(Node(2, 3, shared), 11), Req(None, 0)], [11, 5]) is None
     assert batch_paths([Req(Node(2, 3, shared), 11)], [11, 12]) is None  # lengths do not match the requests
+
+
+def test_unreadable_trees_are_said_once(caplog):
+    """Regression (SGLang 0.5.23): requests that name nodes by id, or keep their protected length where pat did not
+    look, gave every request an empty path (nothing shared) without a word. Now the batch carries no paths (the
+    planner derives the sharing from the slots) and the reason is logged once."""
+    root = Node(0, 0, None)
+    shared = Node(1, 8, root)
+    leaf = Node(2, 3, shared)
+    paths_mod._said.clear()
+    with caplog.at_level(logging.WARNING, logger=paths_mod.__name__):
+        reqs = [SimpleNamespace(last_node=2, kv=SimpleNamespace(cache_protected_len=11))]
+        assert batch_paths(reqs, [12], SimpleNamespace()) is None, "node ids but no tree core"
+        assert batch_paths(reqs, [12], SimpleNamespace()) is None
+        no_len = [SimpleNamespace(last_node=leaf)]
+        assert batch_paths(no_len, [12]) is None, "no protected length anywhere"
+        missing = [SimpleNamespace(last_node=7, kv=SimpleNamespace(cache_protected_len=11))]
+        assert batch_paths(missing, [12], SimpleNamespace(tree_core=TreeCore([root, shared, leaf]))) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert "no tree core" in said[0] and "owns" in said[1] and "not in the tree" in said[2]
+    tree = SimpleNamespace(tree_core=TreeCore([root, shared, leaf]))
+    assert batch_paths(reqs, [12], tree) == [[(1, 8), (2, 3)]]

@@ -13,11 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import sglang_env
 
-if not sglang_env.prepare():
-    pytest.skip("sglang is not installed", allow_module_level=True)
+sglang_env.require()
 
 PROBE = str(Path(__file__).resolve().parent / "registration_probe.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +64,8 @@ def test_autoload_off_then_explicit_register():
 
 
 def test_server_args_accept_pat_and_keep_cuda_graphs():
-    """SGLang's own validation (ServerArgs.__post_init__) takes the registered name as it is."""
+    """SGLang's own validation takes the registered name as it is (0.5.10.post1 in ``ServerArgs.__post_init__``;
+    0.5.23 resolves lazily: ``resolve_once()``, read through ``resolved_view``)."""
     from sglang.srt.server_args import ServerArgs
 
     import pat_sglang
@@ -79,4 +78,9 @@ def test_server_args_accept_pat_and_keep_cuda_graphs():
         skip_tokenizer_init=True,
         device="cpu",
     )
+    if hasattr(args, "resolve_once"):
+        from sglang.srt.arg_groups.model_override_base import resolved_view
+
+        args.resolve_once()
+        args = resolved_view(args)
     assert args.attention_backend == "pat" and args.page_size == 1 and not args.disable_cuda_graph

@@ -1,10 +1,13 @@
 """``PatAttnBackend``: SGLang's ``TritonAttnBackend`` with decode through the pat planner and kernels.
 
-Decode (eager, CUDA-graph capture and replay) goes through one metadata builder, ``_plan_decode``: KV slots from
-``req_to_token`` into a device buffer, ``kv_indptr`` from the host sequence lengths, radix paths from the batch (or
-from the stash for graph replay), then ``PatDecodeWrapper.plan``. Extend, mixed, target-verify, draft-extend and
-speculative decode are the Triton backend's own. Configurations pat does not handle fail at construction (or at
-the first decode of a layer that uses them) with a message that names a backend that does.
+Decode (eager, CUDA-graph capture and replay) goes through one metadata builder, ``_plan_decode``: KV slots into a
+device buffer, ``kv_indptr`` from the host sequence lengths, radix paths from the batch (or from the stash for graph
+replay), then ``PatDecodeWrapper.plan``. The graph hooks of both SGLang releases lead there: 0.5.10.post1's
+``init_forward_metadata_capture_cuda_graph`` / ``_replay_cuda_graph`` and 0.5.23's
+``init_forward_metadata_out_graph(fb, in_capture)`` (pat plans outside the graph; ``_in_graph`` has nothing to add).
+Extend, mixed, target-verify, draft-extend and speculative decode are the Triton backend's own. Configurations pat
+does not handle fail at construction (or at the first decode of a layer that uses them) with a message that names a
+backend that does. What differs between the releases is read through ``pat_sglang.backend.compat``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-from sglang.srt.layers.attention.utils import create_flashinfer_kv_indices_triton
 
+from pat_sglang.backend import compat
 from pat_sglang.backend.paths import (
     PrefixPaths,
     forward_batch_paths,
@@ -58,6 +61,22 @@ def check_supported(model_runner: Any) -> None:
         raise UnsupportedConfigError(
             f"pat does not support a {kv_dtype} KV cache (--kv-cache-dtype); use --kv-cache-dtype auto or {INSTEAD}"
         )
+    dcp = compat.attn_dcp_size()
+    if dcp > 1:
+        raise UnsupportedConfigError(
+            f"pat does not support decode context parallelism (attention DCP size {dcp}); use --attention-backend "
+            "triton or flashinfer, or a DCP size of 1"
+        )
+    if compat.metadata_glue_graph_enabled():
+        raise UnsupportedConfigError(
+            "pat plans each decode step on the host, which SGLANG_ENABLE_METADATA_GLUE_GRAPH would capture once and "
+            "replay frozen; unset it (or set it to 0) for --attention-backend pat"
+        )
+    per_req = compat.decode_tokens_per_request(model_runner)
+    if per_req != 1:
+        raise UnsupportedConfigError(
+            f"pat decodes one token per request, not {per_req} (diffusion LLM blocks); use --attention-backend triton"
+        )
 
 
 def create_pat_backend(model_runner: Any) -> PatAttnBackend:
@@ -98,6 +117,9 @@ class DecodeStats:
 class PatAttnBackend(TritonAttnBackend):
     """Prefix-aware decode attention for SGLang. Everything but plain decode is ``TritonAttnBackend``'s."""
 
+    # pat plans on the host from the batch's sequence lengths (SGLang 0.5.23's Triton backend opts out of them).
+    needs_cpu_seq_lens = True
+
     def __init__(self, model_runner: Any, **kwargs: Any) -> None:
         check_supported(model_runner)
         super().__init__(model_runner, **kwargs)
@@ -108,7 +130,13 @@ class PatAttnBackend(TritonAttnBackend):
             raise UnsupportedConfigError(
                 f"pat needs equal K and V head dims (got {head_dim} and {self.v_head_dim}); {INSTEAD}"
             )
+        translator = getattr(self, "kv_index_translator", None)
+        if translator is not None and getattr(translator, "defer_read_translate", False):
+            raise UnsupportedConfigError(
+                f"pat cannot read KV slots whose translation is deferred to the DCP index kernels; {INSTEAD}"
+            )
         self.model_runner = model_runner
+        self.pat_kv_pool = model_runner.token_to_kv_pool
         self.head_dim = head_dim
         self.page_size = model_runner.page_size
         self.kv_data_type = model_runner.kv_cache_dtype
@@ -139,24 +167,20 @@ class PatAttnBackend(TritonAttnBackend):
         paths: PrefixPaths | None,
         kv_indices: torch.Tensor,
         *,
+        kv_loc_plan: Any = None,
         capture: bool = False,
     ) -> None:
-        """The one decode metadata builder (eager, graph capture, graph replay)."""
+        """The one decode metadata builder (eager, graph capture, graph replay).
+
+        ``kv_loc_plan`` is the batch's plan where the release has one (the KV index translator reads through it).
+        """
         seq_cpu = seq_lens_cpu[:bs].to(torch.int64)
         indptr_cpu = torch.zeros(bs + 1, dtype=torch.int64)
         torch.cumsum(seq_cpu, 0, out=indptr_cpu[1:])
         nnz = int(indptr_cpu[-1])
         kv_indptr = self.kv_indptr[: bs + 1]
         kv_indptr[1:] = torch.cumsum(seq_lens[:bs], dim=0)
-        create_flashinfer_kv_indices_triton[(bs,)](
-            self.req_to_token,
-            req_pool_indices[:bs],
-            seq_lens[:bs],
-            kv_indptr,
-            None,
-            kv_indices,
-            self.req_to_token.stride(0),
-        )
+        compat.fill_kv_indices(self, kv_loc_plan, req_pool_indices[:bs], seq_lens[:bs], kv_indptr, kv_indices)
         if paths is not None and len(paths) < bs:
             # Graph padding: rows past the real batch hold stale req_pool_indices; they share nothing.
             paths = list(paths) + [[] for _ in range(bs - len(paths))]
@@ -184,6 +208,7 @@ class PatAttnBackend(TritonAttnBackend):
             seq_lens_cpu,
             forward_batch_paths(forward_batch),
             kv_indices,
+            kv_loc_plan=getattr(forward_batch, "kv_loc_plan", None),
         )
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, **kwargs: Any) -> None:
@@ -202,6 +227,37 @@ class PatAttnBackend(TritonAttnBackend):
     def _graph_decode(self, forward_mode: ForwardMode, spec_info: Any) -> bool:
         return forward_mode.is_decode() and spec_info is None
 
+    def _plan_graph(
+        self,
+        bs: int,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor | None,
+        *,
+        capture: bool,
+        kv_loc_plan: Any = None,
+    ) -> None:
+        """Graph capture (the dummy batch) or replay (the padded real batch) through the fixed plan buffers."""
+        if self.pat_graph is None:
+            raise RuntimeError("init_cuda_graph_state() must run before capture")
+        if seq_lens_cpu is None:
+            # Capture runs outside the graph's stream capture, and replay without host lengths has to read them.
+            seq_lens_cpu = seq_lens[:bs].cpu()
+        # Replay: the paths of the real batch, read at its init_new (the replay's batch view carries none).
+        paths = None if capture else stashed_paths(self.model_runner, seq_lens_cpu[:bs].tolist())
+        self._plan_decode(
+            self.pat_graph,
+            bs,
+            req_pool_indices,
+            seq_lens,
+            seq_lens_cpu,
+            paths,
+            self.pat_graph.kv_indices_buffer,
+            kv_loc_plan=kv_loc_plan,
+            capture=capture,
+        )
+
+    # SGLang 0.5.10.post1's graph hooks.
     def init_forward_metadata_capture_cuda_graph(
         self,
         bs: int,
@@ -218,19 +274,7 @@ class PatAttnBackend(TritonAttnBackend):
                 bs, num_tokens, req_pool_indices, seq_lens, encoder_lens, forward_mode, spec_info
             )
             return
-        if self.pat_graph is None:
-            raise RuntimeError("init_cuda_graph_state() must run before capture")
-        # Capture happens outside the graph's stream capture: reading the dummy lengths back is allowed here.
-        self._plan_decode(
-            self.pat_graph,
-            bs,
-            req_pool_indices,
-            seq_lens,
-            seq_lens[:bs].cpu(),
-            None,
-            self.pat_graph.kv_indices_buffer,
-            capture=True,
-        )
+        self._plan_graph(bs, req_pool_indices, seq_lens, None, capture=True)
 
     def init_forward_metadata_replay_cuda_graph(
         self,
@@ -249,13 +293,28 @@ class PatAttnBackend(TritonAttnBackend):
                 bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens, forward_mode, spec_info, seq_lens_cpu
             )
             return
-        if seq_lens_cpu is None:
-            seq_lens_cpu = seq_lens[:bs].cpu()
-        paths = stashed_paths(self.model_runner, seq_lens_cpu[:bs].tolist())
-        assert self.pat_graph is not None
-        self._plan_decode(
-            self.pat_graph, bs, req_pool_indices, seq_lens, seq_lens_cpu, paths, self.pat_graph.kv_indices_buffer
+        self._plan_graph(bs, req_pool_indices, seq_lens, seq_lens_cpu, capture=False)
+
+    # SGLang 0.5.23's graph hooks: out_graph before capture (in_capture=True) and before every replay, on the
+    # capture batch or the replay's padded batch view; in_graph inside the captured graph.
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False) -> None:
+        if not self._graph_decode(forward_batch.forward_mode, forward_batch.spec_info):
+            self._pat_active = None
+            super().init_forward_metadata_out_graph(forward_batch, in_capture)
+            return
+        self._plan_graph(
+            forward_batch.batch_size,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            None if in_capture else forward_batch.seq_lens_cpu,
+            capture=in_capture,
+            kv_loc_plan=getattr(forward_batch, "kv_loc_plan", None),
         )
+
+    def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch) -> None:
+        if self._graph_decode(forward_batch.forward_mode, forward_batch.spec_info):
+            return  # the plan is in the fixed buffers already; pat's launches read it on the device
+        super().init_forward_metadata_in_graph(forward_batch)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward_decode(
@@ -267,10 +326,19 @@ class PatAttnBackend(TritonAttnBackend):
         forward_batch: ForwardBatch,
         save_kv_cache: bool = True,
         sinks: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
+        """``kwargs``: what the release passes besides (0.5.23: ``score_mod``, ``aux_tensors``); pat refuses any
+        that is set."""
         wrapper = self._pat_active
         if wrapper is None:  # speculative decode steps: SGLang's own kernels and metadata
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, sinks=sinks)
+            return super().forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, sinks=sinks, **kwargs
+            )
+        if set_extras := sorted(name for name, value in kwargs.items() if value is not None):
+            raise UnsupportedConfigError(
+                f"pat does not support {', '.join(set_extras)} in decode attention (layer {layer.layer_id}); {INSTEAD}"
+            )
         if sinks is not None:
             raise UnsupportedConfigError(f"pat does not support attention sinks (layer {layer.layer_id}); {INSTEAD}")
         if layer.logit_cap and layer.logit_cap > 0:
@@ -286,11 +354,9 @@ class PatAttnBackend(TritonAttnBackend):
         num_heads, head_dim = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, num_heads, head_dim)
         o = torch.empty_like(q)
+        pool = self.pat_kv_pool
         if save_kv_cache:
-            forward_batch.token_to_kv_pool.set_kv_buffer(
-                layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale
-            )
-        pool = forward_batch.token_to_kv_pool
+            compat.write_kv(pool, layer, forward_batch, k, v)
         wrapper.run(
             q,
             pool.get_key_buffer(layer.layer_id),

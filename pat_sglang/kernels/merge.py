@@ -45,10 +45,13 @@ def _load_partials(partial_o_ptr, partial_lse_ptr, merge_indices_ptr, j, end, he
     0), which adds nothing."""
     valid = j < end
     slot = tl.load(merge_indices_ptr + j, mask=valid, other=0).to(tl.int64)
-    lse = tl.load(partial_lse_ptr + slot * stride_plse_p + heads, mask=valid & head_mask, other=float("-inf"))
+    # A select, not ``valid & head_mask``: Triton 3.9's interpreter makes a scalar & tensor mask int32, which loads
+    # refuse ("mask has unsupported dtype").
+    rows = tl.where(valid, head_mask, False)
+    lse = tl.load(partial_lse_ptr + slot * stride_plse_p + heads, mask=rows, other=float("-inf"))
     o = tl.load(
         partial_o_ptr + slot * stride_po_p + heads[:, None] * stride_po_h + dims[None, :],
-        mask=valid & head_mask[:, None] & dim_mask[None, :],
+        mask=rows[:, None] & dim_mask[None, :],
         other=0.0,
     )
     return lse, o
