@@ -79,6 +79,15 @@ def check_supported(model_runner: Any) -> None:
         )
 
 
+def _kv_buffer_rows(pool: Any) -> int | None:
+    """The fewest rows of the pool's per-layer K buffers (``[size + page_size, Hkv, D]``), or None for a pool that
+    does not hold them as a list of tensors."""
+    buffers = getattr(pool, "k_buffer", None)
+    if not isinstance(buffers, list | tuple) or not buffers or not all(isinstance(b, torch.Tensor) for b in buffers):
+        return None
+    return min(b.shape[0] for b in buffers)
+
+
 def create_pat_backend(model_runner: Any) -> PatAttnBackend:
     """The factory registered as ``pat`` (see ``_pat_sglang_autoload``)."""
     check_supported(model_runner)
@@ -140,8 +149,15 @@ class PatAttnBackend(TritonAttnBackend):
         self.head_dim = head_dim
         self.page_size = model_runner.page_size
         self.kv_data_type = model_runner.kv_cache_dtype
+        # The KV buffers' rows, so that every plan checks its slots against them (None: the first run checks).
+        self.pat_kv_rows = _kv_buffer_rows(self.pat_kv_pool)
         self.pat_eager = PatDecodeWrapper(
-            self.num_head, self.num_kv_head, head_dim, page_size=self.page_size, device=self.device
+            self.num_head,
+            self.num_kv_head,
+            head_dim,
+            page_size=self.page_size,
+            device=self.device,
+            num_kv_slots=self.pat_kv_rows,
         )
         self.pat_graph: PatDecodeWrapper | None = None
         self._pat_active: PatDecodeWrapper | None = None  # the wrapper the current decode batch was planned on
@@ -220,6 +236,7 @@ class PatAttnBackend(TritonAttnBackend):
             page_size=self.page_size,
             device=self.device,
             use_cuda_graph=True,
+            num_kv_slots=self.pat_kv_rows,
             max_batch_size=max_bs,
             max_num_kv_tokens=max_bs * self.max_context_len,
         )
