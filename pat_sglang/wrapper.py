@@ -40,9 +40,7 @@ from pat_sglang.packing import (
     forest_from_slots,
     pack_forest,
 )
-from pat_sglang.packing import plan as plan_module
 from pat_sglang.packing.plan import (
-    MIN_SPLIT_TOKENS,
     PlanCapacity,
     PlanCapacityError,
     advance_plan,
@@ -51,6 +49,7 @@ from pat_sglang.packing.plan import (
     shared_entries,
 )
 from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, graph_tiles
+from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 # Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
 # (TileConfig.first) takes one more side stream, of the highest priority.
@@ -62,10 +61,6 @@ CPU_NUM_SMS = 4
 # With the same radix paths as the last full plan, later decode steps advance that plan (see advance_plan) for at
 # most this many steps; then the tree, packs and splits are planned afresh for the grown tails.
 REPLAN_EVERY = 32
-# Graph mode: when a packing's plan does not fit the fixed buffers even without KV splits, it is packed again with
-# partials weighted by these factors (the merge-or-split choice then merges more: fewer partials per request), and
-# at last without sharing, which always fits (one item per request, written directly).
-DEGRADE_PARTIAL_WEIGHTS = (4, 32)
 # Set to 1 to make every plan wait for its device-side slot check and raise at once, naming the request (a debug
 # mode; by default the check's result is read without waiting, and an error raises at a later plan).
 SYNC_CHECKS_ENV = "PAT_SGLANG_SYNC_CHECKS"
@@ -110,6 +105,8 @@ class PatDecodeWrapper:
         sync_checks: wait for each plan's device-side slot check and raise at once, naming the request (a debug
             mode; default: the ``PAT_SGLANG_SYNC_CHECKS`` environment variable, else off: the check's result is read
             later without waiting, and a failure raises ValueError at a later ``plan`` or at ``check_errors``).
+        tuning: the planner's tile tables, split targets and caps (default: ``DEFAULT_TUNING``, production's; other
+            instances are benchmark and profiling variants).
 
     Slots are checked at every plan: on the host when ``kv_indices`` is there (ValueError at once), else on the
     device by one small kernel that also copies the slots into the wrapper's own int32 buffer with every
@@ -134,6 +131,7 @@ class PatDecodeWrapper:
         replan_every: int = REPLAN_EVERY,
         num_kv_slots: int | None = None,
         sync_checks: bool | None = None,
+        tuning: PlanTuning | None = None,
     ) -> None:
         num_qo_heads = _check_int("num_qo_heads", num_qo_heads, 1)
         num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
@@ -165,6 +163,9 @@ class PatDecodeWrapper:
         self.num_sms = num_sms
         self.policy = Policy(policy)
         self.shortest_split = shortest_split
+        if tuning is not None and not isinstance(tuning, PlanTuning):
+            raise ValueError(f"tuning must be a PlanTuning, got {type(tuning).__name__}")
+        self.tuning = tuning or DEFAULT_TUNING
         self.replan_every = replan_every
         if sync_checks is None:
             sync_checks = os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
@@ -289,28 +290,29 @@ class PatDecodeWrapper:
                 check_forest_slots(forest, indptr, host_indices)
         plan = self._fresh_plan(forest, indptr, kv_data_type)
         if prefix_paths is not None and self.replan_every > 0:
-            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every, self.num_sms)
+            self._step_cache = _StepCache(
+                prefix_paths, kv_data_type, forest, plan, self.replan_every, self.tuning.join_share
+            )
         self._install(plan, kv_indices, indptr, host_indices is not None)
 
     def _fresh_plan(self, forest: Forest, indptr: np.ndarray, kv_data_type: torch.dtype) -> PatPlan:
         """Pack the forest and plan it. In graph mode a plan that does not fit the fixed buffers even without KV
-        splits is packed again with fewer partials (``DEGRADE_PARTIAL_WEIGHTS``), then without sharing, instead of
-        failing the step."""
+        splits is packed again with fewer partials (``PlanTuning.degrade_partial_weights``), then without sharing,
+        instead of failing the step."""
         model = ByteModel.for_heads(
             head_dim=self.head_dim,
             group_size=self.num_qo_heads // self.num_kv_heads,
             kv_dtype_bytes=kv_data_type.itemsize,
         )
         attempts = [(model, self.policy)]
+        weights = self.tuning.degrade_partial_weights
         if self._graph is not None:
-            heavier = [
-                replace(model, partial_bytes_per_row=model.partial_bytes_per_row * w) for w in DEGRADE_PARTIAL_WEIGHTS
-            ]
+            heavier = [replace(model, partial_bytes_per_row=model.partial_bytes_per_row * w) for w in weights]
             attempts += [(m, self.policy) for m in heavier if self.policy == Policy.AUTO] + [(model, Policy.MERGE)]
         for k, (m, policy) in enumerate(attempts):
             try:
                 plan = build_plan(
-                    pack_forest(forest, m, policy),
+                    pack_forest(forest, m, policy, self.tuning),
                     indptr,
                     num_qo_heads=self.num_qo_heads,
                     num_kv_heads=self.num_kv_heads,
@@ -321,6 +323,7 @@ class PatDecodeWrapper:
                     shortest_split=self.shortest_split,
                     fixed_configs=self._graph.configs if self._graph else None,
                     capacity=self._graph.capacity if self._graph else None,
+                    tuning=self.tuning,
                 )
             except PlanCapacityError:
                 if k == len(attempts) - 1:
@@ -328,7 +331,7 @@ class PatDecodeWrapper:
                 continue
             if k:
                 self.degraded_plans += 1
-                how = policy.value if policy != Policy.AUTO else f"partials weighted x{DEGRADE_PARTIAL_WEIGHTS[k - 1]}"
+                how = policy.value if policy != Policy.AUTO else f"partials weighted x{weights[k - 1]}"
                 logger.debug("pat: a plan of %d requests fits the CUDA-graph buffers as %s", forest.num_reqs, how)
             return plan
         raise AssertionError("unreachable")
@@ -696,13 +699,11 @@ class _StepCache:
     Anything else (a newcomer on a new branch of the tree, changed paths) plans afresh.
     """
 
-    JOIN_SHARE = 0.125  # newcomers' own tokens are read in few pieces: only a small share of the step's tokens
-
     def __init__(
-        self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int, num_sms: int
+        self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int, join_share: float
     ) -> None:
         self.paths = _copy_paths(prefix_paths)
-        self.num_sms = num_sms  # for the rebatched plan's launch flags (rebatch_plan)
+        self.join_share = join_share  # newcomers' own tokens are read in few pieces: a small share of the step's
         self.kv_data_type = kv_data_type
         self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
         self.plan = plan
@@ -731,7 +732,7 @@ class _StepCache:
         keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
         join_lens = lens[len(keep) :]
         twins, path_ends = _twins(paths, len(keep))
-        if twins is None or (join_lens - path_ends).sum() > self.JOIN_SHARE * lens.sum():
+        if twins is None or (join_lens - path_ends).sum() > self.join_share * lens.sum():
             return False  # a newcomer shares with no remaining request, or newcomers bring too many tokens
         plan_lens = np.concatenate([base[keep], join_lens])
         rebatched = rebatch_plan(
@@ -743,7 +744,6 @@ class _StepCache:
             capacity=graph.capacity if graph is not None else None,
             join_twin=twins,
             join_path_end=path_ends,
-            num_sms=self.num_sms,
         )
         if rebatched is None:
             return False
@@ -813,13 +813,13 @@ class _GraphBuffers:
     """
 
     def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
-        ctas_per_sm = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's variant patches it
+        ctas_per_sm = w.tuning.ctas_per_sm
         self.max_batch_size = max_batch_size
         self.group = group = w.num_qo_heads // w.num_kv_heads
         # One config per BLOCK_M that a pack of this GQA group can need (two for 16 rows where the tail tile depends on
         # the plan), with the table's full-length BLOCK_N, widest first: wide packs are the longest work, and a
         # launch's programs occupy SMs until its pairs are done.
-        self.configs = graph_tiles(w.head_dim, w.num_kv_heads, group)
+        self.configs = graph_tiles(w.head_dim, w.num_kv_heads, group, w.tuning.tiles)
         # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
         max_partials = max_batch_size * partials_per_req + 2 * ctas_per_sm * w.num_sms
         self.capacity = PlanCapacity(

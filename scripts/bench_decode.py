@@ -42,6 +42,7 @@ from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.kernels.slot_check import check_slots  # noqa: E402
 from pat_sglang.packing import forest_from_paths  # noqa: E402
 from pat_sglang.packing.plan import shared_checks  # noqa: E402
+from pat_sglang.packing.tuning import PlanTuning  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, Workload, make_workload  # noqa: E402
 
 HEAD_CONFIGS = {
@@ -139,12 +140,14 @@ def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
     return 1e6 * statistics.median(cold), 1e6 * statistics.median(step)
 
 
-def case_pat(case: Case, graph_mode: bool) -> PatDecodeWrapper:
-    """pat for ``case``'s heads; in graph mode with buffers sized to its batch and KV tokens, as a server captures
-    it."""
+def case_pat(case: Case, graph_mode: bool, tuning: PlanTuning | None = None) -> PatDecodeWrapper:
+    """pat for ``case``'s heads (planned with ``tuning``, default production's); in graph mode with buffers sized to
+    its batch and KV tokens, as a server captures it."""
     sizes = dict(max_batch_size=case.batch, max_num_kv_tokens=int(case.kv_indptr_np[-1])) if graph_mode else {}
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
-    return PatDecodeWrapper(*heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, **sizes)
+    return PatDecodeWrapper(
+        *heads, page_size=case.page_size, device=case.device, use_cuda_graph=graph_mode, tuning=tuning, **sizes
+    )
 
 
 def plan_case(pat: PatDecodeWrapper, case: Case) -> None:

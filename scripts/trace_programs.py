@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.bench.variants import VARIANTS  # noqa: E402
 from pat_sglang.kernels.pack_attention import TileConfig  # noqa: E402
-from pat_sglang.packing import tiles as tiles_module  # noqa: E402
 from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 # bench_decode (its Case, head configs and graph capture) is imported where a GPU run needs it: without CUDA it turns
@@ -217,10 +217,10 @@ def windows(pairs: list[Pair], end_us: float, width_us: float = 10.0) -> list[tu
     return rows
 
 
-def trace_case(case, replays: int = 6, prepare=None) -> tuple[float, dict[str, list[Pair]], PatDecodeWrapper]:
-    """Replay ``case`` (bench_decode's Case)'s graph-mode plan with the traced kernel: the median replay's µs (L2
-    flushed) and its pairs per traced launch (named by tile). ``prepare(pat)``, if given, runs before the plan (a
-    variant's wrapper-level parts, profile_decode's ``variant_wrapper``)."""
+def trace_case(case, tuning=None, replays: int = 6) -> tuple[float, dict[str, list[Pair]], PatDecodeWrapper]:
+    """Replay ``case`` (bench_decode's Case)'s graph-mode plan (made with ``tuning``, a PlanTuning variant, default
+    production's) with the traced kernel: the median replay's µs (L2 flushed) and its pairs per traced launch (named
+    by tile)."""
     from bench_decode import case_pat, graphed, plan_case
 
     buffers = TraceBuffers()
@@ -228,9 +228,7 @@ def trace_case(case, replays: int = 6, prepare=None) -> tuple[float, dict[str, l
     real = wrapper_module.pack_attention
     wrapper_module.pack_attention = traced.pack_attention
     try:
-        pat = case_pat(case, graph_mode=True)
-        if prepare is not None:
-            prepare(pat)
+        pat = case_pat(case, graph_mode=True, tuning=tuning)
         plan_case(pat, case)
         out = torch.empty_like(case.q)
         replay = graphed(lambda: pat.run(case.q, case.k, case.v, out=out))
@@ -345,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window-us", type=float, default=10.0, help="width of the in-flight/bandwidth windows")
     p.add_argument("--tail-tile", help="BLOCK_N,warps,stages of the 16-row tile (heads with many KV heads)")
     p.add_argument(
-        "--variant", nargs="+", default=["default"], help="scripts/profile_decode.py variants (VARIANTS) to trace"
+        "--variant", nargs="+", default=["default"], help="tuning variants (pat_sglang.bench.variants) to trace"
     )
     p.add_argument("--compile-check", action="store_true", help="only build and compile the traced kernel (sm90)")
     args = p.parse_args(argv)
@@ -357,7 +355,6 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("trace_programs.py reads the GPU's timers: it needs a GPU")
     from bench_decode import DTYPES, HEAD_CONFIGS, Case
-    from profile_decode import VARIANTS, variant_patches, variant_wrapper
 
     unknown = sorted(set(args.heads) - set(HEAD_CONFIGS))
     if unknown:
@@ -365,19 +362,22 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.variant) - set(VARIANTS))
     if unknown:
         p.error(f"--variant: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    tail = None
     if args.tail_tile:
         block_n, warps, stages = (int(x) for x in args.tail_tile.split(","))
-        tiles_module._TILES_D128 = {**tiles_module._TILES_D128, 16: (block_n, warps, stages, None, "auto")}
-        tiles_module._tile.cache_clear()
+        tail = TileConfig(16, block_n, warps, stages, schedule="auto")
     for name in args.workload:
         for heads_name in args.heads:
             hq, hkv, d = HEAD_CONFIGS[heads_name]
             wl = make_workload(name, seed=args.seed)
             case = Case(wl, hq, hkv, d, DTYPES[args.dtype], torch.device("cuda"), 1, args.seed)
             for variant in args.variant:
-                prepare = functools.partial(variant_wrapper, variant=VARIANTS[variant])
-                with variant_patches(VARIANTS[variant]):
-                    wall_us, launches, _ = trace_case(case, prepare=prepare)
+                tuning = VARIANTS[variant]
+                if tail is not None:  # the tail tile of the many-KV-heads table
+                    tuning = dataclasses.replace(
+                        tuning, tiles=dataclasses.replace(tuning.tiles, d128=(tail, *tuning.tiles.d128[1:]))
+                    )
+                wall_us, launches, _ = trace_case(case, tuning)
                 print_trace(f"{name} / {heads_name} / {variant}", wall_us, launches, args.window_us)
 
 

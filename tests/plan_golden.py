@@ -59,13 +59,17 @@ def _array(a: np.ndarray) -> bytes:
     return f"{a.dtype.str}{a.shape}".encode() + a.tobytes()
 
 
-def _config_key(c) -> list:
-    """A tile config by its kernel parameters and whether it is dispatched first."""
-    first = getattr(c, "first", None)
-    return [c.block_m, c.block_n, c.num_warps, c.num_stages, c.max_regs, c.kernel, first]
+def _config_key(c, first: bool | None = None) -> list:
+    """A tile by its kernel parameters and whether it is dispatched first (``c``: a kernel config, or a planner-side
+    tile that holds one)."""
+    if hasattr(c, "config"):
+        c, first = c.config, c.first
+    if first is None:
+        first = c.first
+    return [c.block_m, c.block_n, c.num_warps, c.num_stages, c.max_regs, c.kernel, bool(first)]
 
 
-def _launch_first(w, lc) -> bool:
+def _launch_first(lc) -> bool:
     return bool(lc.first) if hasattr(lc, "first") else bool(lc.config.first)
 
 
@@ -108,7 +112,10 @@ def plan_record(w) -> str:
         plan.request_kv_tokens,
         w.degraded_plans,
     ]
-    launches = [[_config_key(lc.config), _launch_first(w, lc), lc.item_offset, lc.num_items] for lc in plan.launches]
+    launches = [
+        [_config_key(lc.config, _launch_first(lc)), _launch_first(lc), lc.item_offset, lc.num_items]
+        for lc in plan.launches
+    ]
     meta = {"scalars": scalars, "launches": launches, "active": _active(w, plan), "graph": _graph_layout(w)}
     parts.append(json.dumps(meta, sort_keys=True).encode())
     return _digest(parts)

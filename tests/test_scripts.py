@@ -46,86 +46,28 @@ def test_gpu_scripts_say_they_need_a_gpu(script):
     assert out.returncode != 0 and "needs a GPU" in out.stderr
 
 
-@pytest.mark.parametrize("variant", ["queue-tails", "snake-tails"])
-def test_tail_schedule_variants_change_only_the_tails_beside_wider_packs(variant):
-    """profile_decode.py's tail-schedule variants: with many KV heads the 16-row tile takes the schedule; with few
-    KV heads only the tile for plans with wider packs does (the lone-tails tile keeps "auto"); every other tile keeps
-    its schedule, and the tables are back to the defaults afterwards."""
-    import profile_decode
-
+def test_every_profile_variant_is_a_tuning_the_planner_takes():
+    """The profiling variants (pat_sglang.bench.variants) are PlanTuning instances: each one's tiles build for both
+    head configurations, and a graph-mode wrapper given one captures its tiles and its grids (no module is patched:
+    the defaults stay as they were)."""
+    from pat_sglang import PatDecodeWrapper
+    from pat_sglang.bench.variants import VARIANTS
     from pat_sglang.packing.tiles import graph_tiles
-
-    schedule = profile_decode.VARIANTS[variant]["tail_schedule"]
-    before = {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))}
-    with profile_decode.variant_patches(profile_decode.VARIANTS[variant]):
-        for kv, group in ((8, 4), (4, 7)):
-            for c in graph_tiles(128, kv, group):
-                tail_beside = c.block_m == 16 and c.when in ("any", "beside_wider")
-                assert c.schedule == (schedule if tail_beside else "auto"), (kv, c)
-    assert {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))} == before
-
-
-def test_every_profile_variant_builds_its_tiles_and_restores_the_defaults():
-    """Each of profile_decode.py's variants patches valid tile tables (graph_tiles builds every config of both head
-    configurations under it) and leaves the defaults as they were; the cap-80 tail variants cap the tails."""
-    import profile_decode
-
-    from pat_sglang.packing import plan as plan_module
-    from pat_sglang.packing.tiles import graph_tiles
+    from pat_sglang.packing.tuning import DEFAULT_TUNING, PlanTuning
 
     heads = ((8, 4), (4, 7))
-    before = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
-    for name, variant in profile_decode.VARIANTS.items():
-        with profile_decode.variant_patches(variant):
-            tiles = {kv: graph_tiles(128, kv, g) for kv, g in heads}
-            if "cap80" in name:
-                assert all(c.max_regs == 80 for t in tiles.values() for c in t if c.block_m == 16), name
-        after = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
-        assert after == before, name
-
-
-def test_variant_wrapper_sets_order_grids_and_serial_launches():
-    """profile_decode.py's wrapper-level variant parts (launch order, the graphs' grids, serial launches), which both
-    profile_decode.py and trace_programs.py --variant apply to a graph-mode wrapper before its plan."""
-    import profile_decode
-
-    from pat_sglang import PatDecodeWrapper
-    from pat_sglang.packing import plan as plan_module
-
-    def wrapper():
-        return PatDecodeWrapper(32, 8, 128, device=torch.device("cpu"), use_cuda_graph=True, max_batch_size=8,
-                                max_num_kv_tokens=4096)  # fmt: skip
-
-    pat = wrapper()
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-cap80"])
-    per_sm = [5 if c.block_m == 16 else plan_module.CTAS_PER_SM for c in pat._graph.configs]
-    assert pat._graph.grids == tuple(n * pat.num_sms for n in per_sm)
-    pat = wrapper()
-    configs = pat._graph.configs
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-second"])
-    assert pat._graph.configs == profile_decode.launch_order(configs, "tails")
-    pat = wrapper()
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["serial"])
-    ran = []
-    pat._fork_join(ran.append, [2, 0, 1], [False] * 3)
-    assert ran == [2, 0, 1]
-
-
-def test_tails_second_order_moves_every_tail_tile():
-    """profile_decode.py's "tails" launch order: the widest tile, then every 16-row tile (two with few KV heads),
-    then the rest widest first."""
-    import profile_decode
-
-    from pat_sglang.packing.tiles import graph_tiles
-
-    for kv, group in ((8, 4), (4, 7)):
-        configs = graph_tiles(128, kv, group)
-        order = profile_decode.launch_order(configs, "tails")
-        assert sorted(order, key=id) == sorted(configs, key=id)
-        sixteen = [c.block_m == 16 for c in order]
-        assert order[0].block_m == 128 and sixteen == [False] + [True] * sum(sixteen) + [False] * (
-            len(order) - 1 - sum(sixteen)
-        ), order
+    before = {kv: graph_tiles(128, kv, g) for kv, g in heads}
+    for name, tuning in VARIANTS.items():
+        assert isinstance(tuning, PlanTuning), name
+        for kv, group in heads:
+            tiles = graph_tiles(128, kv, group, tuning.tiles)
+            w = PatDecodeWrapper(kv * group, kv, 128, device=torch.device("cpu"), use_cuda_graph=True,
+                                 max_batch_size=8, max_num_kv_tokens=4096, tuning=tuning)  # fmt: skip
+            assert w._graph.configs == tiles, name
+            assert w._graph.grids == (tuning.ctas_per_sm * w.num_sms,) * len(tiles), name
+    assert VARIANTS["default"] is DEFAULT_TUNING
+    assert {kv: graph_tiles(128, kv, g) for kv, g in heads} == before
+    assert VARIANTS["ctas3"].ctas_per_sm == 3 and VARIANTS["tile128-s5"] != DEFAULT_TUNING
 
 
 def test_trace_programs_pairs_and_windows(capsys):

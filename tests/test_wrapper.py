@@ -319,55 +319,6 @@ def test_graph_mode_buffers_take_every_later_plan():
         assert len(w.plan_info.launches) == len(w._graph.configs)
 
 
-def test_queued_tails_beside_fitting_wider_launches(monkeypatch):
-    """plan.QUEUE_TAILS_BESIDE_FITTING on (graph mode, fixed grids): the tails beside wider packs take the work
-    queue where the plan lets them, and every step stays exact."""
-    from pat_sglang.packing import plan as plan_module
-
-    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", True)
-    w = _graph_wrapper()
-    queued = 0
-    for wl, indptr, indices, num_slots in _graph_steps():
-        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-        info = w.plan_info.launch_info.reshape(-1, 3)
-        block_m = np.asarray([lc.config.block_m for lc in w.plan_info.launches])
-        wider = (info[:, 1] > 0) & (block_m > 16)
-        queued += int(wider.any() and info[block_m == 16, 2].any())
-        q = random_q(wl.batch_size, 8, 64, torch.float16)
-        k, v = random_kv(num_slots, 2, 64, torch.float16)
-        for _ in range(2):  # the queue is left at zero for the next launch
-            assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
-    assert queued > 0, "no step put its tails on the queue beside wider packs"
-
-
-@pytest.mark.parametrize("schedule", ["snake", "queue"])
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
-    """Every tile on another schedule (profile_decode's variants): exact, step after step, in both modes (the
-    queues are per launch, so concurrent launches and later replays do not mix them up)."""
-    from pat_sglang.packing import tiles as tiles_module
-
-    for name in ("_TILES_D128", "_TILES_D128_FEW_KV_HEADS"):
-        table = {m: (*entry[:4], schedule) for m, entry in getattr(tiles_module, name).items()}
-        monkeypatch.setattr(tiles_module, name, table)
-    beside = tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
-    monkeypatch.setattr(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", (*beside[:4], schedule))
-    tiles_module._tile.cache_clear()
-    try:
-        w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)
-        for wl, indptr, indices, num_slots in _graph_steps():
-            w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-            assert {lc.config.schedule for lc in w.plan_info.launches} == {schedule}
-            q = random_q(wl.batch_size, 8, 64, torch.float16)
-            k, v = random_kv(num_slots, 2, 64, torch.float16)
-            ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
-            for _ in range(2):
-                assert_close(w.run(q, k, v), ref, torch.float16)
-        assert not w._work_queues.any(), "every launch leaves its queue at zero"
-    finally:
-        tiles_module._tile.cache_clear()
-
-
 def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
     """A pack holds at most the batch's requests, so a graph captured for a small batch launches only the narrow
     tiles (one launch at B = 1, GQA 4) and merges over B programs; the results stay exact."""

@@ -1,9 +1,10 @@
 """Pack the queries of a forest: per node, decide *merge* or *split* for each child by modelled bytes.
 
-Vocabulary (DESIGN step 2). Every node ``v`` (shared nodes and request tails alike) is read through a *range* that
-starts at ``r``: its own offset, or, when ``v`` is merged into its parent, the parent's range start (``v``'s packs
-re-read the parent's KV and the parent produces no partial for ``v``'s requests). A *split* child's requests join
-the parent's packs instead (the parent's KV is read once, one more partial per request to merge).
+Vocabulary (docs/DESIGN.md, The algorithm, step 2). Every node ``v`` (shared nodes and request tails alike) is read
+through a *range* that starts at ``r``: its own offset, or, when ``v`` is merged into its parent, the parent's range
+start (``v``'s packs re-read the parent's KV and the parent produces no partial for ``v``'s requests). A *split*
+child's requests join the parent's packs instead (the parent's KV is read once, one more partial per request to
+merge).
 
 A *group* is one node's range with the requests that read it through that node: ``[r, end)`` and ``R``. It becomes
 ``ceil(|R| / (128 // G))`` packs of at most 128 rows. Modelled bytes, per KV head:
@@ -24,12 +25,9 @@ from functools import cached_property
 import numpy as np
 
 from pat_sglang.packing.forest import Forest
+from pat_sglang.packing.tuning import BLOCK_M_CHOICES, DEFAULT_TUNING, PlanTuning
 
-MAX_PACK_ROWS = 128
-# The DP runs over arrays (one tree level at a time) from this many shared nodes, recursively below: the recursion
-# is cheaper on one- and two-level trees of a few nodes (a system prompt, agent roles), the arrays 1.7-7x cheaper on
-# wider or deeper trees (rag, parallel sampling, tree of thought). Both give the same packing (tests/test_packing.py).
-VECTOR_DP_MIN_NODES = 8
+MAX_PACK_ROWS = BLOCK_M_CHOICES[-1]  # the widest tile
 
 
 class Policy(str, Enum):
@@ -168,16 +166,19 @@ class _Tree:
         self.tail_end = [forest.seq_lens[t].tolist() for t in self.tail_reqs]
 
 
-def pack_forest(forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO) -> Packing:
-    """Choose merge/split per edge and return the groups. ``Policy.AUTO`` keeps the cheapest of DP, merge, split."""
+def pack_forest(
+    forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO, tuning: PlanTuning = DEFAULT_TUNING
+) -> Packing:
+    """Choose merge/split per edge and return the groups. ``Policy.AUTO`` keeps the cheapest of DP, merge, split
+    (the DP over arrays from ``tuning.vector_dp_min_nodes`` shared nodes, else the recursion: the same result)."""
     if policy is Policy.MERGE:
         return merge_packing(forest, model)
     if policy is Policy.SPLIT:
         return split_packing(forest, model)
-    if forest.num_nodes >= VECTOR_DP_MIN_NODES:
+    if forest.num_nodes >= tuning.vector_dp_min_nodes:
         chosen = _dp_packing(forest, model)
     else:
-        chosen = _packing(_Tree(forest), forest, model, Policy.AUTO)
+        chosen = _packing(_Tree(forest), forest, model)
     best = min(chosen.modelled_bytes, merge_bytes(forest, model), split_bytes(forest, model))
     if best == chosen.modelled_bytes:
         return chosen
@@ -220,8 +221,9 @@ def split_packing(forest: Forest, model: ByteModel) -> Packing:
     return groups.packing(model, forest.num_reqs)
 
 
-def _packing(tree: _Tree, forest: Forest, model: ByteModel, policy: Policy) -> Packing:
-    solver = _Solver(tree, model, policy)
+def _packing(tree: _Tree, forest: Forest, model: ByteModel) -> Packing:
+    """The merge-or-split DP by recursion (``_Solver``) from every root."""
+    solver = _Solver(tree, model)
     groups = _Groups()
     roots = tree.root_tails
     groups.add_singles(np.zeros(len(roots), dtype=np.int64), forest.seq_lens[roots], roots)
@@ -239,10 +241,9 @@ class _Solver:
     split tail is ``[node end, seq_len)`` when non-empty and its request joins the node's group.
     """
 
-    def __init__(self, tree: _Tree, model: ByteModel, policy: Policy) -> None:
+    def __init__(self, tree: _Tree, model: ByteModel) -> None:
         self.tree = tree
         self.model = model
-        self.policy = policy
         self.memo: dict[tuple[int, int], tuple[int, tuple[int, ...], list[bool]]] = {}
 
     def cost(self, v: int, r: int) -> int:
@@ -262,27 +263,22 @@ class _Solver:
         split_t = [(e - end) * bt + gbp if e > end else 0 for e in tail_end]
         best_merge = sum(merged) + sum(merged_t)
 
-        if self.policy is Policy.MERGE:
-            chosen, chosen_t = (), [False] * len(tail_end)
-        elif self.policy is Policy.SPLIT:
-            chosen, chosen_t = tuple(range(len(children))), [True] * len(tail_end)
-        else:
-            # Marginal cost of splitting a child: its subtree from its own offset, its rows' partials here, and its
-            # share of this node's KV (per request, one pack's KV divided among the pack's requests).
-            kv_share = (end - r) * bt / m.reqs_per_pack
-            delta = [split[j] + sizes[j] * (gbp + kv_share) - merged[j] for j in range(len(children))]
-            delta_t = [st + gbp + kv_share - mt for st, mt in zip(split_t, merged_t)]
-            chosen = tuple(j for j in range(len(children)) if delta[j] < 0)
-            chosen_t = [d < 0 for d in delta_t]
-            if not chosen and not any(chosen_t):
-                # Splitting nothing is case "all merge", evaluated below; else split the cheapest child.
-                candidates = [(d, 0, j) for j, d in enumerate(delta)] + [(d, 1, j) for j, d in enumerate(delta_t)]
-                if candidates:
-                    _, is_tail, j = min(candidates)
-                    if is_tail:
-                        chosen_t[j] = True
-                    else:
-                        chosen = (j,)
+        # Marginal cost of splitting a child: its subtree from its own offset, its rows' partials here, and its
+        # share of this node's KV (per request, one pack's KV divided among the pack's requests).
+        kv_share = (end - r) * bt / m.reqs_per_pack
+        delta = [split[j] + sizes[j] * (gbp + kv_share) - merged[j] for j in range(len(children))]
+        delta_t = [st + gbp + kv_share - mt for st, mt in zip(split_t, merged_t)]
+        chosen = tuple(j for j in range(len(children)) if delta[j] < 0)
+        chosen_t = [d < 0 for d in delta_t]
+        if not chosen and not any(chosen_t):
+            # Splitting nothing is case "all merge", evaluated below; else split the cheapest child.
+            candidates = [(d, 0, j) for j, d in enumerate(delta)] + [(d, 1, j) for j, d in enumerate(delta_t)]
+            if candidates:
+                _, is_tail, j = min(candidates)
+                if is_tail:
+                    chosen_t[j] = True
+                else:
+                    chosen = (j,)
         in_split = set(chosen)
         num = sum(sizes[j] for j in chosen) + sum(chosen_t)
         if num:
@@ -290,7 +286,7 @@ class _Solver:
             total = packs * (end - r) * bt + num * gbp
             total += sum(split[j] if j in in_split else merged[j] for j in range(len(children)))
             total += sum(st if c else mt for st, mt, c in zip(split_t, merged_t, chosen_t))
-            if self.policy is Policy.AUTO and best_merge <= total:
+            if best_merge <= total:
                 total, chosen, chosen_t = best_merge, (), [False] * len(tail_end)
         else:
             total = best_merge

@@ -15,44 +15,8 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_index, choose_tiles, fixed_config_index
-
-# A KV split shorter than this costs more in partial traffic and launch tails than it gains in parallelism.
-MIN_SPLIT_TOKENS = 256
-# A split's partials (fp32 O and LSE of its rows, written and read) may cost at most this share of its KV bytes,
-# and this larger share when the unsplit packs cannot fill the device (then idle SMs cost more than partial traffic:
-# tree_of_thought with qwen2.5-7b heads, 124 -> 85 µs on the H200; a larger share everywhere slowed system_prompt by
-# 12%, docs/runs/2026-11-29-split-share-experiment/).
-MAX_SPLIT_PARTIAL_SHARE = 0.25
-UNDERFILLED_SPLIT_PARTIAL_SHARE = 1.0
-MAX_SPLITS = 64
-# Programs to aim for per SM: the H200 tile sweep (scripts/tune_tiles.py) reached full copy bandwidth from 4 per SM.
-CTAS_PER_SM = 4
-# When the pieces of a split target exceed CTAS_PER_SM programs per SM by at most this share, each pack's split count
-# is rounded down instead of up so that they fit: a few pairs over cost a whole second wave.
-WAVE_SLACK = 0.125
-# Query rows at which a pack stops being memory-bound for this kernel (rough: the tensor-core rate it reaches).
-WIDE_PACK_ROWS = 64
-# An experiment knob (scripts/profile_decode.py's variants; empty in production): per BLOCK_M, a factor on a pack's
-# split cost per token, for tiles whose programs read more slowly than the others (per-program timers on the H200:
-# rag/llama3-8b's 32-row pieces of ~2000 tokens at ~7 GB/s took ~146 µs, the 16-row ones ~8.5, the Gluon 64-row
-# ones ~19), so that their packs are cut into more, shorter pieces.
-BLOCK_M_COST_WEIGHT: dict[int, float] = {}
-# Whether the private tails (the 16-row launch) of a plan with wider packs may take the work queue (the "auto"
-# schedule, with more pairs than programs) when all the wider launches' programs fit the device at once (counting a
-# program of BLOCK_M rows as BLOCK_M / 128 of an SM: one 128-row, two 64-row or four 32-row programs per SM, as
-# scripts/compile_sm90.py reads their residency). Then no wider program waits for a slot that a queued tail program
-# holds, and the queue hands the longest pairs left to whichever program frees first, so that the programs that start
-# only when the wide ones end take short pairs (a model of the tenth session's timelines: system_prompt/llama3-8b's
-# tails end ~18 µs earlier, docs/PERF_NOTES.md, eleventh session). Off until measured on the H200.
-QUEUE_TAILS_BESIDE_FITTING = False
-# An experiment knob (scripts/profile_decode.py's variants; None in production): packs of at most 16 rows (private
-# tails, small groups) are cut into pieces of at most this many tokens, beyond the split target, where the plan fits
-# its capacity (no piece shorter than the shortest split: a pack under twice MIN_SPLIT_TOKENS stays whole). A lone
-# long pair bounds a launch whose pairs are one per program (qwen2.5-7b's system_prompt tails: 1024 tokens, ~61 µs at
-# one program's read rate); capped pieces let a queue spread it (docs/PERF_NOTES.md, eleventh session). Measured
-# slower without a queue in the tenth session.
-TAIL_PIECE_CAP: int | None = None
+from pat_sglang.packing.tiles import choose_tiles, fixed_config_index
+from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 
 @dataclass(frozen=True)
@@ -102,8 +66,7 @@ class PatPlan:
     ``unique_kv_tokens`` and ``request_kv_tokens`` are the batch's floors with and without sharing.
     ``launch_info`` holds (first item, item count, may queue) per launch and ``num_merge`` the merge count: the
     kernels read both on the device, so a captured CUDA graph replays any later plan. "May queue" lets a launch
-    whose schedule is "auto" take the work queue: the plan's only busy launch, or its tails beside wider launches
-    that fit the device at once (``QUEUE_TAILS_BESIDE_FITTING``).
+    whose schedule is "auto" take the work queue: the plan's only busy launch.
     """
 
     num_reqs: int
@@ -190,13 +153,14 @@ def build_plan(
     shortest_split: int = MIN_SPLIT_TOKENS,
     fixed_configs: tuple[TileConfig, ...] | None = None,
     capacity: PlanCapacity | None = None,
+    tuning: PlanTuning = DEFAULT_TUNING,
 ) -> PatPlan:
     """Turn a packing into work items. ``kv_indptr`` int ``[B+1]`` on the host; ``num_sms`` sizes the KV splits.
 
     ``shortest_split`` is the shortest KV piece a split may make (tests lower it to exercise splits at tiny sizes).
     ``fixed_configs`` (CUDA-graph mode): every pack takes the config of its BLOCK_M from this tuple and the plan has
     one launch per entry, empty ones included, so that the launch sequence never changes. ``capacity``: the plan is
-    made to fit (fewer KV splits) or refused.
+    made to fit (fewer KV splits) or refused. ``tuning``: tile tables, split target and shares.
     """
     group = num_qo_heads // num_kv_heads
     per_pack = packing.model.reqs_per_pack
@@ -229,45 +193,37 @@ def build_plan(
         configs = list(fixed_configs)
         pack_cfg = fixed_config_index(fixed_configs, rows)
     else:
-        distinct, chosen = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads)
+        distinct, chosen = choose_tiles(rows, head_dim, lens, num_kv_heads=num_kv_heads, tables=tuning.tiles)
         configs = sorted(set(distinct), key=_config_key)
         position = {c: k for k, c in enumerate(configs)}
         rank = np.asarray([position[c] for c in distinct], dtype=np.int64)
         pack_cfg = rank[chosen]
-    slots = max(1, CTAS_PER_SM * num_sms)
-    share = split_partial_share(len(lens), num_kv_heads, slots)
+    slots = max(1, tuning.ctas_per_sm * num_sms)
+    share = split_partial_share(len(lens), num_kv_heads, slots, tuning)
     floor = rows * packing.model.partial_bytes_per_row / (share * packing.model.kv_bytes_per_token)
     shortest = np.maximum(shortest_split, np.ceil(floor).astype(np.int64))
 
-    # 2. KV splits: aim for CTAS_PER_SM programs per SM over all packs and KV heads, weighting wide packs by rows.
+    # 2. KV splits: aim for ctas_per_sm programs per SM over all packs and KV heads, weighting wide packs by rows.
     # Under a capacity, halve the split target until the plan fits.
-    cost = lens * np.maximum(1.0, rows / WIDE_PACK_ROWS)
-    if BLOCK_M_COST_WEIGHT:
-        weight = np.ones(len(BLOCK_M_CHOICES))
-        for block_m, w in BLOCK_M_COST_WEIGHT.items():
-            weight[BLOCK_M_CHOICES.index(block_m)] = w
-        cost = cost * weight[block_m_index(rows)]
+    cost = lens * np.maximum(1.0, rows / tuning.wide_pack_rows)
     piece_cost = cost.sum() * num_kv_heads / slots
     align = max(page_size, 16)
 
-    def split_sizes(piece_cost: float, rounding=np.ceil, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def split_sizes(piece_cost: float, rounding=np.ceil) -> tuple[np.ndarray, np.ndarray]:
         want = rounding(cost / piece_cost).astype(np.int64) if piece_cost > 0 else np.ones_like(lens)
-        if cap is not None:
-            want = np.where(rows <= BLOCK_M_CHOICES[0], np.maximum(want, -(-lens // cap)), want)
-        n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), MAX_SPLITS))
+        n = np.maximum(1, np.minimum(np.minimum(want, lens // shortest), tuning.max_splits))
         per_piece = -(-lens // n)  # ceil(lens / n), then up to a multiple of the alignment
         size = -(-per_piece // align) * align
         return size, -(-lens // size)
 
-    size, pieces = split_sizes(piece_cost, cap=TAIL_PIECE_CAP)
+    size, pieces = split_sizes(piece_cost)
     pairs = int(pieces.sum()) * num_kv_heads
-    if slots < pairs <= (1 + WAVE_SLACK) * slots:  # rounded down instead, each pack's pieces fit the slots
-        eased = split_sizes(piece_cost, np.floor, cap=TAIL_PIECE_CAP)
+    if slots < pairs <= (1 + tuning.wave_slack) * slots:  # rounded down instead, each pack's pieces fit the slots
+        eased = split_sizes(piece_cost, np.floor)
         if int(eased[1].sum()) * num_kv_heads <= slots:
             size, pieces = eased
     while True:
-        plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs,
-                      num_kv_heads=num_kv_heads, num_sms=num_sms)  # fmt: skip
+        plan = _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs)
         order, piece = plan.pop("order"), plan.pop("piece")
         if capacity is None or _fits(plan, capacity):
             break
@@ -314,11 +270,11 @@ def build_plan(
     )
 
 
-def split_partial_share(num_packs: int, num_kv_heads: int, slots: int) -> float:
-    """The share of a piece's KV bytes its split partials may cost (see UNDERFILLED_SPLIT_PARTIAL_SHARE) when
-    ``slots`` programs run at once."""
+def split_partial_share(num_packs: int, num_kv_heads: int, slots: int, tuning: PlanTuning = DEFAULT_TUNING) -> float:
+    """The share of a piece's KV bytes its split partials may cost (``PlanTuning.max_split_partial_share``, or its
+    underfilled share) when ``slots`` programs run at once."""
     underfilled = num_packs * num_kv_heads < slots
-    return UNDERFILLED_SPLIT_PARTIAL_SHARE if underfilled else MAX_SPLIT_PARTIAL_SHARE
+    return tuning.underfilled_split_partial_share if underfilled else tuning.max_split_partial_share
 
 
 def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | None = None) -> PatPlan | None:
@@ -367,7 +323,6 @@ def rebatch_plan(
     capacity: PlanCapacity | None = None,
     join_twin: list | None = None,
     join_path_end: np.ndarray | None = None,
-    num_sms: int | None = None,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
     by newcomers of ``join_lens`` tokens.
@@ -501,7 +456,7 @@ def rebatch_plan(
         used = np.bincount(cfg, minlength=len(plan.launches)) > 0
     cfg = (np.cumsum(used) - 1)[cfg]
     configs = [lc.config for lc, u in zip(plan.launches, used) if u]
-    launches, launch_info = _launches(configs, cfg, plan.num_kv_heads, num_sms)
+    launches, launch_info = _launches(configs, cfg)
 
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
     heads = plan.num_kv_heads
@@ -605,8 +560,7 @@ def _shared(rel: np.ndarray, ln: np.ndarray, tail: np.ndarray, req, path_end: in
     return (rel + ln <= path_end) & (tail != req)
 
 
-def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs, *,
-           num_kv_heads: int, num_sms: int) -> dict:  # fmt: skip
+def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs, num_reqs, configs) -> dict:
     """Cut packs into items, order them (by config, longest first), assign destinations and the merge CSR."""
     item_pack = np.repeat(np.arange(len(lens)), pieces)
     piece = np.arange(len(item_pack)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
@@ -635,7 +589,7 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     first = np.flatnonzero(np.r_[True, sorted_req[1:] != sorted_req[:-1]]) if len(sorted_req) else by_req
     merge_req, counts = sorted_req[first], np.diff(np.append(first, len(sorted_req)))
 
-    launches, launch_info = _launches(configs, item_cfg, num_kv_heads, num_sms)
+    launches, launch_info = _launches(configs, item_cfg)
     return {
         "order": order,
         "piece": piece,
@@ -656,30 +610,16 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     }
 
 
-def _may_queue(configs: list[TileConfig], items: np.ndarray, num_kv_heads: int, num_sms: int | None) -> np.ndarray:
-    """Per launch (``items`` per config), whether its "auto" schedule may take the work queue (``PatPlan``); without
-    ``num_sms`` only the plan's only busy launch may."""
-    busy = items > 0
-    queue = busy & (np.count_nonzero(busy) == 1)
-    block_m = np.asarray([c.block_m for c in configs], dtype=np.int64)
-    wider = busy & (block_m > BLOCK_M_CHOICES[0])
-    if QUEUE_TAILS_BESIDE_FITTING and num_sms is not None and wider.any():
-        sm_share = float((items[wider] * num_kv_heads * block_m[wider]).sum()) / BLOCK_M_CHOICES[-1]
-        queue |= busy & (block_m == BLOCK_M_CHOICES[0]) & (sm_share <= num_sms)
-    return queue
-
-
-def _launches(
-    configs: list[TileConfig], item_cfg: np.ndarray, num_kv_heads: int, num_sms: int | None
-) -> tuple[tuple[Launch, ...], np.ndarray]:
+def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
     """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
-    ``launch_info`` (first item, item count, may queue: ``_may_queue``) as the kernels read it."""
+    ``launch_info`` (first item, item count, may queue: the plan's only busy launch) as the kernels read it."""
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
     launches = tuple(
         Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
     )
-    may_queue = _may_queue(configs, per_config, num_kv_heads, num_sms)
+    busy = per_config > 0
+    may_queue = busy & (np.count_nonzero(busy) == 1)
     return launches, np.stack([offsets, per_config, may_queue], axis=1).reshape(-1)
 
 
