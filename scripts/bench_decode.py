@@ -550,23 +550,15 @@ def args_workload(args: argparse.Namespace, name: str):
 
 def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, int, float, float]]:
     """``--plan-only``: the fresh and the followed-step plan time of every case (``time_plans``), printed as a table.
-    Slots on the host make ``plan`` check the radix paths against them (O(KV tokens)), which a GPU run (slots on the
-    device) never does: on a CPU device that check is left out, so that the times are the GPU host's work."""
-    import pat_sglang.wrapper as wrapper_module
-
-    checks = wrapper_module.check_forest_slots
-    if device.type == "cpu":
-        wrapper_module.check_forest_slots = lambda *a: None
+    The slots stay on the wrapper's device, as on a GPU run, so ``plan`` never checks the radix paths against them on
+    the host (that check is O(KV tokens) and runs only for slots handed over on the host)."""
     out = []
-    try:
-        for wl_name in args.workload:
-            for heads_name, (hq, hkv, d) in args.heads:
-                wl = args_workload(args, wl_name)
-                case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed, with_tensors=False)
-                fresh, step = time_plans(case, args.plan_reps, args.graph)
-                out.append((wl_name, heads_name, case.batch, fresh, step))
-    finally:
-        wrapper_module.check_forest_slots = checks
+    for wl_name in args.workload:
+        for heads_name, (hq, hkv, d) in args.heads:
+            wl = args_workload(args, wl_name)
+            case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed, with_tensors=False)
+            fresh, step = time_plans(case, args.plan_reps, args.graph)
+            out.append((wl_name, heads_name, case.batch, fresh, step))
     mode = "graph mode" if args.graph else "eager"
     print(f"host µs of pat's plan, median of {args.plan_reps} ({mode}, {device.type}, page size {args.page_size})")
     print("| workload | heads | B | fresh plan µs | step plan µs |")

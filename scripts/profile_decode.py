@@ -42,7 +42,7 @@ def profile_case(case: Case, replays: int, tuning: PlanTuning = DEFAULT_TUNING, 
 def _profile_case(case: Case, replays: int, tuning: PlanTuning, timeline: bool) -> dict:
     heads = (case.num_qo_heads, case.num_kv_heads, case.head_dim)
     pat = case_pat(case, graph_mode=True, tuning=tuning)
-    graph = pat._graph
+    graph = pat.planner.graph
     plan_case(pat, case)
     plan = pat.plan_info
     launches = []

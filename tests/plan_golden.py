@@ -75,7 +75,7 @@ def _launch_first(lc) -> bool:
 
 def _graph_layout(w) -> dict | None:
     """The wrapper's fixed launch sequence in graph mode: configs, grids and buffer capacity."""
-    graph = getattr(w, "_graph", None)
+    graph = _layout(w)
     if graph is None:
         return None
     cap = graph.capacity
@@ -86,8 +86,13 @@ def _graph_layout(w) -> dict | None:
     }
 
 
+def _layout(w):
+    """Graph mode's launch layout: the planner's since it owns it, else the wrapper's graph buffers' (before)."""
+    return w.planner.graph if hasattr(w, "planner") else getattr(w, "_graph", None)
+
+
 def _active(w, plan) -> list[int]:
-    graph = getattr(w, "_graph", None)
+    graph = _layout(w)
     return list(graph.launches_for(plan)) if graph is not None else list(range(len(plan.launches)))
 
 

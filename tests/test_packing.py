@@ -20,7 +20,8 @@ from pat_sglang.packing import (
 )
 from pat_sglang.packing import tiles as tiles_module
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import advance_plan, rebatch_plan, split_partial_share
+from pat_sglang.packing.plan import split_partial_share
+from pat_sglang.packing.steps import advance_plan, rebatch_plan
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.tuning import DEFAULT_TILES, DEFAULT_TUNING
 from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload

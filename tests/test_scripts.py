@@ -63,8 +63,8 @@ def test_every_profile_variant_is_a_tuning_the_planner_takes():
             tiles = graph_tiles(128, kv, group, tuning.tiles)
             w = PatDecodeWrapper(kv * group, kv, 128, device=torch.device("cpu"), use_cuda_graph=True,
                                  max_batch_size=8, max_num_kv_tokens=4096, tuning=tuning)  # fmt: skip
-            assert w._graph.configs == tiles, name
-            assert w._graph.grids == (tuning.ctas_per_sm * w.num_sms,) * len(tiles), name
+            assert w.planner.graph.configs == tiles, name
+            assert w.planner.graph.grids == (tuning.ctas_per_sm * w.num_sms,) * len(tiles), name
     assert VARIANTS["default"] is DEFAULT_TUNING
     assert {kv: graph_tiles(128, kv, g) for kv, g in heads} == before
     assert VARIANTS["ctas3"].ctas_per_sm == 3 and VARIANTS["tile128-s5"] != DEFAULT_TUNING
@@ -205,10 +205,7 @@ def test_bench_decode_smoke(tmp_path, capsys):
 
 
 def test_bench_decode_plan_only(capsys):
-    """--plan-only times the host plan (no kernels, no KV pool) and puts the slot check back afterwards."""
-    import pat_sglang.wrapper as wrapper_module
-
-    check = wrapper_module.check_forest_slots
+    """--plan-only times the host plan (no kernels, no KV pool)."""
     args = "--plan-only --workload system_prompt single_long --heads 4/2/64 --batch 3 --scale 0.004 --plan-reps 2"
     assert bench_decode.main(args.split()) == []
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
@@ -217,7 +214,6 @@ def test_bench_decode_plan_only(capsys):
         "| single_long",
     ]
     assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in lines[2:])
-    assert wrapper_module.check_forest_slots is check
 
 
 @pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])

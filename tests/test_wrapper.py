@@ -174,7 +174,7 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
-        fresh_plans.append(w._step_cache.steps == 0)
+        fresh_plans.append(w.planner.followed_steps == 0)
         q = random_q(len(rows), 8, 64, dtype, seed=step)
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
@@ -185,7 +185,7 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
 
 
 def test_kept_positions_match_paths_and_lengths():
-    from pat_sglang.wrapper import _kept_positions, _twins
+    from pat_sglang.packing.steps import _kept_positions, _twins
 
     a, b = [(1, 8)], [(1, 8), (2, 4)]
     old, old_lens = [a, a, b, a, []], [10, 30, 20, 12, 5]
@@ -316,7 +316,7 @@ def test_graph_mode_buffers_take_every_later_plan():
         q = random_q(wl.batch_size, 8, 64, torch.float16)
         k, v = random_kv(num_slots, 2, 64, torch.float16)
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
-        assert len(w.plan_info.launches) == len(w._graph.configs)
+        assert len(w.plan_info.launches) == len(w.planner.graph.configs)
 
 
 def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
@@ -331,7 +331,7 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
     )
     w = _graph_wrapper()
     # 2 KV heads: two 16-row configs, one for plans with wider packs and one for plans without (tiles.graph_tiles).
-    assert sorted((c.block_m, c.when) for c in w._graph.configs) == [
+    assert sorted((c.block_m, c.when) for c in w.planner.graph.configs) == [
         (16, "alone"), (16, "beside_wider"), (32, "any"), (64, "any"), (128, "any")
     ]  # fmt: skip
     for batch, widest in ((1, 16), (3, 16), (5, 32), (24, 128)):
@@ -345,7 +345,9 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
         assert max(c.block_m for c in launched) == widest, f"B = {batch}"
         # Where no pack can be wider than 16 rows, the config for plans with wider packs is not launched.
-        expected = [c for c in w._graph.configs if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")]
+        expected = [
+            c for c in w.planner.graph.configs if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")
+        ]
         assert launched == expected, f"B = {batch}"
         busy = {lc.config.when for lc in w.plan_info.launches if lc.config.block_m == 16 and lc.num_items}
         assert busy <= ({"beside_wider"} if widest > 16 else {"alone"}), f"B = {batch}"
