@@ -8,7 +8,7 @@ For each backend it launches ``python -m sglang.launch_server`` (default: the Ll
 1. checks greedy outputs on shared-prefix prompts against the first backend (same tokens, or, where a near-tie
    flips a token, both candidates' logprobs within ``--logprob-tol`` of each other) before it times anything;
 2. times one-level traffic with SGLang's own ``sglang.bench_serving --dataset-name generated-shared-prefix``;
-3. times the multi-level workloads of shared/WORKLOADS.md on top, through the same client (``--dataset-name
+3. times the multi-level workloads of docs/DESIGN.md (Workloads) on top, through the same client (``--dataset-name
    custom``: the workload's prompts written as word-level text, so the radix cache sees the same tree);
 
 and reports TTFT and TPOT (p50/p99) and output throughput per backend side by side, with a plot.
@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, make_workload  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "configs" / "llama3-8b"
 SPECIAL = ["<unk>", "<s>", "</s>"]

@@ -3,9 +3,9 @@
 
 One process, one GPU, side by side per (workload, head config): median us per layer of each backend (CUDA events
 through ``triton.testing.do_bench``, warm-up and many iterations), pat's plan time apart from its run time, the two
-floors of shared/DESIGN.md (unique KV bytes / copy bandwidth and FLOPs / bf16 matmul rate, both measured at the start
-of the run), pat's roofline efficiency and, with ``--refcheck``, every backend's max error against the fp32 reference.
-A backend whose package is missing is skipped with a message, never the run.
+floors (docs/DESIGN.md, Two floors: unique KV bytes / copy bandwidth and FLOPs / bf16 matmul rate, both measured at
+the start of the run), pat's roofline efficiency and, with ``--refcheck``, every backend's max error against the fp32
+reference. A backend whose package is missing is skipped with a message, never the run.
 
     python scripts/bench_decode.py                      # every workload x llama3-8b, qwen2.5-7b, bf16
     python scripts/bench_decode.py --workload system_prompt --heads llama3-8b --refcheck
@@ -38,12 +38,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, Workload, make_workload  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.kernels.slot_check import check_slots  # noqa: E402
 from pat_sglang.packing import forest_from_paths  # noqa: E402
 from pat_sglang.packing.plan import shared_checks  # noqa: E402
 from pat_sglang.packing.tuning import PlanTuning  # noqa: E402
-from pat_sglang.packing.workloads import WORKLOADS, Workload, make_workload  # noqa: E402
 
 HEAD_CONFIGS = {
     "llama3-8b": (32, 8, 128),

@@ -2,11 +2,11 @@
 """The main job on an embedded default: a multi-agent decode step through SGLang's real RadixCache and PatAttnBackend,
 with SGLang's TritonAttnBackend beside it.
 
-Requests (system prompt -> agent role -> conversation, shared/WORKLOADS.md ``multi_agent``) are prefilled through a
-real ``RadixCache`` (prefix matches, inserts, node splits), then one decode step runs through both backends. Printed:
-the packs per tree level, the KV bytes pat reads against a per-request decode, agreement of pat with the Triton
-backend and the fp32 reference, and on a GPU the time of each. On a CPU-only machine it runs small under the Triton
-interpreter (with the test-only SGLang stand-ins of tests/); on a GPU at full size. Nothing is downloaded.
+Requests (system prompt -> agent role -> conversation: ``multi_agent`` of docs/DESIGN.md, Workloads) are prefilled
+through a real ``RadixCache`` (prefix matches, inserts, node splits), then one decode step runs through both backends.
+Printed: the packs per tree level, the KV bytes pat reads against a per-request decode, agreement of pat with the
+Triton backend and the fp32 reference, and on a GPU the time of each. On a CPU-only machine it runs small under the
+Triton interpreter (with the test-only SGLang stand-ins of tests/); on a GPU at full size. Nothing is downloaded.
 
     python scripts/demo.py            # or: make demo
 """
@@ -38,9 +38,9 @@ from sglang_harness import Scheduler, make_layer, make_runner  # noqa: E402
 
 from pat_sglang.backend.attn_backend import create_pat_backend  # noqa: E402
 from pat_sglang.backend.paths import stash_batch_paths  # noqa: E402
+from pat_sglang.bench.workloads import make_workload  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest  # noqa: E402
-from pat_sglang.packing.workloads import make_workload  # noqa: E402
 
 
 def token_ids(workload, seed: int) -> list[list[int]]:

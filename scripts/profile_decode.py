@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_decode import DTYPES, HEAD_CONFIGS, Case, case_pat, graphed, plan_case  # noqa: E402
 
 from pat_sglang.bench.variants import VARIANTS  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, make_workload  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.packing.tuning import DEFAULT_TUNING, PlanTuning  # noqa: E402
-from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 
 def profile_case(case: Case, replays: int, tuning: PlanTuning = DEFAULT_TUNING, timeline: bool = True) -> dict:

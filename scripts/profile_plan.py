@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.backend.paths import batch_paths  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, make_workload  # noqa: E402
 from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest  # noqa: E402
 from pat_sglang.packing.steps import advance_plan  # noqa: E402
-from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 HEADS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 SHARING = ["system_prompt", "multi_agent", "rag", "parallel_sampling", "tree_of_thought"]

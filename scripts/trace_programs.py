@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pat_sglang import PatDecodeWrapper  # noqa: E402
 from pat_sglang.bench.variants import VARIANTS  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, make_workload  # noqa: E402
 from pat_sglang.kernels.pack_attention import TileConfig  # noqa: E402
-from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
 
 # bench_decode (its Case, head configs and graph capture) is imported where a GPU run needs it: without CUDA it turns
 # the Triton interpreter on, and --compile-check compiles for a GPU target.

@@ -27,11 +27,7 @@ import numpy as np
 import torch
 
 from pat_sglang import PatDecodeWrapper, Policy
-
-try:
-    from pat_sglang.bench.workloads import WORKLOADS, make_workload
-except ImportError:  # before the move out of packing/
-    from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
+from pat_sglang.bench.workloads import WORKLOADS, make_workload
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "plan_hashes.json"
 NUM_SMS = 132

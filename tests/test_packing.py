@@ -1,4 +1,4 @@
-"""Planner invariants as property tests (hypothesis), plus the workload forests of shared/WORKLOADS.md."""
+"""Planner invariants as property tests (hypothesis), plus the workload forests of docs/DESIGN.md (Workloads)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from plan_checks import check_plan_covers_every_pair_once as _check_plan_covers_every_pair_once
 
+from pat_sglang.bench.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 from pat_sglang.packing import (
     ByteModel,
     Policy,
@@ -24,7 +25,6 @@ from pat_sglang.packing.plan import split_partial_share
 from pat_sglang.packing.steps import advance_plan, rebatch_plan
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.tuning import DEFAULT_TILES, DEFAULT_TUNING
-from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 
 HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
 

@@ -220,7 +220,7 @@ def test_bench_decode_plan_only(capsys):
 def test_bench_plan_timing_follows_steps(graph_mode):
     """bench_decode's plan timing runs on the CPU device, fresh plans and followed steps, in graph mode through the
     wrapper's slot buffer as the SGLang backend passes it."""
-    from pat_sglang.packing.workloads import make_workload
+    from pat_sglang.bench.workloads import make_workload
 
     wl = make_workload("system_prompt", batch=4, scale=0.004)
     case = bench_decode.Case(wl, 8, 2, 64, torch.float16, torch.device("cpu"), 1, 0)

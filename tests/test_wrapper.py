@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pat_sglang import PatDecodeWrapper, Policy
+from pat_sglang.bench.workloads import WORKLOADS, make_workload
 from pat_sglang.kernels import decode_attention_reference
-from pat_sglang.packing.workloads import WORKLOADS, make_workload
 
 
 def _run(rf_or_layout, num_qo_heads, num_kv_heads, head_dim, dtype, *, paths, page_size=1, seed=0, **kw):
@@ -66,7 +66,7 @@ def test_shared_prefix_none_partial_whole(dtype, head_dim, group):
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_workloads_match_reference(name, page_size):
-    """Every workload of shared/WORKLOADS.md, scaled down on the CPU, through the planner's chosen packs."""
+    """Every workload of docs/DESIGN.md (Workloads), scaled down on the CPU, through the planner's chosen packs."""
     scale = 1.0 if ON_GPU else 1 / 64
     small = {
         "system_prompt": {"batch": 16},

@@ -1,6 +1,6 @@
 """The wide-pack kernel for sm90 (H100/H200), written in Gluon: the pack kernel's contract, scheduled by hand.
 
-Packs of 64 or 128 query rows are compute-bound (shared/DESIGN.md, "Two floors"). Triton's pipeliner runs the pack
+Packs of 64 or 128 query rows are compute-bound (docs/DESIGN.md, Two floors). Triton's pipeliner runs the pack
 kernel's KV loop as: wait for the K/V copies, scores, *wait*, softmax, PV product; the next scores wait for the PV
 product, so the softmax runs with idle tensor cores, and Triton 3.6 cannot be told otherwise (it waits for each dot
 right after issuing it). This kernel keeps the same work items, rows, outputs and schedules as
