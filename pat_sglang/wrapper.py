@@ -32,7 +32,7 @@ from pat_sglang.packing.planner import GraphLayout, Planner
 from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 # Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
-# (TileConfig.first) takes one more side stream, of the highest priority.
+# (Launch.first) takes one more side stream, of the highest priority.
 NUM_SIDE_STREAMS = 4
 HIGH_PRIORITY = -5  # torch clamps it to the device's highest stream priority
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -167,8 +167,7 @@ class PatDecodeWrapper:
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
         self._num_merge: torch.Tensor | None = None
-        # Two zeros per launch for the configs whose schedule may take the work queue (each launch leaves its pair
-        # zero; see TileConfig.schedule).
+        # Two zeros per launch: its work queue (see TileConfig), left zero by every launch.
         self._work_queues = torch.zeros(0, dtype=torch.int32, device=self.device)
 
         self.use_cuda_graph = use_cuda_graph
@@ -441,7 +440,7 @@ class PatDecodeWrapper:
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
         active = graph.launches_for(plan) if graph else tuple(range(len(plan.launches)))
         if self.device.type == "cuda" and len(active) > 1:
-            self._fork_join(launch, active, [plan.launches[i].config.first for i in active])
+            self._fork_join(launch, active, [plan.launches[i].first for i in active])
         else:
             for i in active:
                 launch(i)
@@ -673,7 +672,7 @@ class _GraphBuffers:
         f32 = dict(dtype=torch.float32, device=device)
         self.partial_o = torch.zeros(cap.max_partials, num_qo_heads, head_dim, **f32)
         self.partial_lse = torch.zeros(cap.max_partials, num_qo_heads, **f32)
-        # Two zeros per launch for the configs whose schedule may take the work queue (TileConfig.schedule).
+        # Two zeros per launch: its work queue (see TileConfig), left zero by every launch.
         self.work_queues = torch.zeros(2 * len(layout.configs), dtype=torch.int32, device=device)
 
     def upload(

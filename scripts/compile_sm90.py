@@ -190,16 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     for kv_heads in args.kv_heads:
         for group in args.group:
             # The tiles a CUDA graph of this head configuration captures (both 16-row tiles where there are two).
-            for cfg in sorted(graph_tiles(args.head_dim, kv_heads, group), key=lambda c: c.block_m):
+            for tile in sorted(graph_tiles(args.head_dim, kv_heads, group), key=lambda c: c.block_m):
+                cfg = tile.config
                 if args.block_m and cfg.block_m not in args.block_m:
                     continue
                 c = inspect_tile(cfg, group=group, head_dim=args.head_dim, num_kv_heads=kv_heads, dtype=args.dtype)
                 if args.json:
-                    print(json.dumps({"kv_heads": kv_heads, **asdict(c), "config": asdict(cfg)}), flush=True)
+                    row = {"kv_heads": kv_heads, "when": tile.when, **asdict(c), "config": asdict(cfg)}
+                    print(json.dumps(row), flush=True)
                     continue
                 print(
                     f"{kv_heads:8d} {group:5d} {cfg.block_m:7d} {cfg.block_n:7d} {cfg.num_warps:5d} "
-                    f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {cfg.when:12s} {cfg.kernel:6s} {c.registers:5d} "
+                    f"{cfg.num_stages:6d} {str(cfg.max_regs):4s} {tile.when:12s} {cfg.kernel:6s} {c.registers:5d} "
                     f"{c.spilled_bytes:8d} {c.shared_bytes:8d} {c.programs_per_sm:6d} {c.copies_in_flight:16d} "
                     f"{str(c.wgmma_serialized):16s} {c.loop_spill_ops:14d} {c.loop_barriers:13d}",
                     flush=True,

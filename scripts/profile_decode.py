@@ -52,7 +52,7 @@ def _profile_case(case: Case, replays: int, tuning: PlanTuning, timeline: bool) 
         c = lc.config
         launches.append(
             f"BLOCK_M {c.block_m:3d} BLOCK_N {c.block_n:3d} warps {c.num_warps} stages {c.num_stages} "
-            f"{c.schedule} on {grid} programs: "
+            f"{c.kernel} on {grid} programs: "
             f"{lc.num_items:5d} items x {heads[1]} KV heads, KV tokens {int(lens.sum()):8d} "
             f"(max {int(lens.max()) if len(lens) else 0}), rows mean {float(rows.mean()) if len(rows) else 0:.1f}"
         )

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     tail = None
     if args.tail_tile:
         block_n, warps, stages = (int(x) for x in args.tail_tile.split(","))
-        tail = TileConfig(16, block_n, warps, stages, schedule="auto")
+        tail = TileConfig(16, block_n, warps, stages)
     for name in args.workload:
         for heads_name in args.heads:
             hq, hkv, d = HEAD_CONFIGS[heads_name]

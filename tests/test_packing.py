@@ -337,14 +337,14 @@ def test_tail_tile_depends_on_wider_packs_for_few_kv_heads(num_kv_heads):
         assert [fixed[i].block_m for i in fixed_index] == [tiles_module.block_m_for_rows(int(r)) for r in rows]
     if few:  # the measured difference: deep prefetch alone, four programs per SM beside wide ones
         alone, beside = (choose_tile(4, 128, 4096, num_kv_heads=num_kv_heads, beside_wider=b) for b in (False, True))
-        assert (alone.num_stages, beside.num_stages) == (5, 3)
+        assert (alone.config.num_stages, beside.config.num_stages) == (5, 3)
     with pytest.raises(ValueError, match="BLOCK_M"):
         tiles_module.fixed_config_index(fixed[:1], np.asarray([4]))
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 4, 8, 32])
 def test_only_the_narrow_long_packs_launch_first(num_kv_heads):
-    """With many KV heads the 17-32-row tile is dispatched ahead of the others (TileConfig.first); no other tile,
+    """With many KV heads the 17-32-row tile is dispatched ahead of the others (TileChoice.first); no other tile,
     and none with few KV heads or 256-wide heads."""
     many = num_kv_heads > DEFAULT_TILES.few_kv_heads
     for rows in (4, 17, 32, 33, 64, 128):

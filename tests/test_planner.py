@@ -63,7 +63,7 @@ def test_tuning_reaches_the_plan():
     assert {lc.config.num_stages for lc in plan.launches} == {2}
     layout = GraphLayout.for_heads(num_qo_heads=32, num_kv_heads=8, head_dim=128, num_sms=132, max_batch_size=4,
                                    max_num_kv_tokens=1 << 17, partials_per_request=16, tuning=tuning)  # fmt: skip
-    assert layout.grids == (4 * 132,) * len(layout.configs) and layout.configs[-1].num_stages == 2
+    assert layout.grids == (4 * 132,) * len(layout.configs) and layout.configs[-1].config.num_stages == 2
 
 
 def test_tuning_is_checked():

@@ -154,7 +154,7 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = map(json.loads, out.stdout.splitlines())
-    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["config"]["when"]): t for t in rows}
+    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["when"]): t for t in rows}
     tail = tiles[8, 7, 16, "any"]
     assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
     assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0 and tail["loop_spill_ops"] == 0, tail

@@ -345,11 +345,10 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
         assert max(c.block_m for c in launched) == widest, f"B = {batch}"
         # Where no pack can be wider than 16 rows, the config for plans with wider packs is not launched.
-        expected = [
-            c for c in w.planner.graph.configs if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")
-        ]
+        tiles = w.planner.graph.configs
+        expected = [c.config for c in tiles if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")]
         assert launched == expected, f"B = {batch}"
-        busy = {lc.config.when for lc in w.plan_info.launches if lc.config.block_m == 16 and lc.num_items}
+        busy = {t.when for t, lc in zip(tiles, w.plan_info.launches) if t.block_m == 16 and lc.num_items}
         assert busy <= ({"beside_wider"} if widest > 16 else {"alone"}), f"B = {batch}"
 
 
@@ -377,7 +376,7 @@ def test_first_launch_on_the_high_priority_stream(graph):
     kw = dict(use_cuda_graph=True, max_batch_size=wl.batch_size, max_num_kv_tokens=len(indices)) if graph else {}
     w = PatDecodeWrapper(32, 8, 64, device=DEVICE, shortest_split=16, **kw)
     w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-    assert [lc.config.block_m for lc in w.plan_info.launches if lc.config.first and lc.num_items] == [32]
+    assert [lc.config.block_m for lc in w.plan_info.launches if lc.first and lc.num_items] == [32]
     q = random_q(wl.batch_size, 32, 64, torch.bfloat16)
     k, v = random_kv(lay.num_slots, 8, 64, torch.bfloat16)
     out = w.run(q, k, v)

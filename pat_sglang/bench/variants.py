@@ -14,7 +14,7 @@ from pat_sglang.packing.tuning import DEFAULT_TUNING, PlanTuning
 
 
 def _tile(block_m: int, block_n: int, warps: int, stages: int, regs: int | None = None, kernel: str = "triton"):
-    return TileConfig(block_m, block_n, warps, stages, max_regs=regs, schedule="auto", kernel=kernel)
+    return TileConfig(block_m, block_n, warps, stages, max_regs=regs, kernel=kernel)
 
 
 def with_tiles(*tiles: TileConfig, tuning: PlanTuning = DEFAULT_TUNING) -> PlanTuning:

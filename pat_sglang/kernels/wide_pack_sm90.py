@@ -3,7 +3,7 @@
 Packs of 64 or 128 query rows are compute-bound (docs/DESIGN.md, Two floors). Triton's pipeliner runs the pack
 kernel's KV loop as: wait for the K/V copies, scores, *wait*, softmax, PV product; the next scores wait for the PV
 product, so the softmax runs with idle tensor cores, and Triton 3.6 cannot be told otherwise (it waits for each dot
-right after issuing it). This kernel keeps the same work items, rows, outputs and schedules as
+right after issuing it). This kernel keeps the same work items, rows, outputs and work order as
 :func:`pat_sglang.kernels.pack_attention._pack_attn_kernel` but orders each KV step by hand, software-pipelined by
 one KV tile:
 
@@ -264,9 +264,9 @@ def _wide_pack_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
-    SCHEDULE: gl.constexpr,
 ):
-    # The same launch contract and schedules as _pack_attn_kernel (launch_info on the device, persistent programs).
+    # The same launch contract as _pack_attn_kernel (launch_info on the device, persistent programs, the work queue
+    # for a launch that may queue and has more pairs than programs, else the static stride).
     dtype: gl.constexpr = k_ptr.dtype.element_ty
     q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_shared)
@@ -278,12 +278,7 @@ def _wide_pack_kernel(
     num_work = gl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
-    if SCHEDULE == 2:
-        queued = num_work > 0
-    elif SCHEDULE == 3:
-        queued = (gl.load(launch_ptr + 2) != 0) & (num_work > nprog)
-    else:
-        queued = num_work < 0
+    queued = (gl.load(launch_ptr + 2) != 0) & (num_work > nprog)
     work = pid
     if queued:
         work = gl.atomic_add(queue_ptr, 1)
@@ -330,10 +325,7 @@ def _wide_pack_kernel(
             work = gl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
-            lane = pid
-            if SCHEDULE == 1:
-                lane = gl.where(rnd % 2 == 1, nprog - 1 - pid, pid)
-            work = rnd * nprog + lane
+            work = rnd * nprog + pid
     if queued:
         if gl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
             gl.atomic_xchg(queue_ptr, 0)

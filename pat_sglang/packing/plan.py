@@ -8,6 +8,7 @@ list (``merge_req``, ``merge_indptr``, ``merge_indices``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 
@@ -15,15 +16,19 @@ import numpy as np
 
 from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.packs import Packing
-from pat_sglang.packing.tiles import choose_tiles, fixed_config_index
+from pat_sglang.packing.tiles import TileChoice, choose_tiles, fixed_config_index
 from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 
 @dataclass(frozen=True)
 class Launch:
+    """One kernel launch of a plan: the tile ``config`` over items ``[item_offset, item_offset + num_items)``;
+    ``first``: dispatched ahead of the others (``TileChoice.first``)."""
+
     config: TileConfig
     item_offset: int
     num_items: int
+    first: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def build_plan(
     page_size: int = 1,
     unique_kv_tokens: int,
     shortest_split: int = MIN_SPLIT_TOKENS,
-    fixed_configs: tuple[TileConfig, ...] | None = None,
+    fixed_configs: tuple[TileChoice, ...] | None = None,
     capacity: PlanCapacity | None = None,
     tuning: PlanTuning = DEFAULT_TUNING,
 ) -> PatPlan:
@@ -351,13 +356,14 @@ def _items(pack_cfg, pack_start, lens, size, pieces, pack_lo, pack_nreq, g_reqs,
     }
 
 
-def _launches(configs: list[TileConfig], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
+def _launches(configs: Sequence[TileChoice], item_cfg: np.ndarray) -> tuple[tuple[Launch, ...], np.ndarray]:
     """One launch per config over its run of items (``item_cfg`` is grouped by config), and their flat
     ``launch_info`` (first item, item count, may queue: the plan's only busy launch) as the kernels read it."""
     per_config = np.bincount(item_cfg, minlength=len(configs))
     offsets = np.concatenate([[0], np.cumsum(per_config)[:-1]]).astype(np.int64)
     launches = tuple(
-        Launch(config=c, item_offset=int(o), num_items=int(n)) for c, o, n in zip(configs, offsets, per_config)
+        Launch(config=c.config, item_offset=int(o), num_items=int(n), first=c.first)
+        for c, o, n in zip(configs, offsets, per_config)
     )
     busy = per_config > 0
     may_queue = busy & (np.count_nonzero(busy) == 1)
@@ -389,5 +395,6 @@ def _fits(plan: dict, capacity: PlanCapacity) -> bool:
     )
 
 
-def _config_key(c: TileConfig) -> tuple[int, int, int, int]:
+def _config_key(tile: TileChoice) -> tuple[int, int, int, int]:
+    c = tile.config
     return (-c.block_m, -c.block_n, c.num_warps, c.num_stages)

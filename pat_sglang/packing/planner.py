@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.forest import (
     Forest,
     PrefixPath,
@@ -26,7 +25,7 @@ from pat_sglang.packing.forest import (
 from pat_sglang.packing.packs import ByteModel, Policy, pack_forest
 from pat_sglang.packing.plan import PatPlan, PlanCapacity, PlanCapacityError, build_plan
 from pat_sglang.packing.steps import StepCache
-from pat_sglang.packing.tiles import block_m_for_rows, graph_tiles
+from pat_sglang.packing.tiles import TileChoice, block_m_for_rows, graph_tiles
 from pat_sglang.packing.tuning import BLOCK_M_CHOICES, DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ class GraphLayout:
     partials (its path and splits), plus a budget for the KV splits of a few long requests.
     """
 
-    configs: tuple[TileConfig, ...]
+    configs: tuple[TileChoice, ...]
     grids: tuple[int, ...]
     capacity: PlanCapacity
     group: int

@@ -12,6 +12,7 @@ import numpy as np
 
 from pat_sglang.packing.forest import Forest, PrefixPath, forest_from_paths
 from pat_sglang.packing.plan import PatPlan, PlanCapacity, StepInfo, _launches, _modelled_kv_bytes
+from pat_sglang.packing.tiles import TileChoice
 
 
 def advance_plan(plan: PatPlan, kv_indptr: np.ndarray, seq_lens: np.ndarray | None = None) -> PatPlan | None:
@@ -192,7 +193,7 @@ def rebatch_plan(
     if not fixed_launches:
         used = np.bincount(cfg, minlength=len(plan.launches)) > 0
     cfg = (np.cumsum(used) - 1)[cfg]
-    configs = [lc.config for lc, u in zip(plan.launches, used) if u]
+    configs = [TileChoice(lc.config, first=lc.first) for lc, u in zip(plan.launches, used) if u]
     launches, launch_info = _launches(configs, cfg)
 
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)

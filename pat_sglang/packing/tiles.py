@@ -5,7 +5,7 @@ The tiles come from :class:`~pat_sglang.packing.tuning.TileTables` (the measured
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -15,6 +15,31 @@ from pat_sglang.kernels.pack_attention import TileConfig
 from pat_sglang.packing.tuning import BLOCK_M_CHOICES, DEFAULT_TILES, TileTables
 
 _POW2 = 1 << np.arange(9)  # 1 .. 256
+WHENS = ("any", "alone", "beside_wider")
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """A pack's tile as the planner chose it: the kernel's ``config`` and the planner's facts about it.
+
+    ``when``: which plans take this tile: "any"; "alone": plans whose packs all take this BLOCK_M (its launch runs
+    alone); "beside_wider": plans that also have wider packs (a lone launch of few pairs wants deep prefetch per
+    program, a launch beside wide programs wants programs that fit next to them). ``first``: its launch is dispatched
+    ahead of the plan's others (the wrapper runs it on a high-priority stream, whose programs the block scheduler
+    places first): for the launch whose pieces run longest (``TileTables.dispatch_first_block_m``).
+    """
+
+    config: TileConfig
+    when: str = "any"
+    first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.when not in WHENS:
+            raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
+
+    @property
+    def block_m(self) -> int:
+        return self.config.block_m
 
 
 def block_m_for_rows(rows: int) -> int:
@@ -32,8 +57,8 @@ def block_m_index(rows: np.ndarray) -> np.ndarray:
 
 def choose_tiles(
     rows: np.ndarray, head_dim: int, kv_lens: np.ndarray, *, num_kv_heads: int, tables: TileTables = DEFAULT_TILES
-) -> tuple[list[TileConfig], np.ndarray]:
-    """Vectorised ``choose_tile`` over the packs of one plan: the distinct configs and each pack's index into them."""
+) -> tuple[list[TileChoice], np.ndarray]:
+    """Vectorised ``choose_tile`` over the packs of one plan: the distinct tiles and each pack's index into them."""
     # BLOCK_N depends on the length only through the next power of two (halving stops at kv_len <= BLOCK_N / 2),
     # and only below 256: 9 length buckets.
     bucket = np.searchsorted(_POW2, np.minimum(kv_lens, 256))
@@ -59,8 +84,8 @@ def choose_tile(
     num_kv_heads: int,
     beside_wider: bool = False,
     tables: TileTables = DEFAULT_TILES,
-) -> TileConfig:
-    """Tile config of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads, for a model
+) -> TileChoice:
+    """The tile of one pack of ``rows`` query rows over ``kv_len`` tokens of ``head_dim``-wide heads, for a model
     with ``num_kv_heads`` KV heads, in a plan that has packs of more than 16 rows too (``beside_wider``) or not."""
     # Only lengths below 256 change BLOCK_N, so the cache stays small.
     block_m = block_m_for_rows(rows)
@@ -70,8 +95,8 @@ def choose_tile(
 
 def graph_tiles(
     head_dim: int, num_kv_heads: int, group: int, tables: TileTables = DEFAULT_TILES
-) -> tuple[TileConfig, ...]:
-    """The configs a CUDA graph captures for this head configuration, widest first: per BLOCK_M a pack of this GQA
+) -> tuple[TileChoice, ...]:
+    """The tiles a CUDA graph captures for this head configuration, widest first: per BLOCK_M a pack of this GQA
     group can need, the full-length config, and for BLOCK_M 16 both the "alone" and the "beside_wider" one where
     they differ (the plan gives its packs one of them; the other launch stays empty)."""
     block_ms = sorted({block_m_for_rows(r * group) for r in range(1, 128 // group + 1)}, reverse=True)
@@ -83,7 +108,7 @@ def graph_tiles(
     return tuple(configs)
 
 
-def fixed_config_index(configs: tuple[TileConfig, ...], rows: np.ndarray) -> np.ndarray:
+def fixed_config_index(configs: tuple[TileChoice, ...], rows: np.ndarray) -> np.ndarray:
     """Per pack of one plan (``rows`` query rows each), the index of its config in a graph's fixed ``configs``
     (``graph_tiles``): its BLOCK_M, and for 16-row packs the config for plans with or without wider packs."""
     block = block_m_index(rows)
@@ -101,14 +126,14 @@ def fixed_config_index(configs: tuple[TileConfig, ...], rows: np.ndarray) -> np.
 
 def _has_wider_packs(block: np.ndarray) -> bool:
     """Whether a plan whose packs have these BLOCK_M indices has packs wider than 16 rows (its 16-row packs then take
-    the "beside_wider" tile, see TileConfig.when)."""
+    the "beside_wider" tile, see TileChoice.when)."""
     return len(block) > 0 and bool(block.max() > 0)
 
 
 @cache
 def _tile(
     tables: TileTables, block_m: int, head_dim: int, kv_len: int, few_kv_heads: bool, beside_wider: bool
-) -> TileConfig:
+) -> TileChoice:
     k = BLOCK_M_CHOICES.index(block_m)
     when, first = "any", False
     if padded_head_dim(head_dim) > 128:
@@ -125,4 +150,4 @@ def _tile(
     block_n = entry.block_n
     while block_n > 16 and block_n >= 2 * kv_len:
         block_n //= 2
-    return replace(entry, block_n=block_n, when=when, first=first)
+    return TileChoice(replace(entry, block_n=block_n), when=when, first=first)

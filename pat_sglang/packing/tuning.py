@@ -60,9 +60,8 @@ class TileTables:
 # (64, 4, 2) used 255 registers and spilled 128-184 of them (scripts/profile_decode.py prints each compiled tile's
 # registers and spills), and in graph mode, beside the private tails, two warpgroups were 1-10% faster on 8 of the 10
 # sharing rows of scripts/bench_decode.py (docs/PERF_NOTES.md). The D=256 entries keep a K/V stage and the
-# accumulator within shared memory and registers (not yet swept). Every tile takes the "auto" schedule (the atomic
-# work queue when the plan lets its launch queue (its only busy one) and it has more pairs than programs, else the
-# static stride; see TileConfig.schedule).
+# accumulator within shared memory and registers (not yet swept). Every launch takes the atomic work queue when the
+# plan lets it queue (its only busy one) and it has more pairs than programs, else the static stride (TileConfig).
 #
 # num_stages and Triton 3.6's pipeliner: a tile's K/V gather depends on its slot load, so the pipeliner gives the slot
 # load a stage of its own, and up to 4 stages the loop waits for every copy at its top (the K/V of the next tile is
@@ -88,10 +87,10 @@ class TileTables:
 # 165.5, the other sharing rows level (docs/PERF_NOTES.md, tenth session). With 4 KV heads (qwen2.5-7b, GQA 7: 5-9
 # requests make 64-row packs) the 32- or the 64-row launch first was level or slower: no launch goes first there.
 _D128 = (
-    TileConfig(16, 64, 4, 3, schedule="auto"),
-    TileConfig(32, 64, 4, 2, max_regs=128, schedule="auto"),
-    TileConfig(64, 64, 4, 3, schedule="auto", kernel="wgmma"),
-    TileConfig(128, 64, 8, 5, max_regs=128, schedule="auto"),
+    TileConfig(16, 64, 4, 3),
+    TileConfig(32, 64, 4, 2, max_regs=128),
+    TileConfig(64, 64, 4, 3, kernel="wgmma"),
+    TileConfig(128, 64, 8, 5, max_regs=128),
 )
 # Heads with at most ``few_kv_heads`` KV heads (qwen2.5-7b: 28 q heads over 4 KV heads). Their 16-row tile depends on
 # the plan: alone (only private tails and other 16-row packs: no_sharing, single_long) the 5-stage tile, two per SM;
@@ -105,17 +104,17 @@ _D128 = (
 # two in-situ runs level or faster on every sharing row of both head configs than the Triton (64, 4, 5) tile
 # (rag/llama3-8b -4%, parallel_sampling/qwen2.5-7b -4%, the rest within 1%).
 _D128_FEW_KV_HEADS = (
-    TileConfig(16, 64, 4, 5, schedule="auto"),
-    TileConfig(32, 64, 4, 2, max_regs=128, schedule="auto"),
-    TileConfig(64, 64, 4, 3, schedule="auto", kernel="wgmma"),
-    TileConfig(128, 32, 8, 4, max_regs=128, schedule="auto", kernel="wgmma"),
+    TileConfig(16, 64, 4, 5),
+    TileConfig(32, 64, 4, 2, max_regs=128),
+    TileConfig(64, 64, 4, 3, kernel="wgmma"),
+    TileConfig(128, 32, 8, 4, max_regs=128, kernel="wgmma"),
 )
-_D128_FEW_KV_HEADS_BESIDE_WIDER = TileConfig(16, 64, 4, 3, schedule="auto")
+_D128_FEW_KV_HEADS_BESIDE_WIDER = TileConfig(16, 64, 4, 3)
 _D256 = (
-    TileConfig(16, 32, 4, 2, schedule="auto"),
-    TileConfig(32, 32, 4, 2, schedule="auto"),
-    TileConfig(64, 32, 4, 2, schedule="auto"),
-    TileConfig(128, 32, 8, 1, schedule="auto"),
+    TileConfig(16, 32, 4, 2),
+    TileConfig(32, 32, 4, 2),
+    TileConfig(64, 32, 4, 2),
+    TileConfig(128, 32, 8, 1),
 )
 DEFAULT_TILES = TileTables(
     d128=_D128,
