@@ -21,7 +21,7 @@ from pat_sglang.packing import (
 )
 from pat_sglang.packing import tiles as tiles_module
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import split_partial_share
+from pat_sglang.packing.splits import split_partial_share
 from pat_sglang.packing.steps import advance_plan, rebatch_plan
 from pat_sglang.packing.tiles import choose_tiles
 from pat_sglang.packing.tuning import DEFAULT_TILES, DEFAULT_TUNING

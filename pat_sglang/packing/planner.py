@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pat_sglang.packing.build import build_plan
 from pat_sglang.packing.forest import (
     Forest,
     PrefixPath,
@@ -23,7 +24,7 @@ from pat_sglang.packing.forest import (
     forest_from_slots,
 )
 from pat_sglang.packing.packs import ByteModel, Policy, pack_forest
-from pat_sglang.packing.plan import PatPlan, PlanCapacity, PlanCapacityError, build_plan
+from pat_sglang.packing.plan import PatPlan, PlanCapacity, PlanCapacityError
 from pat_sglang.packing.steps import StepCache
 from pat_sglang.packing.tiles import TileChoice, block_m_for_rows, graph_tiles
 from pat_sglang.packing.tuning import BLOCK_M_CHOICES, DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning

@@ -6,12 +6,14 @@ cache that decides which of them a step takes (``StepCache``: the paths of the s
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
 from pat_sglang.packing.forest import Forest, PrefixPath, forest_from_paths
-from pat_sglang.packing.plan import PatPlan, PlanCapacity, StepInfo, _launches, _modelled_kv_bytes
+from pat_sglang.packing.items import launches_of, modelled_kv_bytes
+from pat_sglang.packing.plan import PatPlan, PlanCapacity, StepInfo
 from pat_sglang.packing.tiles import TileChoice
 
 
@@ -80,159 +82,229 @@ def rebatch_plan(
     """
     step = plan.step
     assert step is not None, "only a plan made by build_plan can be rebatched"
-    group = plan.num_qo_heads // plan.num_kv_heads
-    num_join = len(join_lens)
-    twins_of = [np.zeros(0, dtype=np.int64)] * num_join if join_twin is None else [np.asarray(t) for t in join_twin]
-    new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
-    new_of_old[keep] = np.arange(len(keep))
-    item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
-    entry_new = new_of_old[plan.entry_req]
-    kept = np.flatnonzero(entry_new >= 0)
-    counts = np.bincount(item_of_entry[kept], minlength=plan.num_items)
-    items = np.flatnonzero(counts > 0)
-    rank = np.full(plan.num_items, -1, dtype=np.int64)
-    rank[items] = np.arange(len(items))
-    # An item's KV row: its owner if it stays, else its first remaining request's row (same slots over the item).
-    first = kept[np.r_[True, item_of_entry[kept][1:] != item_of_entry[kept][:-1]]] if len(kept) else kept
-    first_req = np.full(plan.num_items, -1, dtype=np.int64)
-    first_req[item_of_entry[first]] = entry_new[first]
-    row = new_of_old[step.item_row]
-    tail = step.item_tail[items]
-    # Item table (remaining items first) and entry table (item, request, destination), extended per newcomer.
-    it_row = [np.where(row >= 0, row, first_req)[items]]
-    it_rel, it_len = [step.item_rel[items]], [plan.item_kv_len[items].astype(np.int64)]
-    it_tail = [np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1)]
-    it_cfg = [step.item_cfg[items]]
-    en_item, en_req = [rank[item_of_entry[kept]]], [entry_new[kept]]
-    old_dest = plan.entry_dest[kept]
-    en_dest = [np.where(old_dest < 0, -(entry_new[kept] + 1), old_dest)]
-    merge_extra_req: list[int] = []
-    merge_extra_slots: list[np.ndarray] = []
-    num_partials = plan.num_partials
-    num_items = len(items)
-    block_m = np.asarray([lc.config.block_m for lc in plan.launches])
-    base_count = counts[items].copy()
-    fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m >= group]
-    # The narrowest tile, one the plan already uses where there are two (graph mode's two 16-row configs).
-    narrowest = lambda k: (plan.launches[k].config.block_m, plan.launches[k].num_items == 0)  # noqa: E731
-    solo = [min(fits, key=narrowest)] if fits else []
-    by_req = None
-    for t in range(num_join):
-        n, length = len(keep) + t, int(join_lens[t])
+    twins_of = (
+        [np.zeros(0, dtype=np.int64)] * len(join_lens) if join_twin is None else [np.asarray(t) for t in join_twin]
+    )
+    tables = _Tables(plan, keep)
+    solo = _solo_launch(plan)
+    for t, length in enumerate(join_lens.tolist()):
+        n = len(keep) + t
         if len(twins_of[t]) == 0:  # shares nothing: one item over the whole row
-            if not solo:
+            if solo is None:
                 return None
-            it_row.append(np.asarray([n]))
-            it_rel.append(np.zeros(1, dtype=np.int64))
-            it_len.append(np.asarray([length]))
-            it_tail.append(np.asarray([n]))
-            it_cfg.append(np.asarray([solo[0]]))
-            en_item.append(np.asarray([num_items]))
-            en_req.append(np.asarray([n]))
-            en_dest.append(np.asarray([-(n + 1)]))
-            num_items += 1
-            continue
-        path_end = int(join_path_end[t])
-        if by_req is None:  # the remaining requests' entries by request, once for all newcomers
-            order = np.argsort(en_req[0], kind="stable")
-            offsets = np.searchsorted(en_req[0][order], np.arange(len(keep) + 1))
-            by_req = (order, offsets)
-        fit = _twin_fit(twins_of[t], path_end, length, en_item[0], en_req[0], it_rel[0], it_len[0], it_tail[0],
-                        (block_m[it_cfg[0]] // group) - base_count, by_req)  # fmt: skip
-        if fit is None:
+            tables.add_unshared(n, length, solo)
+        elif not tables.add_twin(n, length, twins_of[t], int(join_path_end[t])):
             return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
-        j, joined, own, own_len = fit
-        base_count[joined] += 1
-        own_rel = it_rel[0][own]
-        last = it_tail[0][own] == j
-        copies = num_items + np.arange(len(own))
-        it_row.append(np.full(len(own), n))
-        it_rel.append(own_rel)
-        it_len.append(own_len)
-        it_tail.append(np.where(last, n, -1))
-        it_cfg.append(it_cfg[0][own])
-        num_items += len(own)
-        where = np.concatenate([joined, copies])
-        en_item.append(where)
-        en_req.append(np.full(len(where), n))
-        if len(where) == 1:
-            en_dest.append(np.asarray([-(n + 1)]))
-        else:
-            slots = num_partials + np.arange(len(where))
-            num_partials += len(where)
-            en_dest.append(slots)
-            merge_extra_req.append(n)
-            merge_extra_slots.append(slots)
-
-    cat = lambda parts: np.concatenate(parts).astype(np.int64)
-    row, rel, item_len, tail, cfg = cat(it_row), cat(it_rel), cat(it_len), cat(it_tail), cat(it_cfg)
-    en_item, entry_req, entry_dest = cat(en_item), cat(en_req), cat(en_dest)
-    order = np.argsort(cfg, kind="stable")  # items regrouped by launch
-    place = np.empty(len(order), dtype=np.int64)
-    place[order] = np.arange(len(order))
-    row, rel, item_len, tail, cfg = row[order], rel[order], item_len[order], tail[order], cfg[order]
-    by_item = np.argsort(place[en_item], kind="stable")
-    entry_req, entry_dest = entry_req[by_item], entry_dest[by_item]
-    num_entries = np.bincount(place[en_item], minlength=len(order))
-    entry_start = np.concatenate([[0], np.cumsum(num_entries)[:-1]]).astype(np.int64)
+    items = tables.by_launch()
     if capacity is not None and (
-        len(order) > capacity.max_items or len(entry_req) > capacity.max_entries or num_partials > capacity.max_partials
+        len(items.row) > capacity.max_items
+        or len(items.entry_req) > capacity.max_entries
+        or tables.num_partials > capacity.max_partials
     ):
         return None
-
-    per_merge = np.diff(plan.merge_indptr)
-    merge_new = new_of_old[plan.merge_req]
-    stays = merge_new >= 0
-    merge_indices = cat([plan.merge_indices[np.repeat(stays, per_merge)], *merge_extra_slots])
-    merge_req = cat([merge_new[stays], np.asarray(merge_extra_req, dtype=np.int64)])
-    merge_counts = cat([per_merge[stays], [len(x) for x in merge_extra_slots]])
+    merge_req, merge_counts, merge_indices = _merge_list(plan, tables)
     if capacity is not None and len(merge_req) > capacity.max_merge_reqs:
         return None
-
-    used = np.ones(len(plan.launches), dtype=bool)
-    if not fixed_launches:
-        used = np.bincount(cfg, minlength=len(plan.launches)) > 0
-    cfg = (np.cumsum(used) - 1)[cfg]
-    configs = [TileChoice(lc.config, first=lc.first) for lc, u in zip(plan.launches, used) if u]
-    launches, launch_info = _launches(configs, cfg)
-
+    cfg, launches, launch_info = _kept_launches(plan, items.cfg, fixed_launches)
     seq_lens = np.concatenate([step.seq_lens[keep], join_lens]).astype(np.int64)
-    heads = plan.num_kv_heads
-    kv_bytes = _modelled_kv_bytes(item_len, num_entries, group, step.kv_bytes_per_token, heads)
-    as32 = lambda a: np.asarray(a, dtype=np.int32)
+    group, heads = plan.num_qo_heads // plan.num_kv_heads, plan.num_kv_heads
+    as32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return PatPlan(
         num_reqs=len(seq_lens),
         num_qo_heads=plan.num_qo_heads,
         num_kv_heads=heads,
         head_dim=plan.head_dim,
         launches=launches,
-        num_partials=num_partials,
+        num_partials=tables.num_partials,
         num_merge_reqs=len(merge_req),
-        item_kv_start=as32(np.concatenate([[0], np.cumsum(seq_lens)])[row] + rel),
-        item_kv_len=as32(item_len),
-        item_entry_start=as32(entry_start),
-        item_num_reqs=as32(num_entries),
-        entry_req=as32(entry_req),
-        entry_dest=as32(entry_dest),
+        item_kv_start=as32(np.concatenate([[0], np.cumsum(seq_lens)])[items.row] + items.rel),
+        item_kv_len=as32(items.item_len),
+        item_entry_start=as32(items.entry_start),
+        item_num_reqs=as32(items.num_entries),
+        entry_req=as32(items.entry_req),
+        entry_dest=as32(items.entry_dest),
         merge_req=as32(merge_req),
         merge_indptr=as32(np.concatenate([[0], np.cumsum(merge_counts)])),
         merge_indices=as32(merge_indices),
         launch_info=as32(launch_info),
         num_merge=as32([len(merge_req)]),
-        modelled_kv_bytes=kv_bytes,
-        modelled_partial_bytes=int((entry_dest >= 0).sum()) * group * step.partial_bytes_per_row * heads,
+        modelled_kv_bytes=modelled_kv_bytes(items.item_len, items.num_entries, group, step.kv_bytes_per_token, heads),
+        modelled_partial_bytes=int((items.entry_dest >= 0).sum()) * group * step.partial_bytes_per_row * heads,
         unique_kv_tokens=unique_kv_tokens,
         request_kv_tokens=int(seq_lens.sum()),
         step=StepInfo(
             seq_lens=seq_lens,
-            item_row=row,
-            item_rel=rel,
-            item_tail=tail,
+            item_row=items.row,
+            item_rel=items.rel,
+            item_tail=items.tail,
             item_cfg=cfg,
             kv_bytes_per_token=step.kv_bytes_per_token,
             partial_bytes_per_row=step.partial_bytes_per_row,
         ),
     )
+
+
+@dataclass(frozen=True)
+class _Rebatched:
+    """The rebatched items regrouped by launch (int64): per item its row, offset, length, tail owner and launch;
+    per entry its request and destination; per item its entry count and first entry."""
+
+    row: np.ndarray
+    rel: np.ndarray
+    item_len: np.ndarray
+    tail: np.ndarray
+    cfg: np.ndarray
+    entry_req: np.ndarray
+    entry_dest: np.ndarray
+    num_entries: np.ndarray
+    entry_start: np.ndarray
+
+
+class _Tables:
+    """The rebatched plan's item table (KV row, offset, length, tail owner, launch) and entry table (item, request,
+    destination) under construction: the remaining requests' first (leavers dropped, renumbered), then each
+    newcomer's, with the partial slots and merge entries the newcomers add."""
+
+    def __init__(self, plan: PatPlan, keep: np.ndarray) -> None:
+        step = plan.step
+        self.plan = plan
+        self.group = plan.num_qo_heads // plan.num_kv_heads
+        self.num_kept = len(keep)
+        new_of_old = self.new_of_old = np.full(plan.num_reqs, -1, dtype=np.int64)
+        new_of_old[keep] = np.arange(len(keep))
+        item_of_entry = np.repeat(np.arange(plan.num_items), plan.item_num_reqs)
+        entry_new = new_of_old[plan.entry_req]
+        kept = np.flatnonzero(entry_new >= 0)
+        counts = np.bincount(item_of_entry[kept], minlength=plan.num_items)
+        items = np.flatnonzero(counts > 0)
+        rank = np.full(plan.num_items, -1, dtype=np.int64)
+        rank[items] = np.arange(len(items))
+        # An item's KV row: its owner if it stays, else its first remaining request's row (same slots over the item).
+        first = kept[np.r_[True, item_of_entry[kept][1:] != item_of_entry[kept][:-1]]] if len(kept) else kept
+        first_req = np.full(plan.num_items, -1, dtype=np.int64)
+        first_req[item_of_entry[first]] = entry_new[first]
+        row = new_of_old[step.item_row]
+        tail = step.item_tail[items]
+        self.it_row = [np.where(row >= 0, row, first_req)[items]]
+        self.it_rel, self.it_len = [step.item_rel[items]], [plan.item_kv_len[items].astype(np.int64)]
+        self.it_tail = [np.where(tail >= 0, new_of_old[np.maximum(tail, 0)], -1)]
+        self.it_cfg = [step.item_cfg[items]]
+        self.en_item, self.en_req = [rank[item_of_entry[kept]]], [entry_new[kept]]
+        old_dest = plan.entry_dest[kept]
+        self.en_dest = [np.where(old_dest < 0, -(entry_new[kept] + 1), old_dest)]
+        self.merge_extra_req: list[int] = []
+        self.merge_extra_slots: list[np.ndarray] = []
+        self.num_partials = plan.num_partials
+        self.num_items = len(items)
+        self.block_m = np.asarray([lc.config.block_m for lc in plan.launches])
+        self.base_count = counts[items].copy()  # requests per remaining item, as newcomers join them
+        self.by_req = None
+
+    def add_unshared(self, n: int, length: int, launch: int) -> None:
+        """Newcomer ``n`` of ``length`` tokens, sharing nothing: one item over its whole row, written directly."""
+        self.it_row.append(np.asarray([n]))
+        self.it_rel.append(np.zeros(1, dtype=np.int64))
+        self.it_len.append(np.asarray([length]))
+        self.it_tail.append(np.asarray([n]))
+        self.it_cfg.append(np.asarray([launch]))
+        self.en_item.append(np.asarray([self.num_items]))
+        self.en_req.append(np.asarray([n]))
+        self.en_dest.append(np.asarray([-(n + 1)]))
+        self.num_items += 1
+
+    def add_twin(self, n: int, length: int, candidates: np.ndarray, path_end: int) -> bool:
+        """Newcomer ``n`` joins the shared items of the first of its ``candidates`` that has room (``_twin_fit``)
+        and copies that twin's private pieces onto its own row; False when none fits."""
+        if self.by_req is None:  # the remaining requests' entries by request, once for all newcomers
+            order = np.argsort(self.en_req[0], kind="stable")
+            offsets = np.searchsorted(self.en_req[0][order], np.arange(self.num_kept + 1))
+            self.by_req = (order, offsets)
+        room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
+        fit = _twin_fit(candidates, path_end, length, self.en_item[0], self.en_req[0], self.it_rel[0], self.it_len[0],
+                        self.it_tail[0], room, self.by_req)  # fmt: skip
+        if fit is None:
+            return False
+        j, joined, own, own_len = fit
+        self.base_count[joined] += 1
+        last = self.it_tail[0][own] == j
+        copies = self.num_items + np.arange(len(own))
+        self.it_row.append(np.full(len(own), n))
+        self.it_rel.append(self.it_rel[0][own])
+        self.it_len.append(own_len)
+        self.it_tail.append(np.where(last, n, -1))
+        self.it_cfg.append(self.it_cfg[0][own])
+        self.num_items += len(own)
+        where = np.concatenate([joined, copies])
+        self.en_item.append(where)
+        self.en_req.append(np.full(len(where), n))
+        if len(where) == 1:
+            self.en_dest.append(np.asarray([-(n + 1)]))
+        else:
+            slots = self.num_partials + np.arange(len(where))
+            self.num_partials += len(where)
+            self.en_dest.append(slots)
+            self.merge_extra_req.append(n)
+            self.merge_extra_slots.append(slots)
+        return True
+
+    def by_launch(self) -> _Rebatched:
+        """The tables as arrays, items regrouped by launch (stable) and entries by item."""
+        cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+        row, rel, item_len, tail, cfg = (
+            cat(p) for p in (self.it_row, self.it_rel, self.it_len, self.it_tail, self.it_cfg)
+        )
+        en_item, entry_req, entry_dest = cat(self.en_item), cat(self.en_req), cat(self.en_dest)
+        order = np.argsort(cfg, kind="stable")
+        place = np.empty(len(order), dtype=np.int64)
+        place[order] = np.arange(len(order))
+        by_item = np.argsort(place[en_item], kind="stable")
+        num_entries = np.bincount(place[en_item], minlength=len(order))
+        return _Rebatched(
+            row=row[order],
+            rel=rel[order],
+            item_len=item_len[order],
+            tail=tail[order],
+            cfg=cfg[order],
+            entry_req=entry_req[by_item],
+            entry_dest=entry_dest[by_item],
+            num_entries=num_entries,
+            entry_start=np.concatenate([[0], np.cumsum(num_entries)[:-1]]).astype(np.int64),
+        )
+
+
+def _solo_launch(plan: PatPlan) -> int | None:
+    """The launch an unshared newcomer's item takes: the narrowest tile that holds one request's rows, one the plan
+    already uses where there are two (graph mode's two 16-row configs); None when no launch holds them."""
+    group = plan.num_qo_heads // plan.num_kv_heads
+    fits = [k for k, lc in enumerate(plan.launches) if lc.config.block_m >= group]
+    narrowest = lambda k: (plan.launches[k].config.block_m, plan.launches[k].num_items == 0)  # noqa: E731
+    return min(fits, key=narrowest) if fits else None
+
+
+def _merge_list(plan: PatPlan, tables: _Tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The merge CSR of the rebatched plan (requests, counts, partial slots): the remaining requests' lists, then
+    the newcomers' (int64)."""
+    cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+    per_merge = np.diff(plan.merge_indptr)
+    merge_new = tables.new_of_old[plan.merge_req]
+    stays = merge_new >= 0
+    merge_indices = cat([plan.merge_indices[np.repeat(stays, per_merge)], *tables.merge_extra_slots])
+    merge_req = cat([merge_new[stays], np.asarray(tables.merge_extra_req, dtype=np.int64)])
+    merge_counts = cat([per_merge[stays], [len(x) for x in tables.merge_extra_slots]])
+    return merge_req, merge_counts, merge_indices
+
+
+def _kept_launches(plan: PatPlan, cfg: np.ndarray, fixed_launches: bool):
+    """The launches of the rebatched items (``cfg``: each item's launch in ``plan``): all of them with
+    ``fixed_launches`` (graph mode), else those with items; returns the items' new launch indices, the launches and
+    their ``launch_info``."""
+    used = np.ones(len(plan.launches), dtype=bool)
+    if not fixed_launches:
+        used = np.bincount(cfg, minlength=len(plan.launches)) > 0
+    cfg = (np.cumsum(used) - 1)[cfg]
+    configs = [TileChoice(lc.config, first=lc.first) for lc, u in zip(plan.launches, used) if u]
+    launches, launch_info = launches_of(configs, cfg)
+    return cfg, launches, launch_info
 
 
 def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, by_req):
