@@ -370,7 +370,7 @@ def test_paths_validation_names_prefix_paths():
         forest_from_paths(indptr, [[], [(3, -1)]])
     with pytest.raises(ValueError, match=r"prefix_paths\[1\]: entries must be"):
         forest_from_paths(indptr, [[(1, 2)], [(1, 2), (2, 3, 4)]])
-    with pytest.raises(ValueError, match=r"prefix_paths\[0\]: entries must be"):
+    with pytest.raises(ValueError, match=r"prefix_paths\[0\]: node 1 has num_tokens 'many'; it must be an int"):
         forest_from_paths(indptr, [[(1, "many")], []])
     with pytest.raises(ValueError, match=r"prefix_paths\[1\].*node 7 appears with a different parent"):
         forest_from_paths(indptr, [[(5, 2), (7, 3)], [(7, 3)]])

@@ -327,53 +327,92 @@ def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
     edge is split when its marginal cost ``delta`` is negative (else the single cheapest edge, ties to the first
     child, then the first tail), and the node keeps the split set only if it beats merging every edge.
     """
+    groups = _Groups()
+    root_tails = np.flatnonzero(forest.tail_parent < 0)
+    groups.add_singles(np.zeros(len(root_tails), dtype=np.int64), forest.seq_lens[root_tails], root_tails)
+    if forest.num_nodes == 0:
+        return groups.packing(model, forest.num_reqs)
+    levels = _Levels.of(forest)
+    split_child, split_tail = _solve_levels(forest, model, levels)
+    _emit_levels(forest, levels, split_child, split_tail, groups)
+    return groups.packing(model, forest.num_reqs)
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """The shared nodes by tree level, for the DP over arrays: ``start[v, k]`` the range start of node v in state k
+    (its depth-k ancestor's offset, 0 for k = 0), ``end`` each node's end, ``row_in_level`` its index in its level,
+    and the requests with a tail under a shared node (``tailed``) with their tail parent's depth."""
+
+    depth: np.ndarray
+    by_level: list[np.ndarray]
+    start: np.ndarray
+    end: np.ndarray
+    row_in_level: np.ndarray
+    tailed: np.ndarray
+    tail_depth: np.ndarray
+
+    @classmethod
+    def of(cls, forest: Forest) -> _Levels:
+        n, parent = forest.num_nodes, forest.node_parent
+        depth = forest.node_depth()
+        levels = int(depth.max()) + 1
+        anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
+        cur = np.arange(n)
+        for step in range(levels):
+            k = depth - step
+            ok = (k >= 0) & (cur >= 0)
+            anc[np.flatnonzero(ok), k[ok]] = cur[ok]
+            cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+        start = np.where(anc >= 0, forest.node_offset[np.maximum(anc, 0)], 0)
+        start[:, 0] = 0
+        row_in_level = np.zeros(n, dtype=np.int64)
+        by_level = [np.flatnonzero(depth == d) for d in range(levels)]
+        for nodes in by_level:
+            row_in_level[nodes] = np.arange(len(nodes))
+        tailed = np.flatnonzero(forest.tail_parent >= 0)
+        return cls(
+            depth=depth,
+            by_level=by_level,
+            start=start,
+            end=forest.node_offset + forest.node_length,
+            row_in_level=row_in_level,
+            tailed=tailed,
+            tail_depth=depth[forest.tail_parent[tailed]],
+        )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.by_level)
+
+    def kids(self, d: int) -> np.ndarray:
+        """The nodes one level below level ``d``."""
+        return self.by_level[d + 1] if d + 1 < self.num_levels else np.zeros(0, dtype=np.int64)
+
+
+def _solve_levels(forest: Forest, model: ByteModel, lv: _Levels) -> tuple[np.ndarray, np.ndarray]:
+    """The DP bottom-up: per state, which child nodes (``split_child[c, k]``: child c when its parent is in state
+    k) and which tails (``split_tail[i, k]``) are split."""
     b, n = forest.num_reqs, forest.num_nodes
     bt = model.kv_bytes_per_token
     gbp = model.group_size * model.partial_bytes_per_row
     per_pack = model.reqs_per_pack
-    seq_lens = forest.seq_lens
-    groups = _Groups()
-    root_tails = np.flatnonzero(forest.tail_parent < 0)
-    groups.add_singles(np.zeros(len(root_tails), dtype=np.int64), seq_lens[root_tails], root_tails)
-    if n == 0:
-        return groups.packing(model, b)
-
-    parent = forest.node_parent
-    depth = forest.node_depth()
-    levels = int(depth.max()) + 1
-    anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
-    cur = np.arange(n)
-    for step in range(levels):
-        k = depth - step
-        ok = (k >= 0) & (cur >= 0)
-        anc[np.flatnonzero(ok), k[ok]] = cur[ok]
-        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
-    start = np.where(anc >= 0, forest.node_offset[np.maximum(anc, 0)], 0)
-    start[:, 0] = 0
-    end = forest.node_offset + forest.node_length
-    size = forest.node_sizes
-    row_in_level = np.zeros(n, dtype=np.int64)
-    by_level = [np.flatnonzero(depth == d) for d in range(levels)]
-    for nodes in by_level:
-        row_in_level[nodes] = np.arange(len(nodes))
-    tailed = np.flatnonzero(forest.tail_parent >= 0)
-    tail_depth = depth[forest.tail_parent[tailed]]
-
-    cost = np.zeros((n, levels), dtype=np.int64)
-    split_child = np.zeros((n, levels), dtype=bool)  # child c split when its parent is in state k
-    split_tail = np.zeros((b, levels), dtype=bool)  # request i's tail split when its tail parent is in state k
+    parent, size, seq_lens = forest.node_parent, forest.node_sizes, forest.seq_lens
+    cost = np.zeros((n, lv.num_levels), dtype=np.int64)
+    split_child = np.zeros((n, lv.num_levels), dtype=bool)
+    split_tail = np.zeros((b, lv.num_levels), dtype=bool)
     empty = np.zeros(0, dtype=np.int64)
-    for d in range(levels - 1, -1, -1):
-        nodes, K = by_level[d], d + 1
+    for d in range(lv.num_levels - 1, -1, -1):
+        nodes, K = lv.by_level[d], d + 1
         nv = len(nodes)
-        r = start[nodes, :K]
-        node_end = end[nodes]
+        r = lv.start[nodes, :K]
+        node_end = lv.end[nodes]
         kv_share = (node_end[:, None] - r) * bt / per_pack
         # Edges of this level's nodes: child nodes (depth d + 1) first, then the tails ending here.
-        kids = by_level[d + 1] if d + 1 < levels else empty
-        reqs = tailed[tail_depth == d]
+        kids = lv.kids(d)
+        reqs = lv.tailed[lv.tail_depth == d]
         nk = len(kids)
-        owner = np.concatenate([row_in_level[parent[kids]], row_in_level[forest.tail_parent[reqs]]])
+        owner = np.concatenate([lv.row_in_level[parent[kids]], lv.row_in_level[forest.tail_parent[reqs]]])
         weight = np.concatenate([size[kids], np.ones(len(reqs), dtype=np.int64)])
         ro = r[owner]
         e = seq_lens[reqs][:, None]
@@ -408,33 +447,37 @@ def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
         chosen &= ~merge_all[owner]
         split_child[kids, :K] = chosen[:nk]
         split_tail[reqs, :K] = chosen[nk:]
+    return split_child, split_tail
 
-    # Emit top-down from the roots' state 0: a split child starts its own range, a merged one inherits it.
-    state = np.zeros(n, dtype=np.int64)
+
+def _emit_levels(forest: Forest, lv: _Levels, split_child: np.ndarray, split_tail: np.ndarray, groups: _Groups):
+    """The chosen groups top-down from the roots' state 0: a split child starts its own range, a merged one
+    inherits its parent's."""
+    parent = forest.node_parent
+    state = np.zeros(forest.num_nodes, dtype=np.int64)
     ptr, members = forest.member_indptr, forest.member_reqs
-    for d in range(levels):
-        nodes = by_level[d]
+    for d in range(lv.num_levels):
+        nodes = lv.by_level[d]
         if d:
             p = parent[nodes]
             state[nodes] = np.where(split_child[nodes, state[p]], d, state[p])
-        r = start[nodes, state[nodes]]
-        reqs = tailed[tail_depth == d]
+        r = lv.start[nodes, state[nodes]]
+        reqs = lv.tailed[lv.tail_depth == d]
         tparent = forest.tail_parent[reqs]
         st = split_tail[reqs, state[tparent]]
-        kids = by_level[d + 1] if d + 1 < levels else np.zeros(0, dtype=np.int64)
+        kids = lv.kids(d)
         sk = kids[split_child[kids, state[parent[kids]]]]
         # One group per node with split edges: the split children's members and the split tails' requests.
         counts = ptr[sk + 1] - ptr[sk]
         within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         kid_reqs = members[np.repeat(ptr[sk], counts) + within]
-        owner = np.concatenate([np.repeat(row_in_level[parent[sk]], counts), row_in_level[tparent[st]]])
+        owner = np.concatenate([np.repeat(lv.row_in_level[parent[sk]], counts), lv.row_in_level[tparent[st]]])
         who = np.concatenate([kid_reqs, reqs[st]])
         order = np.lexsort((who, owner))
         owner, who = owner[order], who[order]
         if len(owner):
             rows, sizes = np.unique(owner, return_counts=True)
-            groups.add_singles(r[rows], end[nodes][rows], who, sizes=sizes)
+            groups.add_singles(r[rows], lv.end[nodes][rows], who, sizes=sizes)
         # Tails: merged ones read [range start, seq_len), split ones [node end, seq_len) when non-empty.
-        tail_start = np.where(st, end[tparent], start[tparent, state[tparent]])
-        groups.add_singles(tail_start, seq_lens[reqs], reqs)
-    return groups.packing(model, b)
+        tail_start = np.where(st, lv.end[tparent], lv.start[tparent, state[tparent]])
+        groups.add_singles(tail_start, forest.seq_lens[reqs], reqs)
