@@ -420,21 +420,8 @@ class PatDecodeWrapper:
 
         def launch(i: int) -> None:
             lc = plan.launches[i]
-            pack_attention(
-                q,
-                k_buffer,
-                v_buffer,
-                self._kv_indices,
-                self._items,
-                out,
-                self._partial_o,
-                self._partial_lse,
-                self._launch_info[3 * i : 3 * i + 3],
-                config=lc.config,
-                num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
-                sm_scale=scale,
-                work_queue=self._work_queues[2 * i : 2 * i + 2],
-            )
+            programs = graph.grids[i] if graph else lc.num_items * self.num_kv_heads
+            self._launch_pack(i, lc, programs, q, k_buffer, v_buffer, out, scale)
 
         # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
@@ -458,6 +445,25 @@ class PatDecodeWrapper:
             dim_block=merge_dim_block(merge_programs, self.num_qo_heads, self.head_dim, self.num_sms),
         )
         return out
+
+    def _launch_pack(self, i: int, lc, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
+        """The pack kernel over launch ``i`` (``lc``) of the plan (a subclass may add launch arguments: the
+        program tracer of pat_sglang.bench.trace passes ``trace=``)."""
+        pack_attention(
+            q,
+            k_buffer,
+            v_buffer,
+            self._kv_indices,
+            self._items,
+            out,
+            self._partial_o,
+            self._partial_lse,
+            self._launch_info[3 * i : 3 * i + 3],
+            config=lc.config,
+            num_programs=num_programs,
+            sm_scale=scale,
+            work_queue=self._work_queues[2 * i : 2 * i + 2],
+        )
 
     def _check_kv_rows(self, rows: int) -> None:
         """The KV buffers against the slots planned: refused when they hold fewer rows than promised or than a

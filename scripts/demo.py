@@ -17,18 +17,18 @@ import argparse
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sglang_env  # noqa: E402
+try:  # the test-only SGLang stand-ins and harness of tests/ (make demo puts them on PYTHONPATH)
+    import sglang_env
+except ImportError:
+    sys.exit("the demo runs SGLang's objects through tests/sglang_harness.py: run it as `make demo`, or with "
+             "PYTHONPATH=tests python scripts/demo.py")  # fmt: skip
 
 if not sglang_env.prepare():
     sys.exit("the demo needs sglang: pip install --no-deps sglang==0.5.10.post1 (see README, 'Test')")

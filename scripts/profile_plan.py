@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pat_sglang import PatDecodeWrapper  # noqa: E402
-from pat_sglang.backend.paths import batch_paths  # noqa: E402
-from pat_sglang.bench.workloads import WORKLOADS, make_workload  # noqa: E402
-from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest  # noqa: E402
-from pat_sglang.packing.steps import advance_plan  # noqa: E402
+from pat_sglang import PatDecodeWrapper
+from pat_sglang.backend.paths import batch_paths
+from pat_sglang.bench.workloads import WORKLOADS, make_workload
+from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest
+from pat_sglang.packing.steps import advance_plan
 
 HEADS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 SHARING = ["system_prompt", "multi_agent", "rag", "parallel_sampling", "tree_of_thought"]

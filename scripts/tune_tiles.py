@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 import triton.testing
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pat_sglang.kernels import PackItems, TileConfig, pack_attention
 
-from pat_sglang.kernels import PackItems, TileConfig, pack_attention  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # (name, requests per item, number of items, tokens per item): memory-bound tails, mid packs, wide packs.
 SHAPES = [

@@ -24,6 +24,12 @@ from pat_sglang.kernels.common import check_sm_scale, interpreting, padded_head_
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 KERNELS = ("triton", "wgmma")
+# Program tracing (``trace=`` of ``pack_attention``; pat_sglang.bench.trace reads it): one int64 record per program,
+# its SM, its start (GPU global timer, ns), (pair, end time) for up to TRACE_PAIRS pairs, and its pair count last.
+TRACE_RECORD = 32
+TRACE_PAIRS = (TRACE_RECORD - 3) // 2
+_RECORD = tl.constexpr(TRACE_RECORD)  # the same, for the kernels
+_PAIRS = tl.constexpr(TRACE_PAIRS)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ def _pack_attn_kernel(
     partial_lse_ptr,
     launch_ptr,
     queue_ptr,
+    trace_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -111,6 +118,7 @@ def _pack_attn_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items, may queue) of this tile config, on the device, so that a CUDA
     # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs from the work queue
@@ -120,10 +128,17 @@ def _pack_attn_kernel(
     # `for work in range(pid, num_work, nprog)` (with the schedules, 105a7f3), the 16-row tile at GQA 4 went from 153
     # to 120 registers on the H200, i.e. 4 resident programs per SM instead of 3 (docs/PERF_NOTES.md; which part of
     # that change did it was not isolated): check the registers before reshaping the loop.
+    # TRACE (off in production: trace_ptr is None, a constexpr, and none of its code is compiled) records each
+    # program's SM, start and pair ends into trace_ptr (TRACE_RECORD int64 per program; see pack_attention).
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if TRACE:
+        record = trace_ptr + pid.to(tl.int64) * _RECORD
+        tl.store(record, _sm_id().to(tl.int64))
+        tl.store(record + 1, _global_timer())
+        traced = 0
     queued = (tl.load(launch_ptr + 2) != 0) & (num_work > nprog)
     work = pid
     if queued:
@@ -166,15 +181,35 @@ def _pack_attn_kernel(
             UPCAST,
             DOT_PRECISION,
         )
+        if TRACE:
+            done = _global_timer()
+            if traced < _PAIRS:
+                tl.store(record + 2 + 2 * traced, work.to(tl.int64))
+                tl.store(record + 3 + 2 * traced, done)
+            traced += 1
         if queued:
             work = tl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
             work = rnd * nprog + pid
+    if TRACE:
+        tl.store(record + _RECORD - 1, traced.to(tl.int64))
     if queued:
         if tl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
             tl.atomic_xchg(queue_ptr, 0)
             tl.atomic_xchg(queue_ptr + 1, 0)
+
+
+@triton.jit
+def _global_timer():
+    """The GPU's global timer in ns (tracing only)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sm_id():
+    """The SM this program runs on (tracing only)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -320,6 +355,7 @@ def pack_attention(
     num_programs: int,
     sm_scale: float,
     work_queue: torch.Tensor | None = None,
+    trace: torch.Tensor | None = None,
 ) -> None:
     """Launch the pack kernel over the items of one tile config.
 
@@ -338,6 +374,9 @@ def pack_attention(
             each (eager); a fixed, smaller grid loops (CUDA graphs).
         work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero); one per
             launch that may run concurrently.
+        trace: None (production), or int64 ``[num_programs, TRACE_RECORD]`` on the device: each program records its
+            SM, its start and the end of each of its (item, KV head) pairs (GPU timers; a GPU only), compiled in by
+            the ``TRACE`` constexpr (pat_sglang.bench.trace reads the records).
     """
     if num_programs <= 0:
         return
@@ -354,6 +393,8 @@ def pack_attention(
         raise ValueError("launch_info must be an int32 tensor of (first item, number of items, may queue)")
     if work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2:
         raise ValueError("work_queue must be an int32 tensor of 2 zeros (the launch's work queue)")
+    if trace is not None and (trace.dtype != torch.int64 or trace.numel() < num_programs * TRACE_RECORD):
+        raise ValueError(f"trace must be an int64 tensor of [num_programs, {TRACE_RECORD}]")
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
     wgmma = config.kernel == "wgmma" and wgmma_supported(q.dtype, head_dim, q.device)
@@ -374,6 +415,7 @@ def pack_attention(
         partial_lse,
         launch_info,
         work_queue,
+        trace,  # None: a constexpr, no kernel argument
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -387,7 +429,13 @@ def pack_attention(
         partial_o.stride(1),
         partial_lse.stride(0),
         **kernel_constexprs(
-            config, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=q.dtype, wgmma=wgmma
+            config,
+            num_kv_heads=num_kv_heads,
+            group=group,
+            head_dim=head_dim,
+            dtype=q.dtype,
+            wgmma=wgmma,
+            trace=trace is not None,
         ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -427,17 +475,25 @@ def _wide_pack_kernel():
 
 
 def kernel_constexprs(
-    config: TileConfig, *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, wgmma: bool = False
+    config: TileConfig,
+    *,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    wgmma: bool = False,
+    trace: bool = False,
 ) -> dict[str, int | bool | str]:
     """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
     warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one); with
-    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead."""
+    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead; ``trace``: the program-tracing build."""
     common = dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        TRACE=trace,
     )
     if wgmma:  # its K/V ring is hand-written: the stages are its own constexpr
         return common | dict(BLOCK_M=config.wgmma_block_m, NUM_STAGES=config.num_stages)

@@ -30,6 +30,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from pat_sglang.kernels.pack_attention import TRACE_PAIRS, TRACE_RECORD
+
+_RECORD = gl.constexpr(TRACE_RECORD)  # program tracing (pack_attention's trace=)
+_PAIRS = gl.constexpr(TRACE_PAIRS)
+
 
 @gluon.jit
 def _issue_kv(
@@ -230,6 +235,16 @@ def _wide_pack_item(
 
 
 @gluon.jit
+def _global_timer():
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _sm_id():
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _wide_pack_kernel(
     q_ptr,
     k_ptr,
@@ -246,6 +261,7 @@ def _wide_pack_kernel(
     partial_lse_ptr,
     launch_ptr,
     queue_ptr,
+    trace_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -264,6 +280,7 @@ def _wide_pack_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
+    TRACE: gl.constexpr,
 ):
     # The same launch contract as _pack_attn_kernel (launch_info on the device, persistent programs, the work queue
     # for a launch that may queue and has more pairs than programs, else the static stride).
@@ -278,6 +295,11 @@ def _wide_pack_kernel(
     num_work = gl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
+    if TRACE:  # as _pack_attn_kernel's (off in production: none of it compiled)
+        record = trace_ptr + pid.to(gl.int64) * _RECORD
+        gl.store(record, _sm_id().to(gl.int64))
+        gl.store(record + 1, _global_timer())
+        traced = 0
     queued = (gl.load(launch_ptr + 2) != 0) & (num_work > nprog)
     work = pid
     if queued:
@@ -321,11 +343,19 @@ def _wide_pack_kernel(
             BLOCK_N,
             NUM_STAGES,
         )
+        if TRACE:
+            done = _global_timer()
+            if traced < _PAIRS:
+                gl.store(record + 2 + 2 * traced, work.to(gl.int64))
+                gl.store(record + 3 + 2 * traced, done)
+            traced += 1
         if queued:
             work = gl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
             work = rnd * nprog + pid
+    if TRACE:
+        gl.store(record + _RECORD - 1, traced.to(gl.int64))
     if queued:
         if gl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
             gl.atomic_xchg(queue_ptr, 0)
