@@ -100,7 +100,7 @@ test: test-main test-0523 test-triton
 # The main job on an embedded default: a multi-agent decode step through RadixCache, PatAttnBackend and SGLang's
 # Triton backend (small under the interpreter on a CPU, full size on a GPU).
 demo: install
-	$(PY) scripts/demo.py
+	PYTHONPATH=tests $(PY) scripts/demo.py
 
 # On a CUDA machine with torch and triton installed (the H200 box): the same suite on the GPU, plus a timing.
 gpu-check:

@@ -1,18 +1,16 @@
 """``PatDecodeWrapper``: FlashInfer-style ``plan()`` once per decode step, ``run()`` once per layer.
 
-``plan`` does the host work (forest, packing, tiles, KV splits) and one host-to-device copy of the plan's int32
-arrays. ``run`` checks its inputs against the plan using tensor metadata only and launches one pack kernel per tile
-config in use (on persistent side streams, fork/join by events, so it also works inside CUDA-graph capture) and one
-merge kernel. It never synchronises with the device.
+``plan`` checks its tensors, has the host planner (``packing.planner.Planner``: forest, packing, tiles, KV splits,
+decode steps followed) make the step's plan, and makes one host-to-device copy of the plan's int32 arrays. ``run``
+checks its inputs against the plan using tensor metadata only and launches one pack kernel per tile config in use
+(on persistent side streams, fork/join by events, so it also works inside CUDA-graph capture) and one merge kernel.
+It never synchronises with the device. The wrapper holds the buffers, the uploads, the streams and the slot checks.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
-from dataclasses import replace
-from itertools import chain
 
 import numpy as np
 import torch
@@ -28,32 +26,13 @@ from pat_sglang.kernels import (
 from pat_sglang.kernels.common import check_sm_scale
 from pat_sglang.kernels.merge import merge_dim_block, merge_head_block
 from pat_sglang.kernels.slot_check import ERR_RANGE, ERR_SHARED, ERR_WORDS, INT32_LIMIT, check_slots
-from pat_sglang.packing import (
-    ByteModel,
-    Forest,
-    PatPlan,
-    Policy,
-    PrefixPath,
-    build_plan,
-    check_forest_slots,
-    forest_from_paths,
-    forest_from_slots,
-    pack_forest,
-)
-from pat_sglang.packing import plan as plan_module
-from pat_sglang.packing.plan import (
-    MIN_SPLIT_TOKENS,
-    PlanCapacity,
-    PlanCapacityError,
-    advance_plan,
-    rebatch_plan,
-    shared_checks,
-    shared_entries,
-)
-from pat_sglang.packing.tiles import BLOCK_M_CHOICES, block_m_for_rows, graph_tiles
+from pat_sglang.packing import PatPlan, Policy, PrefixPath
+from pat_sglang.packing.plan import shared_checks, shared_entries
+from pat_sglang.packing.planner import GraphLayout, Planner
+from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
 
 # Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
-# (TileConfig.first) takes one more side stream, of the highest priority.
+# (Launch.first) takes one more side stream, of the highest priority.
 NUM_SIDE_STREAMS = 4
 HIGH_PRIORITY = -5  # torch clamps it to the device's highest stream priority
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -62,15 +41,9 @@ CPU_NUM_SMS = 4
 # With the same radix paths as the last full plan, later decode steps advance that plan (see advance_plan) for at
 # most this many steps; then the tree, packs and splits are planned afresh for the grown tails.
 REPLAN_EVERY = 32
-# Graph mode: when a packing's plan does not fit the fixed buffers even without KV splits, it is packed again with
-# partials weighted by these factors (the merge-or-split choice then merges more: fewer partials per request), and
-# at last without sharing, which always fits (one item per request, written directly).
-DEGRADE_PARTIAL_WEIGHTS = (4, 32)
 # Set to 1 to make every plan wait for its device-side slot check and raise at once, naming the request (a debug
 # mode; by default the check's result is read without waiting, and an error raises at a later plan).
 SYNC_CHECKS_ENV = "PAT_SGLANG_SYNC_CHECKS"
-
-logger = logging.getLogger(__name__)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -110,6 +83,8 @@ class PatDecodeWrapper:
         sync_checks: wait for each plan's device-side slot check and raise at once, naming the request (a debug
             mode; default: the ``PAT_SGLANG_SYNC_CHECKS`` environment variable, else off: the check's result is read
             later without waiting, and a failure raises ValueError at a later ``plan`` or at ``check_errors``).
+        tuning: the planner's tile tables, split targets and caps (default: ``DEFAULT_TUNING``, production's; other
+            instances are benchmark and profiling variants).
 
     Slots are checked at every plan: on the host when ``kv_indices`` is there (ValueError at once), else on the
     device by one small kernel that also copies the slots into the wrapper's own int32 buffer with every
@@ -134,6 +109,7 @@ class PatDecodeWrapper:
         replan_every: int = REPLAN_EVERY,
         num_kv_slots: int | None = None,
         sync_checks: bool | None = None,
+        tuning: PlanTuning | None = None,
     ) -> None:
         num_qo_heads = _check_int("num_qo_heads", num_qo_heads, 1)
         num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
@@ -165,6 +141,9 @@ class PatDecodeWrapper:
         self.num_sms = num_sms
         self.policy = Policy(policy)
         self.shortest_split = shortest_split
+        if tuning is not None and not isinstance(tuning, PlanTuning):
+            raise ValueError(f"tuning must be a PlanTuning, got {type(tuning).__name__}")
+        self.tuning = tuning or DEFAULT_TUNING
         self.replan_every = replan_every
         if sync_checks is None:
             sync_checks = os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
@@ -179,9 +158,7 @@ class PatDecodeWrapper:
         # The fewest KV buffer rows a run() inside a CUDA-graph capture saw: the graph replays those buffers, so later
         # plans check against them (replays call no run()).
         self._captured_rows: int | None = None
-        self.degraded_plans = 0  # graph-mode plans packed with fewer partials to fit the buffers (_fresh_plan)
         self._plan: PatPlan | None = None
-        self._step_cache: _StepCache | None = None
         self._items: PackItems | None = None
         self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._kv_indices: torch.Tensor | None = None
@@ -190,17 +167,41 @@ class PatDecodeWrapper:
         self._streams: list[torch.cuda.Stream] = []
         self._launch_info: torch.Tensor | None = None
         self._num_merge: torch.Tensor | None = None
-        # Two zeros per launch for the configs whose schedule may take the work queue (each launch leaves its pair
-        # zero; see TileConfig.schedule).
+        # Two zeros per launch: its work queue (see TileConfig), left zero by every launch.
         self._work_queues = torch.zeros(0, dtype=torch.int32, device=self.device)
 
         self.use_cuda_graph = use_cuda_graph
-        self._graph: _GraphBuffers | None = None
+        layout = None
         if use_cuda_graph:
-            max_batch_size = _check_int("max_batch_size (with use_cuda_graph)", max_batch_size, 1)
-            max_num_kv_tokens = _check_int("max_num_kv_tokens (with use_cuda_graph)", max_num_kv_tokens, 1)
-            max_partials_per_request = _check_int("max_partials_per_request", max_partials_per_request, 2)
-            self._graph = _GraphBuffers(self, max_batch_size, max_num_kv_tokens, max_partials_per_request)
+            layout = GraphLayout.for_heads(
+                num_qo_heads=num_qo_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                num_sms=num_sms,
+                max_batch_size=_check_int("max_batch_size (with use_cuda_graph)", max_batch_size, 1),
+                max_num_kv_tokens=_check_int("max_num_kv_tokens (with use_cuda_graph)", max_num_kv_tokens, 1),
+                partials_per_request=_check_int("max_partials_per_request", max_partials_per_request, 2),
+                tuning=self.tuning,
+            )
+        self._planner = Planner(
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_sms=num_sms,
+            page_size=page_size,
+            policy=self.policy,
+            shortest_split=shortest_split,
+            replan_every=replan_every,
+            tuning=self.tuning,
+            graph=layout,
+        )
+        self._graph: _GraphBuffers | None = None
+        if layout is not None:
+            graph = self._graph = _GraphBuffers(layout, num_qo_heads, head_dim, self.device)
+            self._bind(graph.views)
+            self._kv_indices = graph.kv_indices
+            self._partial_o, self._partial_lse = graph.partial_o, graph.partial_lse
+            self._work_queues = graph.work_queues
 
     @property
     def kv_indices_buffer(self) -> torch.Tensor:
@@ -208,6 +209,16 @@ class PatDecodeWrapper:
         if self._graph is None:
             raise RuntimeError("kv_indices_buffer exists only with use_cuda_graph=True")
         return self._graph.kv_indices
+
+    @property
+    def planner(self) -> Planner:
+        """The host planner (its tuning, its graph layout, the decode steps it follows)."""
+        return self._planner
+
+    @property
+    def degraded_plans(self) -> int:
+        """Graph-mode plans packed with fewer partials to fit the buffers (``Planner.fresh_plan``)."""
+        return self._planner.degraded_plans
 
     @property
     def plan_info(self) -> PatPlan:
@@ -260,8 +271,8 @@ class PatDecodeWrapper:
             raise ValueError(f"kv_indptr: request {i} has 0 KV tokens (need >= 1)")
         if indptr[-1] > kv_indices.numel():
             raise ValueError(f"kv_indptr ends at {int(indptr[-1])} but kv_indices has {kv_indices.numel()} entries")
-        if self._graph is not None:
-            self._graph.check_batch(len(lens), int(indptr[-1]))
+        if self._planner.graph is not None:
+            self._planner.graph.check_batch(len(lens), int(indptr[-1]))
 
         host_indices = None
         if prefix_paths is None or indices_on_host:
@@ -270,68 +281,8 @@ class PatDecodeWrapper:
             self._check_host_slots(indptr, host_indices)
             if self.page_size > 1:
                 _check_page_runs(indptr, host_indices, self.page_size)
-        cache = self._step_cache
-        plan = None
-        if cache is not None:
-            plan = cache.follow(prefix_paths, indptr, lens, kv_data_type, self._graph)
-        if plan is not None:
-            if host_indices is not None:  # the caller's paths against its slots (host indices only)
-                forest = cache.forest if cache.forest is not None else forest_from_paths(indptr, prefix_paths)
-                check_forest_slots(forest, indptr, host_indices)
-            self._install(plan, kv_indices, indptr, host_indices is not None)
-            return
-        self._step_cache = None
-        if prefix_paths is None:
-            forest = forest_from_slots(indptr, host_indices)
-        else:
-            forest = forest_from_paths(indptr, prefix_paths)
-            if host_indices is not None:
-                check_forest_slots(forest, indptr, host_indices)
-        plan = self._fresh_plan(forest, indptr, kv_data_type)
-        if prefix_paths is not None and self.replan_every > 0:
-            self._step_cache = _StepCache(prefix_paths, kv_data_type, forest, plan, self.replan_every, self.num_sms)
+        plan = self._planner.plan(indptr, lens, prefix_paths, host_indices, kv_data_type)
         self._install(plan, kv_indices, indptr, host_indices is not None)
-
-    def _fresh_plan(self, forest: Forest, indptr: np.ndarray, kv_data_type: torch.dtype) -> PatPlan:
-        """Pack the forest and plan it. In graph mode a plan that does not fit the fixed buffers even without KV
-        splits is packed again with fewer partials (``DEGRADE_PARTIAL_WEIGHTS``), then without sharing, instead of
-        failing the step."""
-        model = ByteModel.for_heads(
-            head_dim=self.head_dim,
-            group_size=self.num_qo_heads // self.num_kv_heads,
-            kv_dtype_bytes=kv_data_type.itemsize,
-        )
-        attempts = [(model, self.policy)]
-        if self._graph is not None:
-            heavier = [
-                replace(model, partial_bytes_per_row=model.partial_bytes_per_row * w) for w in DEGRADE_PARTIAL_WEIGHTS
-            ]
-            attempts += [(m, self.policy) for m in heavier if self.policy == Policy.AUTO] + [(model, Policy.MERGE)]
-        for k, (m, policy) in enumerate(attempts):
-            try:
-                plan = build_plan(
-                    pack_forest(forest, m, policy),
-                    indptr,
-                    num_qo_heads=self.num_qo_heads,
-                    num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_dim,
-                    num_sms=self.num_sms,
-                    page_size=self.page_size,
-                    unique_kv_tokens=forest.unique_kv_tokens(),
-                    shortest_split=self.shortest_split,
-                    fixed_configs=self._graph.configs if self._graph else None,
-                    capacity=self._graph.capacity if self._graph else None,
-                )
-            except PlanCapacityError:
-                if k == len(attempts) - 1:
-                    raise
-                continue
-            if k:
-                self.degraded_plans += 1
-                how = policy.value if policy != Policy.AUTO else f"partials weighted x{DEGRADE_PARTIAL_WEIGHTS[k - 1]}"
-                logger.debug("pat: a plan of %d requests fits the CUDA-graph buffers as %s", forest.num_reqs, how)
-            return plan
-        raise AssertionError("unreachable")
 
     def _plan_bound(self) -> int:
         """The bound a plan checks its slots against (see ``num_kv_slots``)."""
@@ -365,6 +316,7 @@ class PatDecodeWrapper:
             checks = shared_checks(plan, indptr, self._shared_entries)
         if self._graph is not None:
             view = self._graph.upload(plan, kv_indices if checked else None, nnz, checks)
+            self._plan = plan
             dst = self._graph.kv_indices
         else:
             view = self._upload(plan, checks)
@@ -462,33 +414,20 @@ class PatDecodeWrapper:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None
 
-        graph = self._graph
+        graph = self._planner.graph
         if self._work_queues.numel() < 2 * len(plan.launches):  # eager plans only: graph buffers hold every launch
             self._work_queues = torch.zeros(2 * len(plan.launches), dtype=torch.int32, device=self.device)
 
         def launch(i: int) -> None:
             lc = plan.launches[i]
-            pack_attention(
-                q,
-                k_buffer,
-                v_buffer,
-                self._kv_indices,
-                self._items,
-                out,
-                self._partial_o,
-                self._partial_lse,
-                self._launch_info[3 * i : 3 * i + 3],
-                config=lc.config,
-                num_programs=graph.grids[i] if graph else lc.num_items * self.num_kv_heads,
-                sm_scale=scale,
-                work_queue=self._work_queues[2 * i : 2 * i + 2],
-            )
+            programs = graph.grids[i] if graph else lc.num_items * self.num_kv_heads
+            self._launch_pack(i, lc, programs, q, k_buffer, v_buffer, out, scale)
 
         # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
         active = graph.launches_for(plan) if graph else tuple(range(len(plan.launches)))
         if self.device.type == "cuda" and len(active) > 1:
-            self._fork_join(launch, active, [plan.launches[i].config.first for i in active])
+            self._fork_join(launch, active, [plan.launches[i].first for i in active])
         else:
             for i in active:
                 launch(i)
@@ -506,6 +445,25 @@ class PatDecodeWrapper:
             dim_block=merge_dim_block(merge_programs, self.num_qo_heads, self.head_dim, self.num_sms),
         )
         return out
+
+    def _launch_pack(self, i: int, lc, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
+        """The pack kernel over launch ``i`` (``lc``) of the plan (a subclass may add launch arguments: the
+        program tracer of pat_sglang.bench.trace passes ``trace=``)."""
+        pack_attention(
+            q,
+            k_buffer,
+            v_buffer,
+            self._kv_indices,
+            self._items,
+            out,
+            self._partial_o,
+            self._partial_lse,
+            self._launch_info[3 * i : 3 * i + 3],
+            config=lc.config,
+            num_programs=num_programs,
+            sm_scale=scale,
+            work_queue=self._work_queues[2 * i : 2 * i + 2],
+        )
 
     def _check_kv_rows(self, rows: int) -> None:
         """The KV buffers against the slots planned: refused when they hold fewer rows than promised or than a
@@ -686,179 +644,29 @@ def _raise_slot_details(slots: np.ndarray, indptr: np.ndarray, bound: int, check
             )
 
 
-class _StepCache:
-    """The last full plan made from radix paths, followed through later decode steps of the same requests.
-
-    Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
-    paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
-    removed (requests finished; the rest keep their order), followed by newcomers whose paths are empty (CUDA-graph
-    padding, unshared requests) or equal to a remaining request's (a twin), is rebatched first (``rebatch_plan``).
-    Anything else (a newcomer on a new branch of the tree, changed paths) plans afresh.
-    """
-
-    JOIN_SHARE = 0.125  # newcomers' own tokens are read in few pieces: only a small share of the step's tokens
-
-    def __init__(
-        self, prefix_paths: Sequence[PrefixPath], kv_data_type: torch.dtype, forest, plan, steps: int, num_sms: int
-    ) -> None:
-        self.paths = _copy_paths(prefix_paths)
-        self.num_sms = num_sms  # for the rebatched plan's launch flags (rebatch_plan)
-        self.kv_data_type = kv_data_type
-        self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
-        self.plan = plan
-        self.steps = 0
-        self.max_steps = steps
-
-    def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type, graph):
-        """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due."""
-        if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
-            return None
-        paths = list(prefix_paths)
-        plan = None
-        if self.paths == paths:  # element-wise, in C: node ids and token counts of every path
-            plan = advance_plan(self.plan, indptr, lens)
-        # Other paths, or equal ones with a row shorter than planned (an equal request took a leaver's place).
-        if plan is None and self._rebatch(paths, lens, graph):
-            plan = advance_plan(self.plan, indptr, lens)
-        if plan is not None:
-            self.steps += 1
-        return plan
-
-    def _rebatch(self, paths: list, lens: np.ndarray, graph: _GraphBuffers | None) -> bool:
-        """Make the cached plan the plan of ``paths`` at their planning-time lengths (leavers dropped, newcomers
-        added); False when that cannot be done."""
-        base = self.plan.step.seq_lens
-        keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
-        join_lens = lens[len(keep) :]
-        twins, path_ends = _twins(paths, len(keep))
-        if twins is None or (join_lens - path_ends).sum() > self.JOIN_SHARE * lens.sum():
-            return False  # a newcomer shares with no remaining request, or newcomers bring too many tokens
-        plan_lens = np.concatenate([base[keep], join_lens])
-        rebatched = rebatch_plan(
-            self.plan,
-            keep,
-            join_lens,
-            unique_kv_tokens=_unique_tokens(paths, plan_lens),
-            fixed_launches=graph is not None,
-            capacity=graph.capacity if graph is not None else None,
-            join_twin=twins,
-            join_path_end=path_ends,
-            num_sms=self.num_sms,
-        )
-        if rebatched is None:
-            return False
-        self.plan, self.forest = rebatched, None
-        self.paths = _copy_paths(paths)
-        return True
-
-
-def _copy_paths(paths) -> list:
-    """A copy (the caller may reuse its lists) in the caller's container types, so that equal paths compare equal;
-    entries are compared by value (tuples, as the SGLang backend makes them)."""
-    return [p if isinstance(p, tuple) else list(p) for p in paths]
-
-
-def _unique_tokens(paths: list, lens: np.ndarray) -> int:
-    """KV tokens of the batch counted once: every radix node once, plus each request's tokens past its path."""
-    try:
-        nodes = set(chain.from_iterable(paths))
-    except TypeError:  # unhashable entries: count through the forest
-        return forest_from_paths(np.concatenate([[0], np.cumsum(lens)]), paths).unique_kv_tokens()
-    return int(lens.sum()) + sum(n for _, n in nodes) - sum(n for path in paths for _, n in path)
-
-
-def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[int]) -> np.ndarray | None:
-    """An increasing choice of ``old`` positions for the leading entries of ``new``: equal paths, and no row
-    shorter than when planned (plans are by position, so any such choice is exact; the earliest one is found when
-    one exists). The entries of ``new`` past the chosen ones are newcomers (see ``_twins``)."""
-    keep, j = [], 0
-    for path, n in zip(new, new_lens):
-        while j < len(old) and (old[j] != path or old_lens[j] > n):
-            j += 1
-        if j == len(old):
-            break
-        keep.append(j)
-        j += 1
-    return np.asarray(keep, dtype=np.int64)
-
-
-def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray] | None, np.ndarray]:
-    """Per newcomer (``paths[num_kept:]``): the remaining requests with the same path, in order (none for an empty
-    path), and the tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
-    kept = paths[:num_kept]
-    joining = paths[num_kept:]
-    try:  # one pass over the remaining requests, grouped by path (paths of hashable entries, as the backend makes)
-        wanted = {tuple(p): [] for p in joining if p}
-        for k, p in enumerate(kept):
-            same = wanted.get(tuple(p))
-            if same is not None:
-                same.append(k)
-        found = [wanted[tuple(p)] if p else [] for p in joining]
-    except TypeError:  # unhashable entries: compare with each remaining request
-        found = [[k for k, p in enumerate(kept) if p == path] if path else [] for path in joining]
-    twins, ends = [], []
-    for path, same in zip(joining, found):
-        if path and not same:
-            return None, np.zeros(0, dtype=np.int64)
-        twins.append(np.asarray(same, dtype=np.int64))
-        ends.append(sum(n for _, n in path))
-    return twins, np.asarray(ends, dtype=np.int64)
-
-
 class _GraphBuffers:
-    """CUDA-graph mode: fixed device buffers that every plan is copied into, and the fixed launch sequence.
+    """CUDA-graph mode: fixed device buffers that every plan is copied into, sized by the planner's ``GraphLayout``.
 
     The plan's int32 arrays go to fixed offsets of one buffer (one host-to-device copy), ``kv_indices`` into a fixed
     buffer (one device copy), and partials into a fixed workspace, so the pointers a captured graph holds stay valid.
     """
 
-    def __init__(self, w: PatDecodeWrapper, max_batch_size: int, max_num_kv_tokens: int, partials_per_req: int):
-        ctas_per_sm = plan_module.CTAS_PER_SM  # read here: scripts/profile_decode.py's variant patches it
-        self.max_batch_size = max_batch_size
-        self.group = group = w.num_qo_heads // w.num_kv_heads
-        # One config per BLOCK_M that a pack of this GQA group can need (two for 16 rows where the tail tile depends on
-        # the plan), with the table's full-length BLOCK_N, widest first: wide packs are the longest work, and a
-        # launch's programs occupy SMs until its pairs are done.
-        self.configs = graph_tiles(w.head_dim, w.num_kv_heads, group)
-        # Per request a few partials (its path and splits), plus a budget for the KV splits of a few long requests.
-        max_partials = max_batch_size * partials_per_req + 2 * ctas_per_sm * w.num_sms
-        self.capacity = PlanCapacity(
-            max_items=max_partials + max_batch_size,
-            max_entries=max_partials + max_batch_size,
-            max_partials=max_partials,
-            max_merge_reqs=max_batch_size,
-        )
-        # A persistent grid per config: its programs loop over that config's (item, KV head) pairs. (Fewer programs
-        # for the wide configs, or only as many as fit an SM at once, measured level or slower on the H200:
-        # docs/PERF_NOTES.md.)
-        self.grids = (ctas_per_sm * w.num_sms,) * len(self.configs)
-        cap = self.capacity
-        self.sizes = {
-            "item_kv_start": cap.max_items,
-            "item_kv_len": cap.max_items,
-            "item_entry_start": cap.max_items,
-            "item_num_reqs": cap.max_items,
-            "entry_req": cap.max_entries,
-            "entry_dest": cap.max_entries,
-            "merge_req": cap.max_merge_reqs,
-            "merge_indptr": cap.max_merge_reqs + 1,
-            "merge_indices": cap.max_partials,
-            "launch_info": 3 * len(self.configs),
-            "num_merge": 1,
-        }
-        assert set(self.sizes) == set(PatPlan.ARRAY_FIELDS)
+    def __init__(self, layout: GraphLayout, num_qo_heads: int, head_dim: int, device: torch.device) -> None:
+        self.sizes = sizes = layout.array_sizes
         self.offsets, pos = {}, 0
         for name in PatPlan.ARRAY_FIELDS:
             self.offsets[name] = pos
-            pos += self.sizes[name]
+            pos += sizes[name]
         # After the plan: the slot checks' [3, E] array (E <= entries), read by the check kernel at plan time only.
+        cap = layout.capacity
         self.checks_offset = pos
         pos += 3 * cap.max_entries
-        self.buffer = torch.zeros(pos, dtype=torch.int32, device=w.device)
+        self.buffer = torch.zeros(pos, dtype=torch.int32, device=device)
+        self.views = {name: self.buffer[o : o + sizes[name]] for name, o in self.offsets.items()}
         # Two pinned staging copies of the buffer, used in turn: a plan is written into the one whose last copy to
         # the device has completed (its event), so no plan overwrites bytes still in flight and nothing waits unless
         # the device is two plans behind. Entries past a plan's counts are never read, so nothing is zeroed.
-        pinned = w.device.type == "cuda"
+        pinned = device.type == "cuda"
         self.staging = [torch.zeros(pos, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
         self.staging_host = [s.numpy() for s in self.staging]  # views of the same memory, made once
         # The event recorded after each staging copy's last upload, made once (see _fork_join). Waiting on one that
@@ -866,35 +674,12 @@ class _GraphBuffers:
         self.staged = [torch.cuda.Event(), torch.cuda.Event()] if pinned else [None, None]
         self.held: list[dict[str, np.ndarray]] = [{}, {}]
         self.turn = 0
-        self.max_num_kv_tokens = max_num_kv_tokens
-        self.kv_indices = torch.zeros(max_num_kv_tokens, dtype=torch.int32, device=w.device)
-        w._bind({name: self.buffer[o : o + self.sizes[name]] for name, o in self.offsets.items()})
-        w._kv_indices = self.kv_indices
-        w._partial_o = torch.zeros(max_partials, w.num_qo_heads, w.head_dim, dtype=torch.float32, device=w.device)
-        w._partial_lse = torch.zeros(max_partials, w.num_qo_heads, dtype=torch.float32, device=w.device)
-        w._work_queues = torch.zeros(2 * len(self.configs), dtype=torch.int32, device=w.device)
-        self.wrapper = w
-
-    def launches_for(self, plan: PatPlan) -> tuple[int, ...]:
-        """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,
-        so wider tiles stay empty in every plan of that batch size (checked here on the host)."""
-        widest = block_m_for_rows(min(plan.num_reqs * self.group, BLOCK_M_CHOICES[-1]))
-        # A config for plans with wider packs stays empty where none can be.
-        active = tuple(
-            i
-            for i, c in enumerate(self.configs)
-            if c.block_m <= widest and not (c.when == "beside_wider" and widest == c.block_m)
-        )
-        if sum(lc.num_items for lc in plan.launches) != sum(plan.launches[i].num_items for i in active):
-            raise RuntimeError(f"a plan of {plan.num_reqs} requests has packs wider than BLOCK_M {widest}")
-        return active
-
-    def check_batch(self, batch_size: int, nnz: int) -> None:
-        """Raise ValueError for a batch that no plan fits into these buffers."""
-        if nnz > self.max_num_kv_tokens:
-            raise ValueError(f"kv_indices: {nnz} KV tokens exceed max_num_kv_tokens={self.max_num_kv_tokens}")
-        if batch_size > self.max_batch_size:
-            raise ValueError(f"kv_indptr: batch of {batch_size} exceeds max_batch_size={self.max_batch_size}")
+        self.kv_indices = torch.zeros(layout.max_num_kv_tokens, dtype=torch.int32, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.partial_o = torch.zeros(cap.max_partials, num_qo_heads, head_dim, **f32)
+        self.partial_lse = torch.zeros(cap.max_partials, num_qo_heads, **f32)
+        # Two zeros per launch: its work queue (see TileConfig), left zero by every launch.
+        self.work_queues = torch.zeros(2 * len(layout.configs), dtype=torch.int32, device=device)
 
     def upload(
         self, plan: PatPlan, kv_indices: torch.Tensor | None, nnz: int, checks: np.ndarray | None
@@ -902,7 +687,6 @@ class _GraphBuffers:
         """Stage and copy the plan (and the slot checks) into the fixed buffers; ``kv_indices`` (slots checked on
         the host) into the fixed slot buffer, unless it is that buffer or None (the slot check copies them).
         Returns the device view of the checks."""
-        self.check_batch(plan.num_reqs, nnz)
         turn = self.turn
         self.turn ^= 1
         if self.staged[turn] is not None:
@@ -925,5 +709,4 @@ class _GraphBuffers:
             self.staged[turn].record()
         if kv_indices is not None and kv_indices.data_ptr() != self.kv_indices.data_ptr():
             self.kv_indices[:nnz].copy_(kv_indices[:nnz], non_blocking=True)
-        self.wrapper._plan = plan
         return view

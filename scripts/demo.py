@@ -2,11 +2,11 @@
 """The main job on an embedded default: a multi-agent decode step through SGLang's real RadixCache and PatAttnBackend,
 with SGLang's TritonAttnBackend beside it.
 
-Requests (system prompt -> agent role -> conversation, shared/WORKLOADS.md ``multi_agent``) are prefilled through a
-real ``RadixCache`` (prefix matches, inserts, node splits), then one decode step runs through both backends. Printed:
-the packs per tree level, the KV bytes pat reads against a per-request decode, agreement of pat with the Triton
-backend and the fp32 reference, and on a GPU the time of each. On a CPU-only machine it runs small under the Triton
-interpreter (with the test-only SGLang stand-ins of tests/); on a GPU at full size. Nothing is downloaded.
+Requests (system prompt -> agent role -> conversation: ``multi_agent`` of docs/DESIGN.md, Workloads) are prefilled
+through a real ``RadixCache`` (prefix matches, inserts, node splits), then one decode step runs through both backends.
+Printed: the packs per tree level, the KV bytes pat reads against a per-request decode, agreement of pat with the
+Triton backend and the fp32 reference, and on a GPU the time of each. On a CPU-only machine it runs small under the
+Triton interpreter (with the test-only SGLang stand-ins of tests/); on a GPU at full size. Nothing is downloaded.
 
     python scripts/demo.py            # or: make demo
 """
@@ -17,18 +17,18 @@ import argparse
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sglang_env  # noqa: E402
+try:  # the test-only SGLang stand-ins and harness of tests/ (make demo puts them on PYTHONPATH)
+    import sglang_env
+except ImportError:
+    sys.exit("the demo runs SGLang's objects through tests/sglang_harness.py: run it as `make demo`, or with "
+             "PYTHONPATH=tests python scripts/demo.py")  # fmt: skip
 
 if not sglang_env.prepare():
     sys.exit("the demo needs sglang: pip install --no-deps sglang==0.5.10.post1 (see README, 'Test')")
@@ -38,9 +38,9 @@ from sglang_harness import Scheduler, make_layer, make_runner  # noqa: E402
 
 from pat_sglang.backend.attn_backend import create_pat_backend  # noqa: E402
 from pat_sglang.backend.paths import stash_batch_paths  # noqa: E402
+from pat_sglang.bench.workloads import make_workload  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
 from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest  # noqa: E402
-from pat_sglang.packing.workloads import make_workload  # noqa: E402
 
 
 def token_ids(workload, seed: int) -> list[list[int]]:

@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pat_sglang import PatDecodeWrapper  # noqa: E402
-from pat_sglang.backend.paths import batch_paths  # noqa: E402
-from pat_sglang.packing import ByteModel, build_plan, forest_from_paths, pack_forest  # noqa: E402
-from pat_sglang.packing.plan import advance_plan  # noqa: E402
-from pat_sglang.packing.workloads import WORKLOADS, make_workload  # noqa: E402
+from pat_sglang import PatDecodeWrapper
+from pat_sglang.backend.paths import batch_paths
+from pat_sglang.bench.workloads import WORKLOADS, make_workload
+from pat_sglang.packing import ByteModel, forest_from_paths, pack_forest
+from pat_sglang.packing.steps import advance_plan
 
 HEADS = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 SHARING = ["system_prompt", "multi_agent", "rag", "parallel_sampling", "tree_of_thought"]
@@ -91,7 +86,8 @@ def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, devic
         max_num_kv_tokens=int(steps[-1][0][-1]),
         replan_every=reps + 1,
     )
-    graph = w._graph
+    planner = w.planner
+    buffers = w._graph  # the wrapper's fixed device buffers: the upload phase alone
     buffer = w.kv_indices_buffer
 
     def call(k: int):
@@ -111,13 +107,11 @@ def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, devic
         t0 = time.perf_counter()
         forest = forest_from_paths(indptr.numpy(), wl.prefix_paths)
         t1 = time.perf_counter()
-        packing = pack_forest(forest, model, w.policy)
+        packing = pack_forest(forest, model, planner.policy, planner.tuning)
         t2 = time.perf_counter()
-        plan = build_plan(packing, indptr.numpy(), num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
-                          num_sms=w.num_sms, unique_kv_tokens=forest.unique_kv_tokens(),
-                          fixed_configs=graph.configs, capacity=graph.capacity)  # fmt: skip
+        plan = planner.build(packing, indptr.numpy(), forest.unique_kv_tokens())
         t3 = time.perf_counter()
-        graph.upload(plan, buffer, int(indptr[-1]))
+        buffers.upload(plan, buffer, int(indptr[-1]), None)
         t4 = time.perf_counter()
         for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[key].append(dt)
@@ -136,7 +130,7 @@ def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, devic
     # Followed decode steps: the whole call, then its phases replayed on the same inputs.
     call(0)
     totals, compare, advance, upload = [], [], [], []
-    cache = w._step_cache
+    cache = planner.step_cache
     for k in range(1, reps + 1):
         dt, indptr, paths = call(k)
         totals.append(dt)
@@ -147,7 +141,7 @@ def profile(name: str, heads: tuple[int, int, int], batch: int, reps: int, devic
         t1 = time.perf_counter()
         plan = advance_plan(cache.plan, host, lens)
         t2 = time.perf_counter()
-        graph.upload(plan, buffer, int(host[-1]))
+        buffers.upload(plan, buffer, int(host[-1]), None)
         t3 = time.perf_counter()
         assert same and plan is not None, "the step was not followed"
         compare.append(t1 - t0)
@@ -177,16 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    checks = ""
-    if device.type == "cpu":
-        # With slots on the host, plan() also checks the paths against them (O(KV tokens)); a GPU run never does.
-        import pat_sglang.wrapper as wrapper_module
-
-        wrapper_module.check_forest_slots = lambda *a: None
-        checks = ", host slot checks off as on a GPU"
     rows = [(name, profile(name, HEADS[args.heads], args.batch, args.reps, device)) for name in args.workload]
     cols = list(rows[0][1])
-    print(f"host µs per call, median ({args.heads}, {args.device}{checks}):")
+    print(f"host µs per call, median ({args.heads}, {args.device}):")
     print(f"{'workload':>18} " + " ".join(f"{c:>14}" for c in cols))
     for name, r in rows:
         print(f"{name:>18} " + " ".join(f"{r[c]:14.0f}" for c in cols))

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 import triton.testing
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pat_sglang.kernels import PackItems, TileConfig, pack_attention
 
-from pat_sglang.kernels import PackItems, TileConfig, pack_attention  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # (name, requests per item, number of items, tokens per item): memory-bound tails, mid packs, wide packs.
 SHAPES = [
@@ -59,7 +58,9 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
     po = torch.empty(1, hkv * group, head_dim, device=dev)
     plse = torch.empty(1, hkv * group, device=dev)
 
-    launch_info = torch.tensor([0, num_items, 1], dtype=torch.int32, device=dev)
+    # One program per (item, KV head) pair, taken by the static stride (the launch may not queue).
+    launch_info = torch.tensor([0, num_items, 0], dtype=torch.int32, device=dev)
+    queue = torch.zeros(2, dtype=torch.int32, device=dev)
 
     def fn():
         pack_attention(
@@ -75,6 +76,7 @@ def bench_shape(reqs, num_items, kv_len, cfg, *, hkv, group, head_dim, dtype) ->
             config=cfg,
             num_programs=num_items * hkv,
             sm_scale=0.08,
+            work_queue=queue,
         )
 
     fn()

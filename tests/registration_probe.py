@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sglang_env  # noqa: E402
+import sglang_env  # this file's folder is on sys.path: it runs as a script
 
 assert sglang_env.prepare()
 

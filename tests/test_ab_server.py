@@ -1,4 +1,5 @@
-"""CPU tests of scripts/ab_server.py's workload, agreement and report parts (the servers themselves need a GPU)."""
+"""CPU tests of the server A/B's workload, agreement and report parts (pat_sglang.bench.ab_server, run by
+scripts/ab_server.py; the servers themselves need a GPU)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ from pathlib import Path
 import pytest
 import sglang_env
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from pat_sglang.bench import ab_server
 
-import ab_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return ab_server.prepare_model(ab_server.DEFAULT_MODEL, tmp_path_factory.mktemp("ab"))
+    return ab_server.prepare_model(ROOT / ab_server.DEFAULT_MODEL, tmp_path_factory.mktemp("ab"))
 
 
 def _tokenizer(model_dir: Path):
@@ -111,7 +111,7 @@ def test_server_lifecycle_and_greedy_parsing(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = ab_server.Server(ab_server.DEFAULT_MODEL, "pat", port, tmp_path / "server.log", [])
+    srv = ab_server.Server(ROOT / ab_server.DEFAULT_MODEL, "pat", port, tmp_path / "server.log", [])
     assert "--attention-backend" in srv.cmd and "pat" in srv.cmd
     srv.cmd = [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(port)]
     prompts = ab_server.check_prompts(3, seed=0)
@@ -126,7 +126,7 @@ def test_server_lifecycle_and_greedy_parsing(tmp_path):
 
 
 def test_decode_only_server_flags():
-    srv = ab_server.Server(ab_server.DEFAULT_MODEL, "pat-decode", 1, Path("/dev/null"), ["--tp", "1"])
+    srv = ab_server.Server(ROOT / ab_server.DEFAULT_MODEL, "pat-decode", 1, Path("/dev/null"), ["--tp", "1"])
     assert srv.cmd[-6:] == ["--prefill-attention-backend", "triton", "--decode-attention-backend", "pat", "--tp", "1"]
 
 
@@ -147,6 +147,7 @@ def test_backends_across_invocations(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     common = ["--no-bench", "--multi-level", "--check-prompts", "3", "--check-tokens", "4", "--port", port]
+    common += ["--model-path", str(ROOT / ab_server.DEFAULT_MODEL)]
     with pytest.raises(SystemExit, match="--reference triton"):
         ab_server.main(["--backends", "pat", "--out", str(tmp_path), *common])
     ab_server.main(["--backends", "triton", "--out", str(tmp_path), *common])

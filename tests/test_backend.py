@@ -132,7 +132,7 @@ def test_decode_steps_advance_the_plan():
         q, k, v = _qkv(fb.batch_size, seed=10 + step)
         pat.init_forward_metadata(fb)
         out = pat.forward_decode(q, k, v, layer, fb)
-        assert pat.pat_eager._step_cache.steps == step, "steps after the first follow the first plan"
+        assert pat.pat_eager.planner.followed_steps == step, "steps after the first follow the first plan"
         triton.init_forward_metadata(fb)
         out_triton = triton.forward_decode(q, k, v, layer, fb, save_kv_cache=False)
         _assert_close(out, _reference(runner, fb, q, layer.scaling))

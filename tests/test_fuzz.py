@@ -71,7 +71,7 @@ def test_fuzz_plan_following(data, graph, page_size):
     for _ in random_steps(data, st, batch, num_steps=12, max_reqs=24, max_len=48):
         indptr, indices, paths = batch.layout()
         w.plan(torch.from_numpy(indptr), torch.from_numpy(indices), prefix_paths=paths)
-        followed += w._step_cache is not None and w._step_cache.steps > 0
+        followed += w.planner.followed_steps > 0
         _covered(w, indptr, indices)
     event(f"followed steps: {min(followed, 12) // 4 * 4}+")
 

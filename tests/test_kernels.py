@@ -38,6 +38,11 @@ def _launch(first: int, count: int, alone: int = 0) -> torch.Tensor:
     return torch.tensor([first, count, alone], dtype=torch.int32, device=DEVICE)
 
 
+def _queue() -> torch.Tensor:
+    """A launch's work-queue words (two zeros; every launch leaves them zero)."""
+    return torch.zeros(2, dtype=torch.int32, device=DEVICE)
+
+
 def _workspace(num_partials: int, num_heads: int, head_dim: int):
     # Filled with NaN so that a slot the kernel forgot to write cannot pass for a result.
     o = torch.full((num_partials, num_heads, head_dim), float("nan"), device=DEVICE)
@@ -65,7 +70,19 @@ def test_one_pack_shared_range(dtype, head_dim, group, kv_len):
     cfg = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
     scale = default_sm_scale(head_dim)
     pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, 1),
+        config=cfg,
+        num_programs=1 * k.shape[1],
+        sm_scale=scale,
+        work_queue=_queue(),
     )
     ref, _ = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(out, ref, dtype)
@@ -86,7 +103,19 @@ def test_wide_pack(dtype, block_m):
     cfg = TileConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
     scale = 0.3
     pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1 * k.shape[1], sm_scale=scale
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, 1),
+        config=cfg,
+        num_programs=1 * k.shape[1],
+        sm_scale=scale,
+        work_queue=_queue(),
     )
     ref_o, ref_lse = attention_reference(q, k[slots.long()], v[slots.long()], scale)
     assert_close(po, ref_o, dtype)
@@ -109,7 +138,19 @@ def test_rows_map_to_requests_and_heads_for_every_group(group):
     items = _items([0], [kv_len], [0], [batch], list(range(batch))[::-1], [-(r + 1) for r in range(batch)][::-1])
     cfg = TileConfig(block_m=128, block_n=16, num_warps=4, num_stages=2)
     pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=num_kv_heads, sm_scale=0.2
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, 1),
+        config=cfg,
+        num_programs=num_kv_heads,
+        sm_scale=0.2,
+        work_queue=_queue(),
     )
     ref, _ = attention_reference(q, k, v, 0.2)
     assert_close(out, ref, torch.float16)
@@ -124,7 +165,7 @@ def test_production_tiles(dtype, group, block_m, model_kv_heads):
     the llama3-8b and qwen2.5-7b GQA groups, KV a few tiles long, outputs written directly."""
     num_kv_heads, head_dim, kv_len = 2, 128, 150
     batch = block_m // group
-    cfg = choose_tile(batch * group, head_dim, kv_len, num_kv_heads=model_kv_heads)
+    cfg = choose_tile(batch * group, head_dim, kv_len, num_kv_heads=model_kv_heads).config
     assert cfg.block_m == block_m
     k, v = random_kv(kv_len + 10, num_kv_heads, head_dim, dtype)
     q = random_q(batch, num_kv_heads * group, head_dim, dtype)
@@ -159,7 +200,19 @@ def test_merge_identity(dtype, split_at):
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
     scale = default_sm_scale(head_dim)
     pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, 2), config=cfg, num_programs=2 * k.shape[1], sm_scale=scale
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, 2),
+        config=cfg,
+        num_programs=2 * k.shape[1],
+        sm_scale=scale,
+        work_queue=_queue(),
     )
     as_t = lambda a: torch.tensor(a, dtype=torch.int32, device=DEVICE)
     merge_partials(po, plse, as_t([0, 1]), as_t([0, 2, 4]), as_t([0, 2, 1, 3]), as_t([2]), out, num_programs=2)
@@ -222,9 +275,37 @@ def test_launch_covers_only_its_items():
     items = _items([0, 16], [16, 16], [0, 1], [1, 1], [0, 1], [-1, -2])
     cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
     # A launch of zero items (graph mode's fixed sequence has them) writes nothing, whatever its grid.
-    pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 0), config=cfg, num_programs=4, sm_scale=0.125)
+    pack_attention(
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, 0),
+        config=cfg,
+        num_programs=4,
+        sm_scale=0.125,
+        work_queue=_queue(),
+    )
     assert torch.isnan(out.float()).all()
-    pack_attention(q, k, v, slots, items, out, po, plse, _launch(1, 1), config=cfg, num_programs=1, sm_scale=0.125)
+    pack_attention(
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(1, 1),
+        config=cfg,
+        num_programs=1,
+        sm_scale=0.125,
+        work_queue=_queue(),
+    )
     ref, _ = attention_reference(q[1:], k[16:], v[16:], 0.125)
     assert_close(out[1:], ref, dtype)
     assert torch.isnan(out[0].float()).all()
@@ -237,8 +318,6 @@ def test_tile_config_rejects_bad_blocks():
         TileConfig(block_m=16, block_n=8, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match="max_regs"):
         TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, max_regs=300)
-    with pytest.raises(ValueError, match="schedule"):
-        TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, schedule="lifo")
     with pytest.raises(ValueError, match="kernel must be"):
         TileConfig(block_m=64, block_n=16, num_warps=4, num_stages=3, kernel="cuda")
     with pytest.raises(ValueError, match="num_warps = block_m / 16"):
@@ -311,7 +390,19 @@ def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head
     cfg = TileConfig(block_m, block_n, max(block_m, 64) // 16, num_stages, max_regs=max_regs, kernel="wgmma")
     scale = default_sm_scale(head_dim)
     pack_attention(
-        q, k, v, slots, items, out, po, plse, _launch(0, len(lens)), config=cfg, num_programs=3, sm_scale=scale
+        q,
+        k,
+        v,
+        slots,
+        items,
+        out,
+        po,
+        plse,
+        _launch(0, len(lens)),
+        config=cfg,
+        num_programs=3,
+        sm_scale=scale,
+        work_queue=_queue(),
     )
     written = torch.zeros(batch, dtype=torch.bool)
     for i, (start, n) in enumerate(zip(starts, lens)):
@@ -328,18 +419,19 @@ def test_wgmma_kernel(dtype, block_m, block_n, num_stages, max_regs, group, head
     assert torch.isnan(out[~written.to(DEVICE)].float()).all(), "rows of partial entries must stay untouched"
 
 
-@pytest.mark.parametrize("schedule", ["stride", "snake", "queue", "auto", "auto-alone"])
+@pytest.mark.parametrize("may_queue", [0, 1], ids=["stride", "queue"])
 @pytest.mark.parametrize("num_programs", [1, 3, 4, 64])
-def test_persistent_grid_covers_all_work(schedule, num_programs):
+def test_persistent_grid_covers_all_work(may_queue, num_programs):
     """Fewer (or more) programs than (item, KV head) pairs: each pair is still done exactly once (CUDA-graph grids),
-    in every schedule; the queue is left at zero, so a second launch (a graph replay) works the same."""
+    by the static stride and, for a launch that may queue (launch_info) with more pairs than programs, the work
+    queue; the queue is left at zero, so a second launch (a graph replay) works the same."""
     dtype, head_dim, num_kv_heads, group = torch.float16, 64, 2, 2
     k, v = random_kv(60, num_kv_heads, head_dim, dtype)
     q = random_q(3, num_kv_heads * group, head_dim, dtype)
     slots = torch.arange(60, dtype=torch.int32, device=DEVICE)
     items = _items([0, 20, 40], [20, 20, 20], [0, 1, 2], [1, 1, 1], [0, 1, 2], [-1, -2, -3])
-    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule=schedule.removesuffix("-alone"))
-    launch = _launch(0, 3, alone=int(schedule.endswith("-alone")))
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    launch = _launch(0, 3, alone=may_queue)
     queue = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     for _ in range(2):
         out = torch.full_like(q, float("nan"))
@@ -362,12 +454,28 @@ def test_pack_attention_rejects_a_missing_work_queue_and_a_bad_scale():
     out = torch.empty_like(q)
     po, plse = _workspace(1, 1, head_dim)
     items = _items([0], [16], [0], [1], [0], [-1])
-    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, schedule="queue")
+    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
     with pytest.raises(ValueError, match="work_queue"):
         pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=0.1)
-    cfg = TileConfig(block_m=16, block_n=16, num_warps=2, num_stages=2)
+    with pytest.raises(ValueError, match="work_queue"):
+        pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=0.1,
+                       work_queue=torch.zeros(1, dtype=torch.int32, device=DEVICE))  # fmt: skip
     with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
-        pack_attention(q, k, v, slots, items, out, po, plse, _launch(0, 1), config=cfg, num_programs=1, sm_scale=-0.1)
+        pack_attention(
+            q,
+            k,
+            v,
+            slots,
+            items,
+            out,
+            po,
+            plse,
+            _launch(0, 1),
+            config=cfg,
+            num_programs=1,
+            sm_scale=-0.1,
+            work_queue=_queue(),
+        )
 
 
 def test_programs_per_sm_counts_registers_shared_memory_and_threads():

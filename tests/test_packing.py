@@ -1,4 +1,4 @@
-"""Planner invariants as property tests (hypothesis), plus the workload forests of shared/WORKLOADS.md."""
+"""Planner invariants as property tests (hypothesis), plus the workload forests of docs/DESIGN.md (Workloads)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from plan_checks import check_plan_covers_every_pair_once as _check_plan_covers_every_pair_once
 
+from pat_sglang.bench.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
 from pat_sglang.packing import (
     ByteModel,
     Policy,
@@ -20,16 +21,10 @@ from pat_sglang.packing import (
 )
 from pat_sglang.packing import tiles as tiles_module
 from pat_sglang.packing.packs import _dp_packing, _packing, _Tree
-from pat_sglang.packing.plan import (
-    CTAS_PER_SM,
-    MAX_SPLITS,
-    PlanCapacity,
-    advance_plan,
-    rebatch_plan,
-    split_partial_share,
-)
+from pat_sglang.packing.splits import split_partial_share
+from pat_sglang.packing.steps import advance_plan, rebatch_plan
 from pat_sglang.packing.tiles import choose_tiles
-from pat_sglang.packing.workloads import SHARING_WORKLOADS, WORKLOADS, make_workload
+from pat_sglang.packing.tuning import DEFAULT_TILES, DEFAULT_TUNING
 
 HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
 
@@ -116,7 +111,7 @@ def test_dp_over_arrays_equals_the_recursive_dp(rf, group, from_slots):
     indptr, indices, _ = rf.layout()
     forest = forest_from_slots(indptr, indices) if from_slots else forest_from_paths(indptr, rf.prefix_paths)
     model = ByteModel.for_heads(head_dim=128, group_size=group, kv_dtype_bytes=2)
-    by_arrays, by_recursion = _dp_packing(forest, model), _packing(_Tree(forest), forest, model, Policy.AUTO)
+    by_arrays, by_recursion = _dp_packing(forest, model), _packing(_Tree(forest), forest, model)
     assert _groups(by_arrays) == _groups(by_recursion)
     assert by_arrays.modelled_bytes == by_recursion.modelled_bytes
 
@@ -127,7 +122,7 @@ def test_dp_implementations_agree_on_workloads(name, group):
     wl = make_workload(name, seed=1)
     forest = forest_from_paths(np.concatenate([[0], np.cumsum(wl.seq_lens)]), wl.prefix_paths)
     model = ByteModel.for_heads(head_dim=128, group_size=group, kv_dtype_bytes=2)
-    assert _groups(_dp_packing(forest, model)) == _groups(_packing(_Tree(forest), forest, model, Policy.AUTO))
+    assert _groups(_dp_packing(forest, model)) == _groups(_packing(_Tree(forest), forest, model))
 
 
 @settings(max_examples=300, deadline=None)
@@ -235,7 +230,7 @@ def test_split_partials_stay_within_their_share(rf, heads, num_sms):
     plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=1)
     extra = plan.modelled_partial_bytes - packing.partial_bytes * hkv
     num_packs = int((-(-np.diff(packing.group_indptr) // model.reqs_per_pack)).sum())
-    share = split_partial_share(num_packs, hkv, CTAS_PER_SM * num_sms)
+    share = split_partial_share(num_packs, hkv, DEFAULT_TUNING.ctas_per_sm * num_sms)
     assert extra <= share * plan.modelled_kv_bytes + 1e-9 + _direct_loss(packing, plan, model) * hkv
 
 
@@ -329,7 +324,7 @@ def test_tail_tile_depends_on_wider_packs_for_few_kv_heads(num_kv_heads):
     """With few KV heads a plan's 16-row packs take the "alone" tile when no pack is wider, else the tile for plans
     with wider packs; the graph's fixed configs hold both and give each plan the same choice. With many KV heads
     there is one 16-row tile for both."""
-    few = num_kv_heads <= tiles_module.FEW_KV_HEADS
+    few = num_kv_heads <= DEFAULT_TILES.few_kv_heads
     fixed = tiles_module.graph_tiles(128, num_kv_heads, 4)
     assert [c.block_m for c in fixed] == ([128, 64, 32, 16, 16] if few else [128, 64, 32, 16])
     for rows, when in (([4, 8, 16], "alone"), ([4, 8, 128], "beside_wider"), ([4, 40], "beside_wider")):
@@ -342,20 +337,20 @@ def test_tail_tile_depends_on_wider_packs_for_few_kv_heads(num_kv_heads):
         assert [fixed[i].block_m for i in fixed_index] == [tiles_module.block_m_for_rows(int(r)) for r in rows]
     if few:  # the measured difference: deep prefetch alone, four programs per SM beside wide ones
         alone, beside = (choose_tile(4, 128, 4096, num_kv_heads=num_kv_heads, beside_wider=b) for b in (False, True))
-        assert (alone.num_stages, beside.num_stages) == (5, 3)
+        assert (alone.config.num_stages, beside.config.num_stages) == (5, 3)
     with pytest.raises(ValueError, match="BLOCK_M"):
         tiles_module.fixed_config_index(fixed[:1], np.asarray([4]))
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 4, 8, 32])
 def test_only_the_narrow_long_packs_launch_first(num_kv_heads):
-    """With many KV heads the 17-32-row tile is dispatched ahead of the others (TileConfig.first); no other tile,
+    """With many KV heads the 17-32-row tile is dispatched ahead of the others (TileChoice.first); no other tile,
     and none with few KV heads or 256-wide heads."""
-    many = num_kv_heads > tiles_module.FEW_KV_HEADS
+    many = num_kv_heads > DEFAULT_TILES.few_kv_heads
     for rows in (4, 17, 32, 33, 64, 128):
         for head_dim in (64, 128, 256):
             cfg = choose_tile(rows, head_dim, 4096, num_kv_heads=num_kv_heads)
-            assert cfg.first == (many and cfg.block_m == tiles_module.DISPATCH_FIRST_BLOCK_M and head_dim <= 128)
+            assert cfg.first == (many and cfg.block_m == DEFAULT_TILES.dispatch_first_block_m and head_dim <= 128)
     assert sum(c.first for c in tiles_module.graph_tiles(128, num_kv_heads, 4)) == int(many)
 
 
@@ -404,7 +399,7 @@ def test_paths_forest_shapes(ids):
 @pytest.mark.parametrize("heads", [(32, 8), (28, 4)], ids=["llama3-8b", "qwen2.5-7b"])
 @pytest.mark.parametrize("num_sms", [99, 132])
 def test_splits_of_one_long_request_fill_one_wave(heads, num_sms):
-    """single_long: the KV splits of one 64K-token request fill CTAS_PER_SM programs per SM (up to MAX_SPLITS per
+    """single_long: the KV splits of one 64K-token request fill ctas_per_sm programs per SM (up to max_splits per
     head, less what the 16-token alignment of pieces rounds away) and never exceed them (a few pairs over would
     cost a second wave: 99 SMs aim for 49.5 pieces per KV head at 8 KV heads, rounded down)."""
     wl = make_workload("single_long")
@@ -412,8 +407,8 @@ def test_splits_of_one_long_request_fill_one_wave(heads, num_sms):
     forest = forest_from_paths(indptr, wl.prefix_paths)
     plan = _plan(forest, indptr, heads, num_sms=num_sms, shortest_split=256)
     pairs = plan.num_items * heads[1]
-    slots = CTAS_PER_SM * num_sms
-    assert 0.95 * min(slots, MAX_SPLITS * heads[1]) < pairs <= slots
+    slots = DEFAULT_TUNING.ctas_per_sm * num_sms
+    assert 0.95 * min(slots, DEFAULT_TUNING.max_splits * heads[1]) < pairs <= slots
 
 
 def test_launch_info_marks_a_launch_that_runs_alone():
@@ -427,67 +422,3 @@ def test_launch_info_marks_a_launch_that_runs_alone():
         busy = info[:, 1] > 0
         assert (busy.sum() == 1) == alone, name
         assert info[:, 2].tolist() == (busy & alone).astype(int).tolist(), name
-
-
-@pytest.mark.parametrize("name", ["system_prompt", "tree_of_thought", "rag"])
-def test_tails_may_queue_beside_wider_launches_that_fit(monkeypatch, name):
-    """With plan.QUEUE_TAILS_BESIDE_FITTING the 16-row launch of a plan with wider packs may take the queue exactly
-    when the wider launches' programs fit the SMs at once (a BLOCK_M-row program counting BLOCK_M / 128 of an SM);
-    the other launches keep the lone-launch rule; a rebatched plan gets the same rule."""
-    from pat_sglang.packing import plan as plan_module
-
-    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", True)
-    wl = make_workload(name, scale=1 / 8)
-    lay = wl.materialize()
-    forest = forest_from_paths(lay.kv_indptr, wl.prefix_paths)
-    hq, hkv = 32, 8
-    seen = set()
-    for num_sms in (1, 16, 132):
-        plan = _plan(forest, lay.kv_indptr, (hq, hkv), num_sms=num_sms)
-        keep = np.arange(plan.num_reqs - 1)
-        rebatched = rebatch_plan(
-            plan, keep, np.zeros(0, dtype=np.int64), unique_kv_tokens=1, fixed_launches=False, num_sms=num_sms
-        )
-        for p in (plan, rebatched):
-            info = p.launch_info.reshape(-1, 3)
-            block_m = np.asarray([lc.config.block_m for lc in p.launches])
-            busy = info[:, 1] > 0
-            wider = busy & (block_m > 16)
-            share = (info[wider, 1] * hkv * block_m[wider]).sum() / 128
-            tails = busy & (block_m == 16) & wider.any() & (share <= num_sms)
-            alone = busy & (busy.sum() == 1)
-            assert info[:, 2].tolist() == (tails | alone).astype(int).tolist(), (name, num_sms)
-            seen.add(bool(tails.any()))
-    assert seen == {True, False}, seen  # both cases occur among the three device sizes
-    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", False)
-    plan = _plan(forest, lay.kv_indptr, (hq, hkv), num_sms=132)
-    info = plan.launch_info.reshape(-1, 3)
-    assert info[:, 2].sum() == int((info[:, 1] > 0).sum() == 1), "off: only a lone launch may queue"
-
-
-@pytest.mark.parametrize("fixed", [False, True], ids=["eager", "graph"])
-def test_tail_piece_cap_cuts_only_narrow_packs(monkeypatch, fixed):
-    """plan.TAIL_PIECE_CAP (an experiment knob): packs of at most 16 rows come in pieces of at most the cap (aligned
-    to 16 tokens), wider packs keep the split target's pieces, every pair is still attended once, and a plan whose
-    capacity cannot hold the capped pieces gives the cap up instead of looping."""
-    from pat_sglang.packing import plan as plan_module
-
-    wl = make_workload("system_prompt", batch=12, scale=1 / 2)
-    lay = wl.materialize()
-    forest = forest_from_paths(lay.kv_indptr, wl.prefix_paths)
-    kw = {}
-    if fixed:
-        kw = dict(fixed_configs=tiles_module.graph_tiles(128, 8, 4))
-    base = _plan(forest, lay.kv_indptr, (32, 8), num_sms=1, **kw)
-    monkeypatch.setattr(plan_module, "TAIL_PIECE_CAP", 64)
-    capped = _plan(forest, lay.kv_indptr, (32, 8), num_sms=1, **kw)
-    narrow = capped.item_num_reqs * 4 <= 16
-    assert capped.item_kv_len[narrow].max() <= 64 < base.item_kv_len[base.item_num_reqs * 4 <= 16].max()
-    wide = lambda p: sorted(p.item_kv_len[p.item_num_reqs * 4 > 16].tolist())  # noqa: E731
-    assert wide(capped) == wide(base)
-    indptr, indices = lay.kv_indptr, lay.kv_indices
-    _check_plan_covers_every_pair_once(_without_empty_launches(capped) if fixed else capped, indptr, indices)
-    if fixed:
-        tight = PlanCapacity(max_items=len(base.item_kv_len), max_entries=10**6, max_partials=10**6,
-                             max_merge_reqs=10**6)  # fmt: skip
-        assert _plan(forest, indptr, (32, 8), num_sms=1, capacity=tight, **kw).num_items <= tight.max_items

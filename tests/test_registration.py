@@ -45,10 +45,12 @@ def test_argparse_accepts_pat_for_both_flags():
 
 def test_launch_server_help_lists_pat():
     code = (
-        f"import sys, runpy; sys.path.insert(0, {str(ROOT / 'tests')!r}); import sglang_env; sglang_env.prepare(); "
+        "import runpy; import sglang_env; sglang_env.prepare(); "
         "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)"
     )
-    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=300, cwd="/")
+    tests = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # sglang_env's folder
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=300, cwd="/",
+                         env=os.environ | {"PYTHONPATH": tests})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     help_text = "".join(out.stdout.split())  # argparse wraps the choices list anywhere
     assert re.search(r"--attention-backend\{[^}]*,pat[,}]", help_text), out.stdout[:2000]

@@ -48,7 +48,7 @@ def test_twin_never_joins_the_growing_tail_of_a_row_that_ended_at_its_path(graph
             paths.append(list(paths[1]))
         indptr, indices = _tensors(rows)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths])
-        assert w._step_cache.steps == step, "each step follows the first plan"
+        assert w.planner.followed_steps == step, "each step follows the first plan"
         q = random_q(len(rows), H, D, torch.float32, seed=step)
         ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
         assert_close(w.run(q, k, v), ref, torch.float32)
@@ -238,7 +238,7 @@ def _decode(data, *, graph: bool, run_kernels: bool, page_size: int, num_steps: 
         indptr, indices, paths = batch.layout()
         indptr_t, indices_t = torch.from_numpy(indptr), torch.from_numpy(indices).to(DEVICE)
         follow.plan(indptr_t, indices_t, prefix_paths=paths)
-        followed += follow._step_cache is not None and follow._step_cache.steps > 0
+        followed += follow.planner.followed_steps > 0
         plan = without_empty_launches(follow.plan_info) if graph else follow.plan_info
         check_plan_covers_every_pair_once(plan, indptr, indices, dense=False)
         assert plan.unique_kv_tokens == forest_from_paths(indptr, paths).unique_kv_tokens()

@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from pat_sglang.bench import trace as tp
+from pat_sglang.bench.cases import Case, time_plans
+from pat_sglang.bench.compile import cuda_tools_dir
+from pat_sglang.kernels.pack_attention import TRACE_RECORD, TileConfig
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_decode  # noqa: E402
 
-from pat_sglang.kernels.pack_attention import TileConfig  # noqa: E402
+def _script(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize(
@@ -46,94 +50,34 @@ def test_gpu_scripts_say_they_need_a_gpu(script):
     assert out.returncode != 0 and "needs a GPU" in out.stderr
 
 
-@pytest.mark.parametrize("variant", ["queue-tails", "snake-tails"])
-def test_tail_schedule_variants_change_only_the_tails_beside_wider_packs(variant):
-    """profile_decode.py's tail-schedule variants: with many KV heads the 16-row tile takes the schedule; with few
-    KV heads only the tile for plans with wider packs does (the lone-tails tile keeps "auto"); every other tile keeps
-    its schedule, and the tables are back to the defaults afterwards."""
-    import profile_decode
-
+def test_every_profile_variant_is_a_tuning_the_planner_takes():
+    """The profiling variants (pat_sglang.bench.variants) are PlanTuning instances: each one's tiles build for both
+    head configurations, and a graph-mode wrapper given one captures its tiles and its grids (no module is patched:
+    the defaults stay as they were)."""
+    from pat_sglang import PatDecodeWrapper
+    from pat_sglang.bench.variants import VARIANTS
     from pat_sglang.packing.tiles import graph_tiles
-
-    schedule = profile_decode.VARIANTS[variant]["tail_schedule"]
-    before = {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))}
-    with profile_decode.variant_patches(profile_decode.VARIANTS[variant]):
-        for kv, group in ((8, 4), (4, 7)):
-            for c in graph_tiles(128, kv, group):
-                tail_beside = c.block_m == 16 and c.when in ("any", "beside_wider")
-                assert c.schedule == (schedule if tail_beside else "auto"), (kv, c)
-    assert {kv: graph_tiles(128, kv, g) for kv, g in ((8, 4), (4, 7))} == before
-
-
-def test_every_profile_variant_builds_its_tiles_and_restores_the_defaults():
-    """Each of profile_decode.py's variants patches valid tile tables (graph_tiles builds every config of both head
-    configurations under it) and leaves the defaults as they were; the cap-80 tail variants cap the tails."""
-    import profile_decode
-
-    from pat_sglang.packing import plan as plan_module
-    from pat_sglang.packing.tiles import graph_tiles
+    from pat_sglang.packing.tuning import DEFAULT_TUNING, PlanTuning
 
     heads = ((8, 4), (4, 7))
-    before = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
-    for name, variant in profile_decode.VARIANTS.items():
-        with profile_decode.variant_patches(variant):
-            tiles = {kv: graph_tiles(128, kv, g) for kv, g in heads}
-            if "cap80" in name:
-                assert all(c.max_regs == 80 for t in tiles.values() for c in t if c.block_m == 16), name
-        after = ({kv: graph_tiles(128, kv, g) for kv, g in heads}, plan_module.TAIL_PIECE_CAP, plan_module.CTAS_PER_SM)
-        assert after == before, name
-
-
-def test_variant_wrapper_sets_order_grids_and_serial_launches():
-    """profile_decode.py's wrapper-level variant parts (launch order, the graphs' grids, serial launches), which both
-    profile_decode.py and trace_programs.py --variant apply to a graph-mode wrapper before its plan."""
-    import profile_decode
-
-    from pat_sglang import PatDecodeWrapper
-    from pat_sglang.packing import plan as plan_module
-
-    def wrapper():
-        return PatDecodeWrapper(32, 8, 128, device=torch.device("cpu"), use_cuda_graph=True, max_batch_size=8,
-                                max_num_kv_tokens=4096)  # fmt: skip
-
-    pat = wrapper()
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-cap80"])
-    per_sm = [5 if c.block_m == 16 else plan_module.CTAS_PER_SM for c in pat._graph.configs]
-    assert pat._graph.grids == tuple(n * pat.num_sms for n in per_sm)
-    pat = wrapper()
-    configs = pat._graph.configs
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["tails-second"])
-    assert pat._graph.configs == profile_decode.launch_order(configs, "tails")
-    pat = wrapper()
-    profile_decode.variant_wrapper(pat, profile_decode.VARIANTS["serial"])
-    ran = []
-    pat._fork_join(ran.append, [2, 0, 1], [False] * 3)
-    assert ran == [2, 0, 1]
-
-
-def test_tails_second_order_moves_every_tail_tile():
-    """profile_decode.py's "tails" launch order: the widest tile, then every 16-row tile (two with few KV heads),
-    then the rest widest first."""
-    import profile_decode
-
-    from pat_sglang.packing.tiles import graph_tiles
-
-    for kv, group in ((8, 4), (4, 7)):
-        configs = graph_tiles(128, kv, group)
-        order = profile_decode.launch_order(configs, "tails")
-        assert sorted(order, key=id) == sorted(configs, key=id)
-        sixteen = [c.block_m == 16 for c in order]
-        assert order[0].block_m == 128 and sixteen == [False] + [True] * sum(sixteen) + [False] * (
-            len(order) - 1 - sum(sixteen)
-        ), order
+    before = {kv: graph_tiles(128, kv, g) for kv, g in heads}
+    for name, tuning in VARIANTS.items():
+        assert isinstance(tuning, PlanTuning), name
+        for kv, group in heads:
+            tiles = graph_tiles(128, kv, group, tuning.tiles)
+            w = PatDecodeWrapper(kv * group, kv, 128, device=torch.device("cpu"), use_cuda_graph=True,
+                                 max_batch_size=8, max_num_kv_tokens=4096, tuning=tuning)  # fmt: skip
+            assert w.planner.graph.configs == tiles, name
+            assert w.planner.graph.grids == (tuning.ctas_per_sm * w.num_sms,) * len(tiles), name
+    assert VARIANTS["default"] is DEFAULT_TUNING
+    assert {kv: graph_tiles(128, kv, g) for kv, g in heads} == before
+    assert VARIANTS["ctas3"].ctas_per_sm == 3 and VARIANTS["tile128-s5"] != DEFAULT_TUNING
 
 
 def test_trace_programs_pairs_and_windows(capsys):
-    """trace_programs.py's reading of the programs' records: pairs (whose item, how long, how many bytes) and the
-    windows of pairs in flight, SMs busy and bytes moved."""
-    import trace_programs as tp
-
-    rec = np.full((3, tp.RECORD), -1, dtype=np.int64)
+    """The reading of the programs' trace records (pat_sglang.bench.trace): pairs (whose item, how long, how many
+    bytes) and the windows of pairs in flight, SMs busy and bytes moved."""
+    rec = np.full((3, TRACE_RECORD), -1, dtype=np.int64)
     rec[0, :6] = [5, 1000, 0, 11000, 2, 21000]  # SM 5 from 1 µs: pair 0 until 11 µs, pair 2 until 21 µs
     rec[0, -1] = 2
     rec[1, :4] = [7, 1000, 1, 6000]  # SM 7: pair 1 until 6 µs
@@ -154,17 +98,16 @@ def test_trace_programs_pairs_and_windows(capsys):
 def test_trace_programs_keeps_the_untraced_residency(monkeypatch, capsys):
     """The traced Triton kernel takes the untraced kernel's registers as its cap (rounded up to a block of 8) where
     its config has none, so that tracing does not change programs per SM; capped configs and the Gluon kernel keep
-    their options. Programs per SM at a time, beside the widest launch's programs and elsewhere."""
-    import trace_programs as tp
-
+    theirs. Programs per SM at a time, beside the widest launch's programs and elsewhere."""
     monkeypatch.setattr(tp, "untraced_registers", lambda *a: 123)
     tail = TileConfig(16, 64, 4, 3)
-    assert tp.trace_options({}, tail, False, 7, 4, 128, torch.bfloat16) == {"maxnreg": 128}
+    assert tp.traced_config(tail, 7, 4, 128, torch.bfloat16) == TileConfig(16, 64, 4, 3, max_regs=128)
     capped = TileConfig(32, 64, 4, 2, max_regs=128)
-    assert tp.trace_options({"maxnreg": 128}, capped, False, 7, 4, 128, torch.bfloat16) == {"maxnreg": 128}
-    assert tp.trace_options({}, TileConfig(64, 64, 4, 3, kernel="wgmma"), True, 7, 4, 128, torch.bfloat16) == {}
+    assert tp.traced_config(capped, 7, 4, 128, torch.bfloat16) == capped
+    gluon = TileConfig(64, 64, 4, 3, kernel="wgmma")
+    assert tp.traced_config(gluon, 7, 4, 128, torch.bfloat16) == gluon
     monkeypatch.setattr(tp, "untraced_registers", lambda *a: None)  # no CUDA tools: no cap
-    assert tp.trace_options({}, tail, False, 7, 4, 128, torch.bfloat16) == {}
+    assert tp.traced_config(tail, 7, 4, 128, torch.bfloat16) == tail
     P = tp.Pair
     launches = {
         "wide": [P(0, 0, 0.0, 50.0, 10, 10), P(1, 1, 0.0, 50.0, 10, 10)],
@@ -177,12 +120,10 @@ def test_trace_programs_keeps_the_untraced_residency(monkeypatch, capsys):
 
 
 def test_trace_programs_kernel_builds_for_sm90():
-    """The traced copies of the pack kernels still find their anchors in kernels/pack_attention.py and
-    kernels/wide_pack_sm90.py and compile for sm90, the tail tile with its residency and the Gluon tiles with theirs
-    (no GPU needed; a subprocess, as for compile_sm90.py)."""
-    import compile_sm90
-
-    if compile_sm90.cuda_tools_dir() is None:
+    """The pack kernels built with their TRACE constexpr (kernels/pack_attention.py, kernels/wide_pack_sm90.py)
+    compile for sm90, the tail tile with its residency and the Gluon tiles with theirs (no GPU needed; a subprocess,
+    as for compile_sm90.py)."""
+    if cuda_tools_dir() is None:
         pytest.skip("this triton install ships no ptxas/cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "scripts" / "trace_programs.py"), "--compile-check"]
@@ -201,9 +142,7 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     registers: three per SM); the 5-stage tiles keep K/V copies in flight across the KV loop's wait, and the
     3-stage tail tile does not (its bandwidth comes from four resident programs); the Gluon wgmma tile compiles.
     Runs in a subprocess: the suite's Triton interpreter cannot compile for a GPU target."""
-    import compile_sm90
-
-    if compile_sm90.cuda_tools_dir() is None:
+    if cuda_tools_dir() is None:
         pytest.skip("this triton install ships no ptxas/cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), "--json", "--group", "7", "4"]
@@ -212,7 +151,7 @@ def test_compiled_sm90_tiles_keep_their_registers_and_prefetch():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = map(json.loads, out.stdout.splitlines())
-    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["config"]["when"]): t for t in rows}
+    tiles = {(t["kv_heads"], t["group"], t["config"]["block_m"], t["when"]): t for t in rows}
     tail = tiles[8, 7, 16, "any"]
     assert (tail["config"]["num_stages"], tail["spilled_bytes"], tail["programs_per_sm"]) == (3, 0, 4), tail
     assert tail["registers"] <= 128 and tail["copies_in_flight"] == 0 and tail["loop_spill_ops"] == 0, tail
@@ -247,46 +186,44 @@ def test_profile_plan_smoke():
     )
 
 
-def test_bench_decode_smoke(tmp_path, capsys):
+def test_bench_decode_smoke(tmp_path):
     args = "--workload system_prompt tree_of_thought --heads 4/2/64 --batch 3 --scale 0.004 --dtype fp16 --refcheck"
     args += " --plan-reps 1 --backends pat --warmup-ms 5 --rep-ms 20"
-    rows = bench_decode.main([*args.split(), "--out", str(tmp_path)])
-    assert [r.workload for r in rows] == ["system_prompt", "tree_of_thought"]
-    for r in rows:
-        assert r.max_err["pat"] < 5e-3
-        assert r.us["pat"] > 0 and r.unique_kv_tokens < r.request_kv_tokens
-        assert r.pat_plan_us > 0 and r.pat_step_plan_us > 0
+    out = _script("bench_decode.py", *args.split(), "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
     records = json.loads((tmp_path / "bench_decode.json").read_text())
-    assert records[0]["workload"] == "system_prompt" and "git_sha" in records[0]
+    assert [r["workload"] for r in records] == ["system_prompt", "tree_of_thought"]
+    for r in records:
+        assert r["max_err"]["pat"] < 5e-3
+        assert r["us"]["pat"] > 0 and r["unique_kv_tokens"] < r["request_kv_tokens"]
+        assert r["pat_plan_us"] > 0 and r["pat_step_plan_us"] > 0
+    assert "git_sha" in records[0]
     assert (tmp_path / "bench_decode.csv").read_text().count("\n") == 3
-    assert "system_prompt" in capsys.readouterr().out
+    assert "system_prompt" in out.stdout
 
 
-def test_bench_decode_plan_only(capsys):
-    """--plan-only times the host plan (no kernels, no KV pool) and puts the slot check back afterwards."""
-    import pat_sglang.wrapper as wrapper_module
-
-    check = wrapper_module.check_forest_slots
+def test_bench_decode_plan_only():
+    """--plan-only times the host plan (no kernels, no KV pool)."""
     args = "--plan-only --workload system_prompt single_long --heads 4/2/64 --batch 3 --scale 0.004 --plan-reps 2"
-    assert bench_decode.main(args.split()) == []
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    out = _script("bench_decode.py", *args.split())
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| workload") and [line.split(" | ")[0] for line in lines[2:]] == [
         "| system_prompt",
         "| single_long",
     ]
     assert all(float(line.split(" | ")[-1].rstrip(" |")) > 0 for line in lines[2:])
-    assert wrapper_module.check_forest_slots is check
 
 
 @pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])
 def test_bench_plan_timing_follows_steps(graph_mode):
-    """bench_decode's plan timing runs on the CPU device, fresh plans and followed steps, in graph mode through the
-    wrapper's slot buffer as the SGLang backend passes it."""
-    from pat_sglang.packing.workloads import make_workload
+    """The plan timing (pat_sglang.bench.cases.time_plans) runs on the CPU device, fresh plans and followed steps, in
+    graph mode through the wrapper's slot buffer as the SGLang backend passes it."""
+    from pat_sglang.bench.workloads import make_workload
 
     wl = make_workload("system_prompt", batch=4, scale=0.004)
-    case = bench_decode.Case(wl, 8, 2, 64, torch.float16, torch.device("cpu"), 1, 0)
-    fresh_us, step_us = bench_decode.time_plans(case, reps=3, graph_mode=graph_mode)
+    case = Case(wl, 8, 2, 64, torch.float16, torch.device("cpu"), 1, 0)
+    fresh_us, step_us = time_plans(case, reps=3, graph_mode=graph_mode)
     assert fresh_us > 0 and step_us > 0
 
 
@@ -296,11 +233,13 @@ def test_bench_plan_timing_follows_steps(graph_mode):
 )
 def test_demo_runs_and_agrees():
     """The demo end to end (``make test`` installs sglang; the GPU machine has it only when staged)."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--per-role", "2", "--scale", "0.015"],
         capture_output=True,
         text=True,
         timeout=900,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "packs per tree level" in out.stdout and "agreement: max |pat - triton|" in out.stdout

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pat_sglang import PatDecodeWrapper, Policy
+from pat_sglang.bench.workloads import WORKLOADS, make_workload
 from pat_sglang.kernels import decode_attention_reference
-from pat_sglang.packing.workloads import WORKLOADS, make_workload
 
 
 def _run(rf_or_layout, num_qo_heads, num_kv_heads, head_dim, dtype, *, paths, page_size=1, seed=0, **kw):
@@ -66,7 +66,7 @@ def test_shared_prefix_none_partial_whole(dtype, head_dim, group):
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_workloads_match_reference(name, page_size):
-    """Every workload of shared/WORKLOADS.md, scaled down on the CPU, through the planner's chosen packs."""
+    """Every workload of docs/DESIGN.md (Workloads), scaled down on the CPU, through the planner's chosen packs."""
     scale = 1.0 if ON_GPU else 1 / 64
     small = {
         "system_prompt": {"batch": 16},
@@ -174,7 +174,7 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
-        fresh_plans.append(w._step_cache.steps == 0)
+        fresh_plans.append(w.planner.followed_steps == 0)
         q = random_q(len(rows), 8, 64, dtype, seed=step)
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), dtype)
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
@@ -185,7 +185,7 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
 
 
 def test_kept_positions_match_paths_and_lengths():
-    from pat_sglang.wrapper import _kept_positions, _twins
+    from pat_sglang.packing.steps import _kept_positions, _twins
 
     a, b = [(1, 8)], [(1, 8), (2, 4)]
     old, old_lens = [a, a, b, a, []], [10, 30, 20, 12, 5]
@@ -316,56 +316,7 @@ def test_graph_mode_buffers_take_every_later_plan():
         q = random_q(wl.batch_size, 8, 64, torch.float16)
         k, v = random_kv(num_slots, 2, 64, torch.float16)
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
-        assert len(w.plan_info.launches) == len(w._graph.configs)
-
-
-def test_queued_tails_beside_fitting_wider_launches(monkeypatch):
-    """plan.QUEUE_TAILS_BESIDE_FITTING on (graph mode, fixed grids): the tails beside wider packs take the work
-    queue where the plan lets them, and every step stays exact."""
-    from pat_sglang.packing import plan as plan_module
-
-    monkeypatch.setattr(plan_module, "QUEUE_TAILS_BESIDE_FITTING", True)
-    w = _graph_wrapper()
-    queued = 0
-    for wl, indptr, indices, num_slots in _graph_steps():
-        w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-        info = w.plan_info.launch_info.reshape(-1, 3)
-        block_m = np.asarray([lc.config.block_m for lc in w.plan_info.launches])
-        wider = (info[:, 1] > 0) & (block_m > 16)
-        queued += int(wider.any() and info[block_m == 16, 2].any())
-        q = random_q(wl.batch_size, 8, 64, torch.float16)
-        k, v = random_kv(num_slots, 2, 64, torch.float16)
-        for _ in range(2):  # the queue is left at zero for the next launch
-            assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
-    assert queued > 0, "no step put its tails on the queue beside wider packs"
-
-
-@pytest.mark.parametrize("schedule", ["snake", "queue"])
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_every_schedule_through_the_wrapper(monkeypatch, schedule, graph):
-    """Every tile on another schedule (profile_decode's variants): exact, step after step, in both modes (the
-    queues are per launch, so concurrent launches and later replays do not mix them up)."""
-    from pat_sglang.packing import tiles as tiles_module
-
-    for name in ("_TILES_D128", "_TILES_D128_FEW_KV_HEADS"):
-        table = {m: (*entry[:4], schedule) for m, entry in getattr(tiles_module, name).items()}
-        monkeypatch.setattr(tiles_module, name, table)
-    beside = tiles_module._TAILS_BESIDE_WIDER_FEW_KV_HEADS
-    monkeypatch.setattr(tiles_module, "_TAILS_BESIDE_WIDER_FEW_KV_HEADS", (*beside[:4], schedule))
-    tiles_module._tile.cache_clear()
-    try:
-        w = _graph_wrapper() if graph else PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=16)
-        for wl, indptr, indices, num_slots in _graph_steps():
-            w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-            assert {lc.config.schedule for lc in w.plan_info.launches} == {schedule}
-            q = random_q(wl.batch_size, 8, 64, torch.float16)
-            k, v = random_kv(num_slots, 2, 64, torch.float16)
-            ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
-            for _ in range(2):
-                assert_close(w.run(q, k, v), ref, torch.float16)
-        assert not w._work_queues.any(), "every launch leaves its queue at zero"
-    finally:
-        tiles_module._tile.cache_clear()
+        assert len(w.plan_info.launches) == len(w.planner.graph.configs)
 
 
 def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
@@ -380,7 +331,7 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
     )
     w = _graph_wrapper()
     # 2 KV heads: two 16-row configs, one for plans with wider packs and one for plans without (tiles.graph_tiles).
-    assert sorted((c.block_m, c.when) for c in w._graph.configs) == [
+    assert sorted((c.block_m, c.when) for c in w.planner.graph.configs) == [
         (16, "alone"), (16, "beside_wider"), (32, "any"), (64, "any"), (128, "any")
     ]  # fmt: skip
     for batch, widest in ((1, 16), (3, 16), (5, 32), (24, 128)):
@@ -394,9 +345,10 @@ def test_graph_mode_launches_only_the_tiles_a_batch_can_use(monkeypatch):
         assert_close(w.run(q, k, v), decode_attention_reference(q, k, v, indptr.to(DEVICE), indices), torch.float16)
         assert max(c.block_m for c in launched) == widest, f"B = {batch}"
         # Where no pack can be wider than 16 rows, the config for plans with wider packs is not launched.
-        expected = [c for c in w._graph.configs if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")]
+        tiles = w.planner.graph.configs
+        expected = [c.config for c in tiles if c.block_m <= widest and (widest > 16 or c.when != "beside_wider")]
         assert launched == expected, f"B = {batch}"
-        busy = {lc.config.when for lc in w.plan_info.launches if lc.config.block_m == 16 and lc.num_items}
+        busy = {t.when for t, lc in zip(tiles, w.plan_info.launches) if t.block_m == 16 and lc.num_items}
         assert busy <= ({"beside_wider"} if widest > 16 else {"alone"}), f"B = {batch}"
 
 
@@ -424,7 +376,7 @@ def test_first_launch_on_the_high_priority_stream(graph):
     kw = dict(use_cuda_graph=True, max_batch_size=wl.batch_size, max_num_kv_tokens=len(indices)) if graph else {}
     w = PatDecodeWrapper(32, 8, 64, device=DEVICE, shortest_split=16, **kw)
     w.plan(indptr, indices, prefix_paths=wl.prefix_paths)
-    assert [lc.config.block_m for lc in w.plan_info.launches if lc.config.first and lc.num_items] == [32]
+    assert [lc.config.block_m for lc in w.plan_info.launches if lc.first and lc.num_items] == [32]
     q = random_q(wl.batch_size, 32, 64, torch.bfloat16)
     k, v = random_kv(lay.num_slots, 8, 64, torch.bfloat16)
     out = w.run(q, k, v)

@@ -23,14 +23,26 @@ from pat_sglang.kernels.common import check_sm_scale, interpreting, padded_head_
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-SCHEDULES = ("stride", "snake", "queue", "auto")
-WHENS = ("any", "alone", "beside_wider")
 KERNELS = ("triton", "wgmma")
+# Program tracing (``trace=`` of ``pack_attention``; pat_sglang.bench.trace reads it): one int64 record per program,
+# its SM, its start (GPU global timer, ns), (pair, end time) for up to TRACE_PAIRS pairs, and its pair count last.
+TRACE_RECORD = 32
+TRACE_PAIRS = (TRACE_RECORD - 3) // 2
+_RECORD = tl.constexpr(TRACE_RECORD)  # the same, for the kernels
+_PAIRS = tl.constexpr(TRACE_PAIRS)
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One Triton specialization of the pack kernel (the *multi-tile* in PAT)."""
+    """One specialization of the pack kernel (the *multi-tile* in PAT): its blocks, warps, stages, register cap and
+    kernel; kernel parameters only (which plans take it is the planner's: ``packing.tiles.TileChoice``).
+
+    Every launch's programs take (item, KV head) pairs the same way: the atomic work queue when the plan marks the
+    launch as allowed to queue (its only busy launch; ``launch_info``) and it has more pairs than programs, else the
+    static stride (program p takes p, p + P, ...). (Measured on the H200: the queue balances a lone launch best,
+    whatever part of its grid is resident, but beside other launches its programs take SM share from the wide launch
+    that bounds the step, and with one pair per program it only adds atomics; docs/PERF_NOTES.md, Scheduling.)
+    """
 
     block_m: int
     block_n: int
@@ -39,27 +51,11 @@ class TileConfig:
     # Register cap per thread (ptxas ``maxnreg``), or None for the compiler's choice: it trades spills for programs
     # resident per SM (the 128-row tile's two warpgroups at 128 leave room for tail programs on the same SM).
     max_regs: int | None = None
-    # How a launch's programs take (item, KV head) pairs (items come longest first): "stride" (program p takes
-    # p, p + P, ...), "snake" (odd rounds reversed, so a program that took a long pair next takes a short one; it
-    # balances only when the whole grid is resident at once), "queue" (an atomic counter hands out the next pair to
-    # whichever program is free; needs a work queue buffer) or "auto": the queue when the plan lets the launch queue
-    # (its only busy launch; see PatPlan's launch_info) and it has more pairs than programs, else stride. (Measured
-    # on the H200: the queue balances a lone launch best, whatever part of its grid is resident, but beside other
-    # launches its programs take SM share from the wide launch that bounds the step, and with one pair per program
-    # it only adds atomics.)
-    schedule: str = "stride"
-    # Which plans the planner gives this config to (the kernel ignores it): "any"; "alone": plans whose packs all
-    # take this BLOCK_M (its launch runs alone); "beside_wider": plans that also have wider packs. A lone launch of
-    # few pairs wants deep prefetch per program, a launch beside wide programs wants programs that fit next to them.
-    when: str = "any"
     # "triton": the Triton kernel below (any device, the CPU interpreter included); "wgmma": the hand-scheduled Gluon
     # kernel for sm90 (kernels/wide_pack_sm90.py: one warpgroup per 64 rows, so num_warps = block_m / 16; a config of
     # 16 or 32 rows runs its packs in the one-warpgroup 64-row tile, see wgmma_block_m), which the launcher replaces
     # by the Triton kernel with the same blocks wherever it cannot run (see wgmma_supported).
     kernel: str = "triton"
-    # Dispatched ahead of the plan's other launches (the wrapper runs it on a high-priority stream, whose programs
-    # the block scheduler places first): for the launch whose pieces run longest. The kernel ignores it.
-    first: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in (16, 32, 64, 128):
@@ -68,10 +64,6 @@ class TileConfig:
             raise ValueError(f"block_n must be one of 16, 32, 64, 128, got {self.block_n}")
         if self.max_regs is not None and not 32 <= self.max_regs <= 255:
             raise ValueError(f"max_regs must be None or within 32..255, got {self.max_regs}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.when not in WHENS:
-            raise ValueError(f"when must be one of {WHENS}, got {self.when!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         wgmma_blocks = self.num_warps == self.wgmma_block_m // 16 and self.num_stages >= 3
@@ -105,6 +97,7 @@ def _pack_attn_kernel(
     partial_lse_ptr,
     launch_ptr,
     queue_ptr,
+    trace_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -125,25 +118,28 @@ def _pack_attn_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SCHEDULE: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items, may queue) of this tile config, on the device, so that a CUDA
-    # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs as SCHEDULE says
-    # (see TileConfig.schedule); a queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the
-    # last program resets both for the next launch (no extra launch, works inside a CUDA graph). When this loop
-    # replaced `for work in range(pid, num_work, nprog)` (with the schedules, 105a7f3), the 16-row tile at GQA 4 went
-    # from 153 to 120 registers on the H200, i.e. 4 resident programs per SM instead of 3 (docs/PERF_NOTES.md; which
-    # part of that change did it was not isolated): check the registers before reshaping the loop.
+    # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs from the work queue
+    # when the launch may queue and has more pairs than programs, else by the static stride (see TileConfig); a
+    # queue's queue_ptr[0] counts pairs handed out and queue_ptr[1] programs done: the last program resets both for
+    # the next launch (no extra launch, works inside a CUDA graph). When this loop replaced
+    # `for work in range(pid, num_work, nprog)` (with the schedules, 105a7f3), the 16-row tile at GQA 4 went from 153
+    # to 120 registers on the H200, i.e. 4 resident programs per SM instead of 3 (docs/PERF_NOTES.md; which part of
+    # that change did it was not isolated): check the registers before reshaping the loop.
+    # TRACE (off in production: trace_ptr is None, a constexpr, and none of its code is compiled) records each
+    # program's SM, start and pair ends into trace_ptr (TRACE_RECORD int64 per program; see pack_attention).
     item_offset = tl.load(launch_ptr)
     num_work = tl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    if SCHEDULE == 2:
-        queued = num_work > 0
-    elif SCHEDULE == 3:
-        queued = (tl.load(launch_ptr + 2) != 0) & (num_work > nprog)
-    else:
-        queued = False
+    if TRACE:
+        record = trace_ptr + pid.to(tl.int64) * _RECORD
+        tl.store(record, _sm_id().to(tl.int64))
+        tl.store(record + 1, _global_timer())
+        traced = 0
+    queued = (tl.load(launch_ptr + 2) != 0) & (num_work > nprog)
     work = pid
     if queued:
         work = tl.atomic_add(queue_ptr, 1)
@@ -185,18 +181,35 @@ def _pack_attn_kernel(
             UPCAST,
             DOT_PRECISION,
         )
+        if TRACE:
+            done = _global_timer()
+            if traced < _PAIRS:
+                tl.store(record + 2 + 2 * traced, work.to(tl.int64))
+                tl.store(record + 3 + 2 * traced, done)
+            traced += 1
         if queued:
             work = tl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
-            lane = pid
-            if SCHEDULE == 1:
-                lane = tl.where(rnd % 2 == 1, nprog - 1 - pid, pid)
-            work = rnd * nprog + lane
+            work = rnd * nprog + pid
+    if TRACE:
+        tl.store(record + _RECORD - 1, traced.to(tl.int64))
     if queued:
         if tl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
             tl.atomic_xchg(queue_ptr, 0)
             tl.atomic_xchg(queue_ptr + 1, 0)
+
+
+@triton.jit
+def _global_timer():
+    """The GPU's global timer in ns (tracing only)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sm_id():
+    """The SM this program runs on (tracing only)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -342,6 +355,7 @@ def pack_attention(
     num_programs: int,
     sm_scale: float,
     work_queue: torch.Tensor | None = None,
+    trace: torch.Tensor | None = None,
 ) -> None:
     """Launch the pack kernel over the items of one tile config.
 
@@ -354,12 +368,15 @@ def pack_attention(
         partial_o: fp32 ``[num_partials, Hq, D]``; partial_lse: fp32 ``[num_partials, Hq]``.
         launch_info: int32 ``[3]`` on the device: (first item, number of items, may queue) of this config; read by
             the kernel, so a CUDA graph captured once replays later plans. "May queue" (the plan's only busy launch,
-            see ``PatPlan``) lets the "auto" schedule take the work queue.
+            see ``PatPlan``) lets the launch take the work queue.
         config: the tile every one of these items was planned for (its rows never exceed ``config.block_m``).
         num_programs: grid size. Programs stride over (item, KV head) pairs: ``items x Hkv`` programs do one pair
             each (eager); a fixed, smaller grid loops (CUDA graphs).
-        work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero), for a
-            config whose schedule is "queue" or "auto"; one per launch that may run concurrently.
+        work_queue: int32 ``[2]`` on the device, zero before the first launch (the launch leaves it zero); one per
+            launch that may run concurrently.
+        trace: None (production), or int64 ``[num_programs, TRACE_RECORD]`` on the device: each program records its
+            SM, its start and the end of each of its (item, KV head) pairs (GPU timers; a GPU only), compiled in by
+            the ``TRACE`` constexpr (pat_sglang.bench.trace reads the records).
     """
     if num_programs <= 0:
         return
@@ -374,9 +391,10 @@ def pack_attention(
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
         raise ValueError("launch_info must be an int32 tensor of (first item, number of items, may queue)")
-    queued = config.schedule in ("queue", "auto")
-    if queued and (work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2):
-        raise ValueError(f"work_queue: a config with schedule {config.schedule!r} needs an int32 tensor of 2 zeros")
+    if work_queue is None or work_queue.dtype != torch.int32 or work_queue.numel() < 2:
+        raise ValueError("work_queue must be an int32 tensor of 2 zeros (the launch's work queue)")
+    if trace is not None and (trace.dtype != torch.int64 or trace.numel() < num_programs * TRACE_RECORD):
+        raise ValueError(f"trace must be an int64 tensor of [num_programs, {TRACE_RECORD}]")
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
     wgmma = config.kernel == "wgmma" and wgmma_supported(q.dtype, head_dim, q.device)
@@ -396,7 +414,8 @@ def pack_attention(
         partial_o,
         partial_lse,
         launch_info,
-        work_queue if work_queue is not None else launch_info,  # read only by the "queue" and "auto" schedules
+        work_queue,
+        trace,  # None: a constexpr, no kernel argument
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -410,7 +429,13 @@ def pack_attention(
         partial_o.stride(1),
         partial_lse.stride(0),
         **kernel_constexprs(
-            config, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, dtype=q.dtype, wgmma=wgmma
+            config,
+            num_kv_heads=num_kv_heads,
+            group=group,
+            head_dim=head_dim,
+            dtype=q.dtype,
+            wgmma=wgmma,
+            trace=trace is not None,
         ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -450,18 +475,25 @@ def _wide_pack_kernel():
 
 
 def kernel_constexprs(
-    config: TileConfig, *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, wgmma: bool = False
+    config: TileConfig,
+    *,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    wgmma: bool = False,
+    trace: bool = False,
 ) -> dict[str, int | bool | str]:
     """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
     warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one); with
-    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead."""
+    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead; ``trace``: the program-tracing build."""
     common = dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        SCHEDULE=SCHEDULES.index(config.schedule),
+        TRACE=trace,
     )
     if wgmma:  # its K/V ring is hand-written: the stages are its own constexpr
         return common | dict(BLOCK_M=config.wgmma_block_m, NUM_STAGES=config.num_stages)

@@ -1,9 +1,9 @@
 """The wide-pack kernel for sm90 (H100/H200), written in Gluon: the pack kernel's contract, scheduled by hand.
 
-Packs of 64 or 128 query rows are compute-bound (shared/DESIGN.md, "Two floors"). Triton's pipeliner runs the pack
+Packs of 64 or 128 query rows are compute-bound (docs/DESIGN.md, Two floors). Triton's pipeliner runs the pack
 kernel's KV loop as: wait for the K/V copies, scores, *wait*, softmax, PV product; the next scores wait for the PV
 product, so the softmax runs with idle tensor cores, and Triton 3.6 cannot be told otherwise (it waits for each dot
-right after issuing it). This kernel keeps the same work items, rows, outputs and schedules as
+right after issuing it). This kernel keeps the same work items, rows, outputs and work order as
 :func:`pat_sglang.kernels.pack_attention._pack_attn_kernel` but orders each KV step by hand, software-pipelined by
 one KV tile:
 
@@ -29,6 +29,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from pat_sglang.kernels.pack_attention import TRACE_PAIRS, TRACE_RECORD
+
+_RECORD = gl.constexpr(TRACE_RECORD)  # program tracing (pack_attention's trace=)
+_PAIRS = gl.constexpr(TRACE_PAIRS)
 
 
 @gluon.jit
@@ -230,6 +235,16 @@ def _wide_pack_item(
 
 
 @gluon.jit
+def _global_timer():
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _sm_id():
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _wide_pack_kernel(
     q_ptr,
     k_ptr,
@@ -246,6 +261,7 @@ def _wide_pack_kernel(
     partial_lse_ptr,
     launch_ptr,
     queue_ptr,
+    trace_ptr,
     sm_scale_log2,
     stride_q_b,
     stride_q_h,
@@ -264,9 +280,10 @@ def _wide_pack_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
-    SCHEDULE: gl.constexpr,
+    TRACE: gl.constexpr,
 ):
-    # The same launch contract and schedules as _pack_attn_kernel (launch_info on the device, persistent programs).
+    # The same launch contract as _pack_attn_kernel (launch_info on the device, persistent programs, the work queue
+    # for a launch that may queue and has more pairs than programs, else the static stride).
     dtype: gl.constexpr = k_ptr.dtype.element_ty
     q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_shared)
@@ -278,12 +295,12 @@ def _wide_pack_kernel(
     num_work = gl.load(launch_ptr + 1) * NUM_KV_HEADS
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
-    if SCHEDULE == 2:
-        queued = num_work > 0
-    elif SCHEDULE == 3:
-        queued = (gl.load(launch_ptr + 2) != 0) & (num_work > nprog)
-    else:
-        queued = num_work < 0
+    if TRACE:  # as _pack_attn_kernel's (off in production: none of it compiled)
+        record = trace_ptr + pid.to(gl.int64) * _RECORD
+        gl.store(record, _sm_id().to(gl.int64))
+        gl.store(record + 1, _global_timer())
+        traced = 0
+    queued = (gl.load(launch_ptr + 2) != 0) & (num_work > nprog)
     work = pid
     if queued:
         work = gl.atomic_add(queue_ptr, 1)
@@ -326,14 +343,19 @@ def _wide_pack_kernel(
             BLOCK_N,
             NUM_STAGES,
         )
+        if TRACE:
+            done = _global_timer()
+            if traced < _PAIRS:
+                gl.store(record + 2 + 2 * traced, work.to(gl.int64))
+                gl.store(record + 3 + 2 * traced, done)
+            traced += 1
         if queued:
             work = gl.atomic_add(queue_ptr, 1)
         else:
             rnd += 1
-            lane = pid
-            if SCHEDULE == 1:
-                lane = gl.where(rnd % 2 == 1, nprog - 1 - pid, pid)
-            work = rnd * nprog + lane
+            work = rnd * nprog + pid
+    if TRACE:
+        gl.store(record + _RECORD - 1, traced.to(gl.int64))
     if queued:
         if gl.atomic_add(queue_ptr + 1, 1) == nprog - 1:
             gl.atomic_xchg(queue_ptr, 0)

@@ -95,14 +95,35 @@ def _lens_from_indptr(kv_indptr: np.ndarray, name: str = "kv_indptr") -> np.ndar
 def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath]) -> Forest:
     """Build the forest from explicit radix paths ``[(node_id, num_tokens), ...]`` per request.
 
-    Vectorised over all path entries (node ids are factorised once; integer ids take the fast path).
+    Vectorised over all path entries (node ids are factorised once; integer ids take the fast path): the entries
+    (``_path_entries``), their offsets in the rows, the nodes in order of first appearance (``_path_nodes``), then
+    single-member nodes folded into tails and chains of equal member sets coalesced (``_shared_nodes``).
 
     Raises:
         ValueError: naming ``prefix_paths`` when a path is longer than its request, a node id reappears with a
             different length or parent, or an entry is malformed.
     """
     seq_lens = _lens_from_indptr(kv_indptr)
-    num_reqs = len(seq_lens)
+    entries = _path_entries(prefix_paths, len(seq_lens))
+    nodes = _path_nodes(entries, seq_lens)
+    return _shared_nodes(nodes, entries.req, seq_lens)
+
+
+@dataclass(frozen=True)
+class _PathEntries:
+    """The non-empty entries of all paths, in order (int64): the request, the tokens and the factorised node key
+    of each; ``ids`` the caller's node ids of all entries and ``ids_at`` each kept entry's index into them."""
+
+    req: np.ndarray
+    toks: np.ndarray
+    keys: np.ndarray
+    ids: tuple
+    ids_at: np.ndarray
+
+
+def _path_entries(prefix_paths: Sequence[PrefixPath], num_reqs: int) -> _PathEntries:
+    """The paths' entries, validated (ValueError naming the path) and factorised; zero-token entries are skipped
+    (the path continues from the previous node)."""
     if len(prefix_paths) != num_reqs:
         raise ValueError(f"prefix_paths: has {len(prefix_paths)} paths for {num_reqs} requests")
     try:
@@ -127,22 +148,37 @@ def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath])
     except (TypeError, ValueError, OverflowError):  # any hashable works; ints are the fast path
         index: dict[Hashable, int] = {}
         keys = np.fromiter((index.setdefault(x, len(index)) for x in ids), dtype=np.int64, count=len(ids))
-    keep = np.flatnonzero(toks > 0)  # zero-token entries are skipped (the path continues from the previous node)
-    req, toks, keys, ids_at = req[keep], toks[keep], keys[keep], keep
+    keep = np.flatnonzero(toks > 0)
+    return _PathEntries(req=req[keep], toks=toks[keep], keys=keys[keep], ids=ids, ids_at=keep)
 
+
+@dataclass(frozen=True)
+class _PathNodes:
+    """Every node of the paths, in order of first appearance (a parent always appears before its children):
+    ``node`` per entry, and per node its parent (-1 for a root), offset and length."""
+
+    node: np.ndarray
+    parent: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+
+
+def _path_nodes(entries: _PathEntries, seq_lens: np.ndarray) -> _PathNodes:
+    """The entries' offsets within their rows and their nodes; ValueError naming ``prefix_paths`` for a path longer
+    than its request or a node seen with another parent or length."""
+    req, toks, keys = entries.req, entries.toks, entries.keys
     # Offsets within each request's row and the previous (parent) entry of each entry.
     first = np.ones(len(req), dtype=bool)
     first[1:] = req[1:] != req[:-1]
     run_start = np.flatnonzero(first)
     excl = np.cumsum(toks) - toks
     offset = excl - np.repeat(excl[run_start], np.diff(np.append(run_start, len(req))))
-    covered = np.bincount(req, weights=toks, minlength=num_reqs).astype(np.int64)
+    covered = np.bincount(req, weights=toks, minlength=len(seq_lens)).astype(np.int64)
     over = np.flatnonzero(covered > seq_lens)
     if len(over):
         i = int(over[0])
         raise ValueError(f"prefix_paths[{i}]: the path covers {covered[i]} tokens but the request has {seq_lens[i]}")
 
-    # Nodes in order of first appearance (a parent always appears before its children).
     uniq, first_entry, inverse = np.unique(keys, return_index=True, return_inverse=True)
     by_appearance = np.argsort(first_entry, kind="stable")
     rank = np.empty(len(uniq), dtype=np.int64)
@@ -155,17 +191,22 @@ def forest_from_paths(kv_indptr: np.ndarray, prefix_paths: Sequence[PrefixPath])
     if len(bad):
         e, v = int(bad[0]), int(node[bad[0]])
         raise ValueError(
-            f"prefix_paths[{int(req[e])}]: node {ids[int(ids_at[e])]!r} appears with a different parent or length "
-            f"({int(toks[e])} tokens at offset {int(offset[e])}) than in an earlier path "
+            f"prefix_paths[{int(req[e])}]: node {entries.ids[int(entries.ids_at[e])]!r} appears with a different "
+            f"parent or length ({int(toks[e])} tokens at offset {int(offset[e])}) than in an earlier path "
             f"({int(n_length[v])} at {int(n_offset[v])})"
         )
+    return _PathNodes(node=node, parent=n_parent, offset=n_offset, length=n_length)
 
-    # Fold single-member nodes into tails; coalesce a node into its parent when the member sets are equal (a child's
-    # members are a subset of its parent's, so equal counts mean equal sets).
-    size = np.bincount(node, minlength=len(uniq))
+
+def _shared_nodes(nodes: _PathNodes, req: np.ndarray, seq_lens: np.ndarray) -> Forest:
+    """The forest of the path nodes: single-member nodes folded into tails, a node coalesced into its parent when
+    the member sets are equal (a child's members are a subset of its parent's, so equal counts mean equal sets)."""
+    node, n_parent, n_offset, n_length = nodes.node, nodes.parent, nodes.offset, nodes.length
+    num_nodes, num_reqs = len(n_parent), len(seq_lens)
+    size = np.bincount(node, minlength=num_nodes)
     shared = size >= 2
     joins_parent = shared & (n_parent >= 0) & (size[np.maximum(n_parent, 0)] == size)
-    rep = np.where(joins_parent, n_parent, np.arange(len(uniq)))
+    rep = np.where(joins_parent, n_parent, np.arange(num_nodes))
     while True:  # pointer jumping to the top of each chain
         nxt = rep[rep]
         if np.array_equal(nxt, rep):

@@ -1,9 +1,10 @@
 """Pack the queries of a forest: per node, decide *merge* or *split* for each child by modelled bytes.
 
-Vocabulary (DESIGN step 2). Every node ``v`` (shared nodes and request tails alike) is read through a *range* that
-starts at ``r``: its own offset, or, when ``v`` is merged into its parent, the parent's range start (``v``'s packs
-re-read the parent's KV and the parent produces no partial for ``v``'s requests). A *split* child's requests join
-the parent's packs instead (the parent's KV is read once, one more partial per request to merge).
+Vocabulary (docs/DESIGN.md, The algorithm, step 2). Every node ``v`` (shared nodes and request tails alike) is read
+through a *range* that starts at ``r``: its own offset, or, when ``v`` is merged into its parent, the parent's range
+start (``v``'s packs re-read the parent's KV and the parent produces no partial for ``v``'s requests). A *split*
+child's requests join the parent's packs instead (the parent's KV is read once, one more partial per request to
+merge).
 
 A *group* is one node's range with the requests that read it through that node: ``[r, end)`` and ``R``. It becomes
 ``ceil(|R| / (128 // G))`` packs of at most 128 rows. Modelled bytes, per KV head:
@@ -24,12 +25,9 @@ from functools import cached_property
 import numpy as np
 
 from pat_sglang.packing.forest import Forest
+from pat_sglang.packing.tuning import BLOCK_M_CHOICES, DEFAULT_TUNING, PlanTuning
 
-MAX_PACK_ROWS = 128
-# The DP runs over arrays (one tree level at a time) from this many shared nodes, recursively below: the recursion
-# is cheaper on one- and two-level trees of a few nodes (a system prompt, agent roles), the arrays 1.7-7x cheaper on
-# wider or deeper trees (rag, parallel sampling, tree of thought). Both give the same packing (tests/test_packing.py).
-VECTOR_DP_MIN_NODES = 8
+MAX_PACK_ROWS = BLOCK_M_CHOICES[-1]  # the widest tile
 
 
 class Policy(str, Enum):
@@ -168,16 +166,19 @@ class _Tree:
         self.tail_end = [forest.seq_lens[t].tolist() for t in self.tail_reqs]
 
 
-def pack_forest(forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO) -> Packing:
-    """Choose merge/split per edge and return the groups. ``Policy.AUTO`` keeps the cheapest of DP, merge, split."""
+def pack_forest(
+    forest: Forest, model: ByteModel, policy: Policy = Policy.AUTO, tuning: PlanTuning = DEFAULT_TUNING
+) -> Packing:
+    """Choose merge/split per edge and return the groups. ``Policy.AUTO`` keeps the cheapest of DP, merge, split
+    (the DP over arrays from ``tuning.vector_dp_min_nodes`` shared nodes, else the recursion: the same result)."""
     if policy is Policy.MERGE:
         return merge_packing(forest, model)
     if policy is Policy.SPLIT:
         return split_packing(forest, model)
-    if forest.num_nodes >= VECTOR_DP_MIN_NODES:
+    if forest.num_nodes >= tuning.vector_dp_min_nodes:
         chosen = _dp_packing(forest, model)
     else:
-        chosen = _packing(_Tree(forest), forest, model, Policy.AUTO)
+        chosen = _packing(_Tree(forest), forest, model)
     best = min(chosen.modelled_bytes, merge_bytes(forest, model), split_bytes(forest, model))
     if best == chosen.modelled_bytes:
         return chosen
@@ -220,8 +221,9 @@ def split_packing(forest: Forest, model: ByteModel) -> Packing:
     return groups.packing(model, forest.num_reqs)
 
 
-def _packing(tree: _Tree, forest: Forest, model: ByteModel, policy: Policy) -> Packing:
-    solver = _Solver(tree, model, policy)
+def _packing(tree: _Tree, forest: Forest, model: ByteModel) -> Packing:
+    """The merge-or-split DP by recursion (``_Solver``) from every root."""
+    solver = _Solver(tree, model)
     groups = _Groups()
     roots = tree.root_tails
     groups.add_singles(np.zeros(len(roots), dtype=np.int64), forest.seq_lens[roots], roots)
@@ -239,10 +241,9 @@ class _Solver:
     split tail is ``[node end, seq_len)`` when non-empty and its request joins the node's group.
     """
 
-    def __init__(self, tree: _Tree, model: ByteModel, policy: Policy) -> None:
+    def __init__(self, tree: _Tree, model: ByteModel) -> None:
         self.tree = tree
         self.model = model
-        self.policy = policy
         self.memo: dict[tuple[int, int], tuple[int, tuple[int, ...], list[bool]]] = {}
 
     def cost(self, v: int, r: int) -> int:
@@ -262,27 +263,22 @@ class _Solver:
         split_t = [(e - end) * bt + gbp if e > end else 0 for e in tail_end]
         best_merge = sum(merged) + sum(merged_t)
 
-        if self.policy is Policy.MERGE:
-            chosen, chosen_t = (), [False] * len(tail_end)
-        elif self.policy is Policy.SPLIT:
-            chosen, chosen_t = tuple(range(len(children))), [True] * len(tail_end)
-        else:
-            # Marginal cost of splitting a child: its subtree from its own offset, its rows' partials here, and its
-            # share of this node's KV (per request, one pack's KV divided among the pack's requests).
-            kv_share = (end - r) * bt / m.reqs_per_pack
-            delta = [split[j] + sizes[j] * (gbp + kv_share) - merged[j] for j in range(len(children))]
-            delta_t = [st + gbp + kv_share - mt for st, mt in zip(split_t, merged_t)]
-            chosen = tuple(j for j in range(len(children)) if delta[j] < 0)
-            chosen_t = [d < 0 for d in delta_t]
-            if not chosen and not any(chosen_t):
-                # Splitting nothing is case "all merge", evaluated below; else split the cheapest child.
-                candidates = [(d, 0, j) for j, d in enumerate(delta)] + [(d, 1, j) for j, d in enumerate(delta_t)]
-                if candidates:
-                    _, is_tail, j = min(candidates)
-                    if is_tail:
-                        chosen_t[j] = True
-                    else:
-                        chosen = (j,)
+        # Marginal cost of splitting a child: its subtree from its own offset, its rows' partials here, and its
+        # share of this node's KV (per request, one pack's KV divided among the pack's requests).
+        kv_share = (end - r) * bt / m.reqs_per_pack
+        delta = [split[j] + sizes[j] * (gbp + kv_share) - merged[j] for j in range(len(children))]
+        delta_t = [st + gbp + kv_share - mt for st, mt in zip(split_t, merged_t)]
+        chosen = tuple(j for j in range(len(children)) if delta[j] < 0)
+        chosen_t = [d < 0 for d in delta_t]
+        if not chosen and not any(chosen_t):
+            # Splitting nothing is case "all merge", evaluated below; else split the cheapest child.
+            candidates = [(d, 0, j) for j, d in enumerate(delta)] + [(d, 1, j) for j, d in enumerate(delta_t)]
+            if candidates:
+                _, is_tail, j = min(candidates)
+                if is_tail:
+                    chosen_t[j] = True
+                else:
+                    chosen = (j,)
         in_split = set(chosen)
         num = sum(sizes[j] for j in chosen) + sum(chosen_t)
         if num:
@@ -290,7 +286,7 @@ class _Solver:
             total = packs * (end - r) * bt + num * gbp
             total += sum(split[j] if j in in_split else merged[j] for j in range(len(children)))
             total += sum(st if c else mt for st, mt, c in zip(split_t, merged_t, chosen_t))
-            if self.policy is Policy.AUTO and best_merge <= total:
+            if best_merge <= total:
                 total, chosen, chosen_t = best_merge, (), [False] * len(tail_end)
         else:
             total = best_merge
@@ -331,53 +327,92 @@ def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
     edge is split when its marginal cost ``delta`` is negative (else the single cheapest edge, ties to the first
     child, then the first tail), and the node keeps the split set only if it beats merging every edge.
     """
+    groups = _Groups()
+    root_tails = np.flatnonzero(forest.tail_parent < 0)
+    groups.add_singles(np.zeros(len(root_tails), dtype=np.int64), forest.seq_lens[root_tails], root_tails)
+    if forest.num_nodes == 0:
+        return groups.packing(model, forest.num_reqs)
+    levels = _Levels.of(forest)
+    split_child, split_tail = _solve_levels(forest, model, levels)
+    _emit_levels(forest, levels, split_child, split_tail, groups)
+    return groups.packing(model, forest.num_reqs)
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """The shared nodes by tree level, for the DP over arrays: ``start[v, k]`` the range start of node v in state k
+    (its depth-k ancestor's offset, 0 for k = 0), ``end`` each node's end, ``row_in_level`` its index in its level,
+    and the requests with a tail under a shared node (``tailed``) with their tail parent's depth."""
+
+    depth: np.ndarray
+    by_level: list[np.ndarray]
+    start: np.ndarray
+    end: np.ndarray
+    row_in_level: np.ndarray
+    tailed: np.ndarray
+    tail_depth: np.ndarray
+
+    @classmethod
+    def of(cls, forest: Forest) -> _Levels:
+        n, parent = forest.num_nodes, forest.node_parent
+        depth = forest.node_depth()
+        levels = int(depth.max()) + 1
+        anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
+        cur = np.arange(n)
+        for step in range(levels):
+            k = depth - step
+            ok = (k >= 0) & (cur >= 0)
+            anc[np.flatnonzero(ok), k[ok]] = cur[ok]
+            cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+        start = np.where(anc >= 0, forest.node_offset[np.maximum(anc, 0)], 0)
+        start[:, 0] = 0
+        row_in_level = np.zeros(n, dtype=np.int64)
+        by_level = [np.flatnonzero(depth == d) for d in range(levels)]
+        for nodes in by_level:
+            row_in_level[nodes] = np.arange(len(nodes))
+        tailed = np.flatnonzero(forest.tail_parent >= 0)
+        return cls(
+            depth=depth,
+            by_level=by_level,
+            start=start,
+            end=forest.node_offset + forest.node_length,
+            row_in_level=row_in_level,
+            tailed=tailed,
+            tail_depth=depth[forest.tail_parent[tailed]],
+        )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.by_level)
+
+    def kids(self, d: int) -> np.ndarray:
+        """The nodes one level below level ``d``."""
+        return self.by_level[d + 1] if d + 1 < self.num_levels else np.zeros(0, dtype=np.int64)
+
+
+def _solve_levels(forest: Forest, model: ByteModel, lv: _Levels) -> tuple[np.ndarray, np.ndarray]:
+    """The DP bottom-up: per state, which child nodes (``split_child[c, k]``: child c when its parent is in state
+    k) and which tails (``split_tail[i, k]``) are split."""
     b, n = forest.num_reqs, forest.num_nodes
     bt = model.kv_bytes_per_token
     gbp = model.group_size * model.partial_bytes_per_row
     per_pack = model.reqs_per_pack
-    seq_lens = forest.seq_lens
-    groups = _Groups()
-    root_tails = np.flatnonzero(forest.tail_parent < 0)
-    groups.add_singles(np.zeros(len(root_tails), dtype=np.int64), seq_lens[root_tails], root_tails)
-    if n == 0:
-        return groups.packing(model, b)
-
-    parent = forest.node_parent
-    depth = forest.node_depth()
-    levels = int(depth.max()) + 1
-    anc = np.full((n, levels), -1, dtype=np.int64)  # anc[v, k]: v's ancestor at depth k (v itself at depth(v))
-    cur = np.arange(n)
-    for step in range(levels):
-        k = depth - step
-        ok = (k >= 0) & (cur >= 0)
-        anc[np.flatnonzero(ok), k[ok]] = cur[ok]
-        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
-    start = np.where(anc >= 0, forest.node_offset[np.maximum(anc, 0)], 0)
-    start[:, 0] = 0
-    end = forest.node_offset + forest.node_length
-    size = forest.node_sizes
-    row_in_level = np.zeros(n, dtype=np.int64)
-    by_level = [np.flatnonzero(depth == d) for d in range(levels)]
-    for nodes in by_level:
-        row_in_level[nodes] = np.arange(len(nodes))
-    tailed = np.flatnonzero(forest.tail_parent >= 0)
-    tail_depth = depth[forest.tail_parent[tailed]]
-
-    cost = np.zeros((n, levels), dtype=np.int64)
-    split_child = np.zeros((n, levels), dtype=bool)  # child c split when its parent is in state k
-    split_tail = np.zeros((b, levels), dtype=bool)  # request i's tail split when its tail parent is in state k
+    parent, size, seq_lens = forest.node_parent, forest.node_sizes, forest.seq_lens
+    cost = np.zeros((n, lv.num_levels), dtype=np.int64)
+    split_child = np.zeros((n, lv.num_levels), dtype=bool)
+    split_tail = np.zeros((b, lv.num_levels), dtype=bool)
     empty = np.zeros(0, dtype=np.int64)
-    for d in range(levels - 1, -1, -1):
-        nodes, K = by_level[d], d + 1
+    for d in range(lv.num_levels - 1, -1, -1):
+        nodes, K = lv.by_level[d], d + 1
         nv = len(nodes)
-        r = start[nodes, :K]
-        node_end = end[nodes]
+        r = lv.start[nodes, :K]
+        node_end = lv.end[nodes]
         kv_share = (node_end[:, None] - r) * bt / per_pack
         # Edges of this level's nodes: child nodes (depth d + 1) first, then the tails ending here.
-        kids = by_level[d + 1] if d + 1 < levels else empty
-        reqs = tailed[tail_depth == d]
+        kids = lv.kids(d)
+        reqs = lv.tailed[lv.tail_depth == d]
         nk = len(kids)
-        owner = np.concatenate([row_in_level[parent[kids]], row_in_level[forest.tail_parent[reqs]]])
+        owner = np.concatenate([lv.row_in_level[parent[kids]], lv.row_in_level[forest.tail_parent[reqs]]])
         weight = np.concatenate([size[kids], np.ones(len(reqs), dtype=np.int64)])
         ro = r[owner]
         e = seq_lens[reqs][:, None]
@@ -412,33 +447,37 @@ def _dp_packing(forest: Forest, model: ByteModel) -> Packing:
         chosen &= ~merge_all[owner]
         split_child[kids, :K] = chosen[:nk]
         split_tail[reqs, :K] = chosen[nk:]
+    return split_child, split_tail
 
-    # Emit top-down from the roots' state 0: a split child starts its own range, a merged one inherits it.
-    state = np.zeros(n, dtype=np.int64)
+
+def _emit_levels(forest: Forest, lv: _Levels, split_child: np.ndarray, split_tail: np.ndarray, groups: _Groups):
+    """The chosen groups top-down from the roots' state 0: a split child starts its own range, a merged one
+    inherits its parent's."""
+    parent = forest.node_parent
+    state = np.zeros(forest.num_nodes, dtype=np.int64)
     ptr, members = forest.member_indptr, forest.member_reqs
-    for d in range(levels):
-        nodes = by_level[d]
+    for d in range(lv.num_levels):
+        nodes = lv.by_level[d]
         if d:
             p = parent[nodes]
             state[nodes] = np.where(split_child[nodes, state[p]], d, state[p])
-        r = start[nodes, state[nodes]]
-        reqs = tailed[tail_depth == d]
+        r = lv.start[nodes, state[nodes]]
+        reqs = lv.tailed[lv.tail_depth == d]
         tparent = forest.tail_parent[reqs]
         st = split_tail[reqs, state[tparent]]
-        kids = by_level[d + 1] if d + 1 < levels else np.zeros(0, dtype=np.int64)
+        kids = lv.kids(d)
         sk = kids[split_child[kids, state[parent[kids]]]]
         # One group per node with split edges: the split children's members and the split tails' requests.
         counts = ptr[sk + 1] - ptr[sk]
         within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         kid_reqs = members[np.repeat(ptr[sk], counts) + within]
-        owner = np.concatenate([np.repeat(row_in_level[parent[sk]], counts), row_in_level[tparent[st]]])
+        owner = np.concatenate([np.repeat(lv.row_in_level[parent[sk]], counts), lv.row_in_level[tparent[st]]])
         who = np.concatenate([kid_reqs, reqs[st]])
         order = np.lexsort((who, owner))
         owner, who = owner[order], who[order]
         if len(owner):
             rows, sizes = np.unique(owner, return_counts=True)
-            groups.add_singles(r[rows], end[nodes][rows], who, sizes=sizes)
+            groups.add_singles(r[rows], lv.end[nodes][rows], who, sizes=sizes)
         # Tails: merged ones read [range start, seq_len), split ones [node end, seq_len) when non-empty.
-        tail_start = np.where(st, end[tparent], start[tparent, state[tparent]])
-        groups.add_singles(tail_start, seq_lens[reqs], reqs)
-    return groups.packing(model, b)
+        tail_start = np.where(st, lv.end[tparent], lv.start[tparent, state[tparent]])
+        groups.add_singles(tail_start, forest.seq_lens[reqs], reqs)

@@ -1,4 +1,4 @@
-"""Seeded prefix-forest workloads of shared/WORKLOADS.md, for tests, benchmarks and the demo.
+"""Seeded prefix-forest workloads (docs/DESIGN.md, Workloads), for tests, benchmarks and the demo.
 
 A workload is a decode batch: per request a radix path ``[(node_id, num_tokens), ...]`` plus a private tail.
 ``materialize`` lays it out in a paged KV pool (shared nodes get the same slots in every member's row, pages in a
