@@ -296,12 +296,7 @@ class PatDecodeWrapper:
         lo, hi = (int(slots.min()), int(slots.max())) if nnz else (0, 0)
         bound = self._plan_bound()
         if lo < 0 or hi >= bound:
-            at = int(np.flatnonzero((slots < 0) | (slots >= bound))[0])
-            req = int(np.searchsorted(indptr, at, side="right") - 1)
-            raise ValueError(
-                f"kv_indices: request {req}'s token {at - int(indptr[req])} has slot {int(slots[at])}, outside "
-                f"[0, {bound}) ({'the int32 range of slot buffers' if bound == INT32_LIMIT else 'the KV buffer rows'})"
-            )
+            _raise_out_of_range(slots, indptr, bound)
         self._checked_bound, self._bound_exact = hi + 1, True
 
     def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray, checked: bool) -> None:
@@ -421,7 +416,7 @@ class PatDecodeWrapper:
         def launch(i: int) -> None:
             lc = plan.launches[i]
             programs = graph.grids[i] if graph else lc.num_items * self.num_kv_heads
-            self._launch_pack(i, lc, programs, q, k_buffer, v_buffer, out, scale)
+            self._launch_pack(i, lc.config, programs, q, k_buffer, v_buffer, out, scale)
 
         # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
@@ -446,9 +441,11 @@ class PatDecodeWrapper:
         )
         return out
 
-    def _launch_pack(self, i: int, lc, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
-        """The pack kernel over launch ``i`` (``lc``) of the plan (a subclass may add launch arguments: the
-        program tracer of pat_sglang.bench.trace passes ``trace=``)."""
+    def _launch_pack(
+        self, i: int, config, num_programs: int, q, k_buffer, v_buffer, out, scale: float, **launch_kwargs
+    ) -> None:
+        """The pack kernel over launch ``i`` of the plan, in tile ``config`` (a subclass may change the config and
+        add launch arguments: the program tracer of pat_sglang.bench.trace passes ``trace=``)."""
         pack_attention(
             q,
             k_buffer,
@@ -459,10 +456,11 @@ class PatDecodeWrapper:
             self._partial_o,
             self._partial_lse,
             self._launch_info[3 * i : 3 * i + 3],
-            config=lc.config,
+            config=config,
             num_programs=num_programs,
             sm_scale=scale,
             work_queue=self._work_queues[2 * i : 2 * i + 2],
+            **launch_kwargs,
         )
 
     def _check_kv_rows(self, rows: int) -> None:
@@ -620,17 +618,24 @@ class _SlotGuard:
         )
 
 
+def _raise_out_of_range(slots: np.ndarray, indptr: np.ndarray, bound: int) -> None:
+    """ValueError naming the request and token of the first slot outside ``[0, bound)``, if there is one."""
+    nnz = int(indptr[-1])
+    bad = np.flatnonzero((slots[:nnz] < 0) | (slots[:nnz] >= bound))
+    if len(bad):
+        at = int(bad[0])
+        req = int(np.searchsorted(indptr, at, side="right") - 1)
+        raise ValueError(
+            f"kv_indices: request {req}'s token {at - int(indptr[req])} has slot {int(slots[at])}, outside "
+            f"[0, {bound}) ({'the int32 range of slot buffers' if bound == INT32_LIMIT else 'the KV buffer rows'})"
+        )
+
+
 def _raise_slot_details(slots: np.ndarray, indptr: np.ndarray, bound: int, checks: np.ndarray | None) -> None:
     """The first bad slot of a step as a ValueError naming its request (sync_checks: the device check failed)."""
     nnz = int(indptr[-1])
     req_of = lambda pos: int(np.searchsorted(indptr, pos, side="right") - 1)  # noqa: E731
-    bad = np.flatnonzero((slots[:nnz] < 0) | (slots[:nnz] >= bound))
-    if len(bad):
-        at = int(bad[0])
-        r = req_of(at)
-        raise ValueError(
-            f"kv_indices: request {r}'s token {at - int(indptr[r])} has slot {int(slots[at])}, outside [0, {bound})"
-        )
+    _raise_out_of_range(slots, indptr, bound)
     for pos, ref, n in checks.T.tolist() if checks is not None else []:
         mine, theirs = slots[pos : min(pos + n, nnz)], slots[ref : min(ref + n, nnz)]
         inside = min(len(mine), len(theirs))

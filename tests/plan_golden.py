@@ -27,18 +27,12 @@ import numpy as np
 import torch
 
 from pat_sglang import PatDecodeWrapper, Policy
+from pat_sglang.bench.cases import HEAD_CONFIGS
 from pat_sglang.bench.workloads import WORKLOADS, make_workload
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "plan_hashes.json"
 NUM_SMS = 132
-HEADS = {
-    "llama3-8b": (32, 8, 128),
-    "qwen2.5-7b": (28, 4, 128),
-    "llama3-70b-tp8": (8, 1, 128),
-    "mha": (32, 32, 128),
-    "head_dim-64": (16, 16, 64),
-    "head_dim-256": (8, 4, 256),
-}
+HEADS = HEAD_CONFIGS  # every head configuration the benchmarks name
 PAGE_SIZES = (1, 16)
 
 

@@ -22,7 +22,7 @@ import torch
 from pat_sglang import PatDecodeWrapper
 from pat_sglang.bench.cases import Case, case_pat, graphed, plan_case
 from pat_sglang.bench.compile import TORCH_DTYPES, cuda_tools_dir, inspect_tile
-from pat_sglang.kernels.pack_attention import TRACE_PAIRS, TRACE_RECORD, TileConfig, pack_attention
+from pat_sglang.kernels.pack_attention import TRACE_PAIRS, TRACE_RECORD, TileConfig
 from pat_sglang.packing.tuning import PlanTuning
 
 
@@ -55,26 +55,12 @@ class TracedDecodeWrapper(PatDecodeWrapper):
         super().__init__(*args, **kwargs)
         self.records: dict[int, torch.Tensor] = {}
 
-    def _launch_pack(self, i: int, lc, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
+    def _launch_pack(self, i: int, config, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
         if i not in self.records:
             self.records[i] = torch.full((num_programs, TRACE_RECORD), -1, dtype=torch.int64, device=self.device)
         group = self.num_qo_heads // self.num_kv_heads
-        pack_attention(
-            q,
-            k_buffer,
-            v_buffer,
-            self._kv_indices,
-            self._items,
-            out,
-            self._partial_o,
-            self._partial_lse,
-            self._launch_info[3 * i : 3 * i + 3],
-            config=traced_config(lc.config, group, self.num_kv_heads, self.head_dim, q.dtype),
-            num_programs=num_programs,
-            sm_scale=scale,
-            work_queue=self._work_queues[2 * i : 2 * i + 2],
-            trace=self.records[i],
-        )
+        traced = traced_config(config, group, self.num_kv_heads, self.head_dim, q.dtype)
+        super()._launch_pack(i, traced, num_programs, q, k_buffer, v_buffer, out, scale, trace=self.records[i])
 
 
 def trace_case(case: Case, tuning: PlanTuning | None = None, replays: int = 6):
