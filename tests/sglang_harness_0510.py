@@ -124,6 +124,7 @@ def make_runner(
             chunked_prefill_size=-1,
             enable_deterministic_inference=False,
             triton_attention_split_tile_size=None,
+            enable_double_sparsity=False,  # what the registry's triton factory reads
         ),
     )
 

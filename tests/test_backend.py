@@ -10,6 +10,8 @@ graph runner calls them.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import sglang_env
 import torch
@@ -21,6 +23,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa
 from sglang_harness import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner  # noqa: E402
 
 from pat_sglang.backend import compat  # noqa: E402
+from pat_sglang.backend import prefill as prefill_mod  # noqa: E402
 from pat_sglang.backend.attn_backend import PatAttnBackend, UnsupportedConfigError, create_pat_backend  # noqa: E402
 from pat_sglang.backend.paths import batch_paths, forward_batch_paths, stash_batch_paths, stashed_paths  # noqa: E402
 from pat_sglang.kernels import decode_attention_reference  # noqa: E402
@@ -389,6 +392,79 @@ def test_decode_only_beside_another_prefill_backend():
     out = hybrid.forward(q, k, v, layer, fb)
     assert pat.pat_eager.plan_info.unique_kv_tokens < pat.pat_eager.plan_info.request_kv_tokens
     _assert_close(out, _reference(runner, fb, q, layer.scaling))
+
+
+class TestPrefillBackend:
+    """``--attention-backend pat`` prefills on the fastest stock backend that runs (issue: pat's TTFT was Triton's)."""
+
+    @staticmethod
+    def _whole_backend_runner(seed: int):
+        runner, sched = _radix_batch(seed)
+        runner.prefill_attention_backend_str = runner.decode_attention_backend_str = "pat"
+        return runner, sched
+
+    def test_whole_backend_is_a_hybrid_with_pat_decode(self, caplog):
+        from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+        runner, sched = self._whole_backend_runner(31)
+        with caplog.at_level(logging.INFO, logger="pat_sglang"):
+            backend = create_pat_backend(runner)
+        assert isinstance(backend, HybridAttnBackend) and isinstance(backend.decode_backend, PatAttnBackend)
+        if not ON_GPU:
+            assert backend.pat_prefill_backend == "triton", "no Hopper GPU and no flashinfer here"
+            assert type(backend.prefill_backend) is TritonAttnBackend
+        assert f"prefill, extend and mixed batches on {backend.pat_prefill_backend}" in caplog.text
+        assert runner.prefill_attention_backend_str == "pat", "the runner names pat again once the choice is built"
+        fb, _ = sched.decode_batch(backend)
+        q, k, v = _qkv(fb.batch_size, seed=32)
+        layer = make_layer(HQ, HKV, D, scaling=D**-0.5)
+        backend.init_forward_metadata(fb)
+        out = backend.forward(q, k, v, layer, fb)
+        plan = backend.decode_backend.pat_eager.plan_info
+        assert plan.unique_kv_tokens < plan.request_kv_tokens, "decode went through pat"
+        _assert_close(out, _reference(runner, fb, q, layer.scaling))
+
+    @pytest.mark.parametrize(("prefill", "decode"), [("triton", "pat"), ("pat", "triton"), (None, None)])
+    def test_half_of_a_split_is_pat_alone(self, prefill, decode):
+        """``--prefill-attention-backend X --decode-attention-backend pat``: SGLang composes the split itself."""
+        runner, _ = _radix_batch(33)
+        runner.prefill_attention_backend_str, runner.decode_attention_backend_str = prefill, decode
+        assert type(create_pat_backend(runner)) is PatAttnBackend
+
+    def test_order_and_reasons(self, monkeypatch):
+        runner, _ = _radix_batch(34)
+        monkeypatch.setattr(prefill_mod, "_hopper_cuda_12_3", lambda: True)
+        monkeypatch.setattr(prefill_mod, "_flashinfer_installed", lambda: True)
+        assert [prefill_mod.unsuitable(name, runner) for name in prefill_mod.PREFILL_ORDER] == [None, None, None]
+        assert "sinks" in prefill_mod.unsuitable("flashinfer", runner, sinks=True)
+        monkeypatch.setattr(runner, "kv_cache_dtype", torch.float8_e5m2)
+        assert "e5m2" in prefill_mod.unsuitable("fa3", runner)
+        monkeypatch.setattr(prefill_mod, "_hopper_cuda_12_3", lambda: False)
+        assert "Hopper" in prefill_mod.unsuitable("fa3", runner)
+        with pytest.raises(ValueError, match="prefill backend must be one of"):
+            prefill_mod.unsuitable("flashmla", runner)
+        with pytest.raises(ValueError, match="order must end with 'triton'"):
+            prefill_mod.choose_prefill_backend(runner, order=("fa3",))
+
+    def test_a_backend_that_does_not_start_is_skipped(self, monkeypatch):
+        """fa3 suits the GPU but its kernels do not load (as with a kernel package built for another CUDA): the
+        next one prefills, and the reason is kept for the start-up log."""
+        runner, _ = self._whole_backend_runner(35)
+        monkeypatch.setattr(prefill_mod, "_hopper_cuda_12_3", lambda: True)
+        monkeypatch.setattr(prefill_mod, "_flashinfer_installed", lambda: False)
+        build = compat.build_full_backend
+
+        def fa3_fails(model_runner, name):
+            if name == "fa3":
+                raise ImportError("libcudart.so.12: cannot open shared object file")
+            return build(model_runner, name)
+
+        monkeypatch.setattr(compat, "build_full_backend", fa3_fails)
+        choice = prefill_mod.choose_prefill_backend(runner)
+        assert choice.name == "triton"
+        assert choice.skipped[0][0] == "fa3" and "did not start (ImportError: libcudart" in choice.skipped[0][1]
+        assert "flashinfer skipped: flashinfer is not installed" in choice.describe()
+        assert runner.prefill_attention_backend_str == "pat"
 
 
 def test_init_new_hook_forwards_every_argument():

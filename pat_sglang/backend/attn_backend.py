@@ -5,7 +5,9 @@ device buffer, ``kv_indptr`` from the host sequence lengths, radix paths from th
 replay), then ``PatDecodeWrapper.plan``. The graph hooks of both SGLang releases lead there: 0.5.10.post1's
 ``init_forward_metadata_capture_cuda_graph`` / ``_replay_cuda_graph`` and 0.5.23's
 ``init_forward_metadata_out_graph(fb, in_capture)`` (pat plans outside the graph; ``_in_graph`` has nothing to add).
-Extend, mixed, target-verify, draft-extend and speculative decode are the Triton backend's own. Configurations pat
+``create_pat_backend`` puts prefill, extend and mixed batches on the fastest stock backend (``prefill``); what
+reaches ``PatAttnBackend`` besides plain decode (idle batches, speculative steps routed to decode) is the Triton
+backend's own. Configurations pat
 does not handle fail at construction (or at the first decode of a layer that uses them) with a message that names a
 backend that does. What differs between the releases is read through ``pat_sglang.backend.compat``.
 """
@@ -26,6 +28,7 @@ from pat_sglang.backend.paths import (
     install_init_new_hook,
     stashed_paths,
 )
+from pat_sglang.backend.prefill import choose_prefill_backend
 from pat_sglang.kernels import SUPPORTED_HEAD_DIMS
 from pat_sglang.wrapper import PatDecodeWrapper
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
+BACKEND_NAME = "pat"
 INSTEAD = "use --attention-backend triton or flashinfer"
 LOG_EVERY_S = 10.0  # a sharing summary at the first planned decode step, then at most this often
 
@@ -88,11 +92,29 @@ def _kv_buffer_rows(pool: Any) -> int | None:
     return min(b.shape[0] for b in buffers)
 
 
-def create_pat_backend(model_runner: Any) -> PatAttnBackend:
-    """The factory registered as ``pat`` (see ``_pat_sglang_autoload``)."""
+def create_pat_backend(model_runner: Any) -> Any:
+    """The factory registered as ``pat`` (see ``_pat_sglang_autoload``).
+
+    As the whole backend (``--attention-backend pat``): SGLang's ``HybridAttnBackend`` with prefill, extend and
+    mixed batches on the fastest stock backend that runs here (``prefill.choose_prefill_backend``) and decode on
+    ``PatAttnBackend``. As one half of a split the user chose (``--prefill-attention-backend X
+    --decode-attention-backend pat``, SGLang composes it), or where the runner names no backends: ``PatAttnBackend``.
+    """
     check_supported(model_runner)
     install_init_new_hook()
-    return PatAttnBackend(model_runner)
+    decode = PatAttnBackend(model_runner)
+    prefill_name, decode_name = compat.attention_backend_names(model_runner)
+    if prefill_name != BACKEND_NAME or decode_name != BACKEND_NAME:
+        if prefill_name == BACKEND_NAME:
+            logger.info("pat: --prefill-attention-backend pat runs prefill and extend on SGLang's triton kernels")
+        return decode
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+    choice = choose_prefill_backend(model_runner)
+    logger.info("pat: decode on pat; prefill, extend and mixed batches on %s", choice.describe())
+    hybrid = HybridAttnBackend(model_runner, prefill_backend=choice.backend, decode_backend=decode)
+    hybrid.pat_prefill_backend = choice.name  # for logs and tests: which backend prefills
+    return hybrid
 
 
 class DecodeStats:
@@ -163,8 +185,7 @@ class PatAttnBackend(TritonAttnBackend):
         self._pat_active: PatDecodeWrapper | None = None  # the wrapper the current decode batch was planned on
         self.decode_stats = DecodeStats()
         logger.info(
-            "pat: prefix-aware decode attention (%d query heads, %d KV heads, head_dim %d, page_size %d, %s KV); "
-            "prefill and extend run on SGLang's triton kernels",
+            "pat: prefix-aware decode attention (%d query heads, %d KV heads, head_dim %d, page_size %d, %s KV)",
             self.num_head,
             self.num_kv_head,
             head_dim,

@@ -11,6 +11,8 @@ version string. The differences that matter to a decode backend:
 - A ``Req`` keeps ``cache_protected_len`` under ``req.kv`` (``ReqKvInfo``) where that exists.
 - Parallel settings come from the process-wide runtime context (``srt/runtime_context``) where it exists; so does
   attention decode context parallelism (``attn_dcp_size``), which pat refuses.
+- Both releases stamp the runner with the (prefill, decode) backend names before they build a backend
+  (``prefill_attention_backend_str``), and keep the factories in ``attention_registry.ATTENTION_BACKENDS``.
 - A runner may decode several tokens per request (``decode_num_tokens_per_req()``: diffusion-LLM blocks), and the
   decode graph runner may capture the backends' out-of-graph prep (``SGLANG_ENABLE_METADATA_GLUE_GRAPH``); pat
   refuses both.
@@ -57,7 +59,9 @@ def runtime_parallel() -> Any:
 
 
 __all__ = [
+    "attention_backend_names",
     "attn_dcp_size",
+    "build_full_backend",
     "metadata_glue_graph_enabled",
     "runtime_parallel",
     "cache_protected_len",
@@ -75,6 +79,23 @@ def cache_protected_len(req: Any) -> int | None:
         if value is not None:
             return int(value)
     return None
+
+
+def attention_backend_names(model_runner: Any) -> tuple[str | None, str | None]:
+    """The (prefill, decode) backend names the runner is building, None where it names none (a test's runner)."""
+    return (
+        getattr(model_runner, "prefill_attention_backend_str", None),
+        getattr(model_runner, "decode_attention_backend_str", None),
+    )
+
+
+def build_full_backend(model_runner: Any, name: str) -> Any:
+    """A stock full-attention backend by its ``--attention-backend`` name, built by SGLang's own factory."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"SGLang has no attention backend {name!r}; it has {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name](model_runner)
 
 
 def attn_dcp_size() -> int:
