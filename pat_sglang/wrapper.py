@@ -25,6 +25,7 @@ from pat_sglang.kernels import (
 )
 from pat_sglang.kernels.common import check_sm_scale
 from pat_sglang.kernels.merge import merge_dim_block, merge_head_block
+from pat_sglang.kernels.pack_attention import check_epilogue, check_kv_dtypes
 from pat_sglang.kernels.slot_check import ERR_RANGE, ERR_SHARED, ERR_WORDS, INT32_LIMIT, check_slots
 from pat_sglang.packing import PatPlan, Policy, PrefixPath
 from pat_sglang.packing.plan import shared_checks, shared_entries
@@ -387,14 +388,25 @@ class PatDecodeWrapper:
         *,
         sm_scale: float | None = None,
         out: torch.Tensor | None = None,
+        logit_cap: float = 0.0,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode attention for the planned batch.
 
         Args:
             q: ``[B, Hq, D]`` fp16/bf16/fp32 on the wrapper's device.
-            k_buffer, v_buffer: ``[num_slots, Hkv, D]``, q's dtype and device (SGLang's per-layer pool buffers).
+            k_buffer, v_buffer: ``[num_slots, Hkv, D]`` on q's device (SGLang's per-layer pool buffers): q's dtype,
+                or an fp8 KV cache (``float8_e4m3fn`` / ``float8_e5m2``) under a 16-bit q.
             sm_scale: softmax scale; defaults to ``1 / sqrt(D)``.
             out: optional ``[B, Hq, D]`` in q's dtype to write into.
+            logit_cap: 0 (off), or the logit soft-cap: scaled scores ``s`` become ``logit_cap * tanh(s /
+                logit_cap)`` (Gemma 2).
+            k_scale, v_scale: the fp8 cache's scales (stored values times the scale are the keys and values); 1 for
+                a 16-bit cache.
+            sinks: None, or a contiguous float ``[Hq]`` on q's device: each head's sink logit, which joins every
+                request's softmax denominator once (GPT-OSS).
         Returns:
             ``[B, Hq, D]`` in q's dtype.
         """
@@ -405,6 +417,10 @@ class PatDecodeWrapper:
         self._check_kv_rows(k_buffer.shape[0])
         scale = default_sm_scale(self.head_dim) if sm_scale is None else float(sm_scale)
         check_sm_scale(scale)  # here too, before any launch forks onto the side streams
+        check_epilogue(logit_cap=logit_cap, k_scale=k_scale, v_scale=v_scale, sinks=sinks, num_heads=self.num_qo_heads)
+        if sinks is not None and sinks.device != self.device:
+            raise ValueError(f"sinks is on {sinks.device}; the wrapper computes on {self.device}")
+        features = dict(logit_cap=float(logit_cap), k_scale=float(k_scale), v_scale=float(v_scale), sinks=sinks)
         if out is None:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None
@@ -416,7 +432,7 @@ class PatDecodeWrapper:
         def launch(i: int) -> None:
             lc = plan.launches[i]
             programs = graph.grids[i] if graph else lc.num_items * self.num_kv_heads
-            self._launch_pack(i, lc.config, programs, q, k_buffer, v_buffer, out, scale)
+            self._launch_pack(i, lc.config, programs, q, k_buffer, v_buffer, out, scale, **features)
 
         # Graph mode launches only the configs a batch of this size can use (a graph is captured per batch size):
         # at B = 1 that is one launch, not the fixed four, whose empty grids delay the busy one by ~10 µs.
@@ -438,6 +454,7 @@ class PatDecodeWrapper:
             num_programs=merge_programs,
             head_block=merge_head_block(merge_programs, self.num_qo_heads, self.num_sms),
             dim_block=merge_dim_block(merge_programs, self.num_qo_heads, self.head_dim, self.num_sms),
+            sinks=sinks,
         )
         return out
 
@@ -445,7 +462,8 @@ class PatDecodeWrapper:
         self, i: int, config, num_programs: int, q, k_buffer, v_buffer, out, scale: float, **launch_kwargs
     ) -> None:
         """The pack kernel over launch ``i`` of the plan, in tile ``config`` (a subclass may change the config and
-        add launch arguments: the program tracer of pat_sglang.bench.trace passes ``trace=``)."""
+        add launch arguments: the program tracer of pat_sglang.bench.trace passes ``trace=``; ``run`` passes the
+        soft-cap, KV scales and sinks)."""
         pack_attention(
             q,
             k_buffer,
@@ -528,10 +546,9 @@ class PatDecodeWrapper:
                 raise ValueError(
                     f"{name} must have shape [num_slots, {self.num_kv_heads}, {self.head_dim}], got {list(buf.shape)}"
                 )
-            if buf.dtype != q.dtype:
-                raise ValueError(f"{name} dtype {buf.dtype} differs from q's {q.dtype}")
             if buf.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dimension")
+        check_kv_dtypes(q.dtype, k_buffer.dtype, v_buffer.dtype)
         if k_buffer.shape[0] != v_buffer.shape[0]:
             raise ValueError(f"k_buffer has {k_buffer.shape[0]} slots but v_buffer has {v_buffer.shape[0]}")
         named = [("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer)] + ([("out", out)] if out is not None else [])

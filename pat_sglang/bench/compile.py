@@ -94,6 +94,8 @@ def compile_tile(
     )
     if not trace:
         consts["trace_ptr"] = None  # as the launcher passes it: a constexpr, no kernel argument
+    if not wgmma:
+        consts["sink_ptr"] = consts["entry_lo_ptr"] = None  # no sinks, no window: production's plain build
     elem = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype}
     elem |= {"partial_o_ptr": "fp32", "partial_lse_ptr": "fp32", "trace_ptr": "i64"}
     signature, constexprs, attrs = {}, {}, {}
@@ -104,7 +106,7 @@ def compile_tile(
         elif name.endswith("_ptr"):
             signature[name] = "*" + elem.get(name, "i32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "sm_scale_log2":
+        elif name in ("sm_scale_log2", "logit_cap", "v_scale"):
             signature[name] = "fp32"
         else:  # strides: multiples of 16 elements for the KV layouts the wrapper takes
             signature[name] = "i32"

@@ -55,12 +55,16 @@ class TracedDecodeWrapper(PatDecodeWrapper):
         super().__init__(*args, **kwargs)
         self.records: dict[int, torch.Tensor] = {}
 
-    def _launch_pack(self, i: int, config, num_programs: int, q, k_buffer, v_buffer, out, scale: float) -> None:
+    def _launch_pack(
+        self, i: int, config, num_programs: int, q, k_buffer, v_buffer, out, scale: float, **features
+    ) -> None:
         if i not in self.records:
             self.records[i] = torch.full((num_programs, TRACE_RECORD), -1, dtype=torch.int64, device=self.device)
         group = self.num_qo_heads // self.num_kv_heads
         traced = traced_config(config, group, self.num_kv_heads, self.head_dim, q.dtype)
-        super()._launch_pack(i, traced, num_programs, q, k_buffer, v_buffer, out, scale, trace=self.records[i])
+        super()._launch_pack(
+            i, traced, num_programs, q, k_buffer, v_buffer, out, scale, trace=self.records[i], **features
+        )
 
 
 def trace_case(case: Case, tuning: PlanTuning | None = None, replays: int = 6):

@@ -66,6 +66,7 @@ def _merge_kernel(
     merge_indices_ptr,
     num_merge_ptr,
     out_ptr,
+    sink_ptr,
     stride_po_p,
     stride_po_h,
     stride_plse_p,
@@ -78,7 +79,9 @@ def _merge_kernel(
     DIM_BLOCK: tl.constexpr,
     LONG_LIST: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
+    # HAS_SINKS: each head's sink logit (sink_ptr, natural log) joins the request's denominator once, here.
     i = tl.program_id(0)
     head0 = (tl.program_id(1) // (HEAD_DIM_PAD // DIM_BLOCK)) * HEAD_BLOCK
     dim0 = (tl.program_id(1) % (HEAD_DIM_PAD // DIM_BLOCK)) * DIM_BLOCK
@@ -111,11 +114,15 @@ def _merge_kernel(
                     other=0.0,
                 )
                 m_new = tl.maximum(m, tl.max(lse, axis=0))
-                scale_old = tl.exp(m - m_new)
-                w = tl.exp(lse - m_new)
+                # -inf only while every partial so far is empty (a sliding window that misses them): keep it finite.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                scale_old = tl.exp(m - m_safe)
+                w = tl.exp(lse - m_safe)
                 denom = denom * scale_old + tl.sum(w, axis=0)
                 acc = acc * scale_old + tl.sum(w[:, None] * o, axis=0)
                 m = m_new
+            if HAS_SINKS:
+                denom += tl.exp(tl.load(sink_ptr + h).to(tl.float32) - tl.where(m == float("-inf"), 0.0, m))
             tl.store(out_ptr + req * stride_out_b + h * stride_out_h + dims, (acc / denom).to(out_ty), mask=dim_mask)
     else:
         # Short lists (most requests: two to a dozen partials): four partials per step for the whole block of heads,
@@ -147,6 +154,9 @@ def _merge_kernel(
             denom = denom * scale_old + (w0 + w1 + w2 + w3)
             acc = acc * scale_old[:, None] + (w0[:, None] * o0 + w1[:, None] * o1 + w2[:, None] * o2 + w3[:, None] * o3)
             m = m_new
+        if HAS_SINKS:
+            sink = tl.load(sink_ptr + heads, mask=head_mask, other=float("-inf")).to(tl.float32)
+            denom += tl.exp(sink - tl.where(m == float("-inf"), 0.0, m))
         out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]  # 0 only on heads past NUM_HEADS (not stored)
         tl.store(
             out_ptr + req * stride_out_b + heads[:, None] * stride_out_h + dims[None, :],
@@ -181,6 +191,7 @@ def merge_partials(
     num_programs: int,
     head_block: int = 1,
     dim_block: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Merge partials into ``out`` for the first ``num_merge[0]`` entries of ``merge_req``.
 
@@ -194,6 +205,8 @@ def merge_partials(
         head_block: heads per program, a power of two (see ``merge_head_block``).
         dim_block: head dimensions per program, a power of two of at least 16 that divides the padded head
             dimension (see ``merge_dim_block``); None: the whole (padded) head.
+        sinks: None, or a contiguous float ``[Hq]`` on ``out``'s device: each head's sink logit (natural log),
+            added to every merged request's softmax denominator once (attention sinks).
     """
     if num_programs <= 0:
         return
@@ -209,6 +222,8 @@ def merge_partials(
         dim_block = head_dim_pad
     if dim_block < 16 or dim_block & (dim_block - 1) or head_dim_pad % dim_block:
         raise ValueError(f"dim_block must be a power of two >= 16 dividing {head_dim_pad}, got {dim_block}")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != num_heads or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be a contiguous [{num_heads}] tensor, got shape {list(sinks.shape)}")
     dim_blocks = head_dim_pad // dim_block
     _merge_kernel[(num_programs, triton.cdiv(num_heads, head_block) * dim_blocks)](
         partial_o,
@@ -218,6 +233,7 @@ def merge_partials(
         merge_indices,
         num_merge,
         out,
+        sinks,  # None: a constexpr, no kernel argument
         partial_o.stride(0),
         partial_o.stride(1),
         partial_lse.stride(0),
@@ -230,5 +246,6 @@ def merge_partials(
         DIM_BLOCK=dim_block,
         LONG_LIST=LONG_LIST if head_block == 1 else LONG_LIST_HEAD_BLOCK,
         BLOCK_P=NARROW_BLOCK_P if dim_block <= NARROW_DIM_BLOCK else BLOCK_P,
+        HAS_SINKS=sinks is not None,
         num_warps=4 if min(dim_block, head_dim) * head_block >= 128 else 2,
     )

@@ -22,6 +22,7 @@ import triton.language as tl
 from pat_sglang.kernels.common import check_sm_scale, interpreting, padded_head_dim
 
 LOG2E = 1.4426950408889634
+LOG2E_F = tl.constexpr(LOG2E)  # the same, for the kernels
 LN2 = 0.6931471805599453
 KERNELS = ("triton", "wgmma")
 # Program tracing (``trace=`` of ``pack_attention``; pat_sglang.bench.trace reads it): one int64 record per program,
@@ -98,7 +99,11 @@ def _pack_attn_kernel(
     launch_ptr,
     queue_ptr,
     trace_ptr,
+    sink_ptr,
+    entry_lo_ptr,
     sm_scale_log2,
+    logit_cap,
+    v_scale,
     stride_q_b,
     stride_q_h,
     stride_k_s,
@@ -119,6 +124,10 @@ def _pack_attn_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr,
+    KV_CAST: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     # launch_ptr holds (first item, number of items, may queue) of this tile config, on the device, so that a CUDA
     # graph captured with a fixed grid replays any later plan. Programs take (item, KV head) pairs from the work queue
@@ -159,9 +168,13 @@ def _pack_attn_kernel(
             out_ptr,
             partial_o_ptr,
             partial_lse_ptr,
+            sink_ptr,
+            entry_lo_ptr,
             item_offset + work // NUM_KV_HEADS,
             work % NUM_KV_HEADS,
             sm_scale_log2,
+            logit_cap,
+            v_scale,
             stride_q_b,
             stride_q_h,
             stride_k_s,
@@ -180,6 +193,10 @@ def _pack_attn_kernel(
             BLOCK_N,
             UPCAST,
             DOT_PRECISION,
+            KV_CAST,
+            SOFTCAP,
+            HAS_SINKS,
+            WINDOW,
         )
         if TRACE:
             done = _global_timer()
@@ -227,9 +244,13 @@ def _pack_attn_item(
     out_ptr,
     partial_o_ptr,
     partial_lse_ptr,
+    sink_ptr,
+    entry_lo_ptr,
     item,
     kv_head,
     sm_scale_log2,
+    logit_cap,
+    v_scale,
     stride_q_b,
     stride_q_h,
     stride_k_s,
@@ -248,8 +269,20 @@ def _pack_attn_item(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_CAST: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """One (work item, KV head): the pack's rows over the item's KV range, online softmax in fp32."""
+    """One (work item, KV head): the pack's rows over the item's KV range, online softmax in fp32.
+
+    Off by default, each a constexpr (no cost when off): KV_CAST (fp8 K/V converted to q's dtype as they load; the
+    K scale is in ``sm_scale_log2``, the V scale multiplies the output), SOFTCAP (scores become ``logit_cap *
+    tanh(score / logit_cap)``; ``sm_scale_log2`` is then ``sm_scale / logit_cap`` and ``logit_cap`` is
+    ``logit_cap * log2(e)``), HAS_SINKS (a request whose whole KV is this item folds its head's sink logit into the
+    denominator here; partials leave it to the merge), WINDOW (row r sees only the keys from ``entry_lo_ptr[entry]``
+    of the item on: a sliding window; a row that sees none writes the empty partial, LSE -inf).
+    """
     kv_start = tl.load(item_kv_start_ptr + item).to(tl.int64)
     kv_len = tl.load(item_kv_len_ptr + item)
     entry_start = tl.load(item_entry_start_ptr + item)
@@ -277,6 +310,9 @@ def _pack_attn_item(
     if UPCAST:
         q = q.to(tl.float32)
 
+    if WINDOW:
+        lo = tl.load(entry_lo_ptr + entry, mask=row_mask, other=0)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -291,18 +327,36 @@ def _pack_attn_item(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_CAST:
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         # Scores in the log2 domain (exp2 is the hardware instruction, sm_scale_log2 = sm_scale * log2(e)), the scale
         # applied inside the exponent: one fused multiply-add per score.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * sm_scale_log2)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
+        if SOFTCAP:
+            # cap * tanh(x / cap) in the log2 domain, tanh(y) = 1 - 2 / (exp(2y) + 1) (finite at both ends).
+            s = logit_cap * (1.0 - 2.0 / (tl.exp2(s * (2.0 * LOG2E_F) * sm_scale_log2) + 1.0))
+            scale = 1.0
+        else:
+            scale = sm_scale_log2
+        seen = col_mask[None, :]
+        if WINDOW:
+            seen = seen & (cols[None, :] >= lo[:, None])
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        if WINDOW:  # a row that has seen no key yet keeps m = -inf: exponents against 0, not -inf - -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s * scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    if WINDOW:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: O = 0, LSE = -inf (m stays -inf)
+    out = acc * (v_scale / l_i)[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log LSE, as FlashInfer's merge_state expects
 
     dest = tl.load(entry_dest_ptr + entry, mask=row_mask, other=0).to(tl.int64)
@@ -316,6 +370,9 @@ def _pack_attn_item(
     )
     tl.store(partial_lse_ptr + part * stride_plse_p + head, lse, mask=is_partial)
     out_row = tl.where(is_direct, -dest - 1, 0)
+    if HAS_SINKS:  # the whole softmax is here: the sink joins its denominator, out * 1 / (1 + exp(sink - lse))
+        sink = tl.load(sink_ptr + head, mask=row_mask, other=0.0).to(tl.float32)
+        out = out / (1.0 + tl.exp(sink - lse))[:, None]
     tl.store(
         out_ptr + out_row[:, None] * stride_out_b + head[:, None] * stride_out_h + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -356,12 +413,18 @@ def pack_attention(
     sm_scale: float,
     work_queue: torch.Tensor | None = None,
     trace: torch.Tensor | None = None,
+    logit_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    sinks: torch.Tensor | None = None,
+    entry_lo: torch.Tensor | None = None,
 ) -> None:
     """Launch the pack kernel over the items of one tile config.
 
     Args:
         q: ``[B, Hq, D]`` fp16/bf16/fp32.
-        k_buffer, v_buffer: ``[num_slots, Hkv, D]``, same dtype as ``q``.
+        k_buffer, v_buffer: ``[num_slots, Hkv, D]``, q's dtype, or fp8 (``float8_e4m3fn`` / ``float8_e5m2``) under a
+            16-bit ``q``: stored values times ``k_scale`` / ``v_scale`` are the keys and values (SGLang's layout).
         kv_indices: int32 ``[nnz]`` token slots.
         items: the plan's work-item arrays (int32, on q's device).
         out: ``[B, Hq, D]`` in q's dtype; rows whose entry is direct are written here.
@@ -377,6 +440,13 @@ def pack_attention(
         trace: None (production), or int64 ``[num_programs, TRACE_RECORD]`` on the device: each program records its
             SM, its start and the end of each of its (item, KV head) pairs (GPU timers; a GPU only), compiled in by
             the ``TRACE`` constexpr (pat_sglang.bench.trace reads the records).
+        logit_cap: 0 (off), or the soft-cap: scores ``s * sm_scale`` become ``logit_cap * tanh(s * sm_scale /
+            logit_cap)`` before the softmax.
+        k_scale, v_scale: the fp8 KV scales (1 for 16-bit KV).
+        sinks: None, or ``[Hq]`` float: a sink logit per q head, joining each request's softmax denominator once
+            (here for the requests written directly; ``merge_partials`` takes the same tensor for the others).
+        entry_lo: None, or int32 per entry: the first key of its item that the entry's request sees (a sliding
+            window; see ``WINDOW`` in the kernel).
     """
     if num_programs <= 0:
         return
@@ -387,6 +457,10 @@ def pack_attention(
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("out", out), ("partial_o", partial_o)):
         _check_last_dim_contiguous(name, t)
     check_sm_scale(sm_scale)
+    kv_cast = check_kv_dtypes(q.dtype, k_buffer.dtype, v_buffer.dtype)
+    check_epilogue(logit_cap=logit_cap, k_scale=k_scale, v_scale=v_scale, sinks=sinks, num_heads=q.shape[1])
+    if entry_lo is not None and (entry_lo.dtype != torch.int32 or entry_lo.numel() < items.entry_req.numel()):
+        raise ValueError("entry_lo must be an int32 tensor with one value per entry")
     if partial_o.dtype != torch.float32 or partial_lse.dtype != torch.float32:
         raise ValueError("partial_o and partial_lse must be float32")
     if launch_info.dtype != torch.int32 or launch_info.numel() < 3:
@@ -397,7 +471,11 @@ def pack_attention(
         raise ValueError(f"trace must be an int64 tensor of [num_programs, {TRACE_RECORD}]")
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
-    wgmma = config.kernel == "wgmma" and wgmma_supported(q.dtype, head_dim, q.device)
+    plain = not (kv_cast or logit_cap or sinks is not None or entry_lo is not None)
+    wgmma = config.kernel == "wgmma" and plain and wgmma_supported(q.dtype, head_dim, q.device)
+    sm_scale_arg = sm_scale * k_scale / logit_cap if logit_cap else sm_scale * k_scale * LOG2E
+    if sinks is not None and sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device ({q.device}), got {sinks.device}")
     kernel = _wide_pack_kernel() if wgmma else _pack_attn_kernel
     kernel[(num_programs,)](
         q,
@@ -415,8 +493,10 @@ def pack_attention(
         partial_lse,
         launch_info,
         work_queue,
-        trace,  # None: a constexpr, no kernel argument
-        sm_scale * LOG2E,
+        trace,  # None: a constexpr, no kernel argument (so are sinks and entry_lo)
+        *(() if wgmma else (sinks, entry_lo)),
+        sm_scale_arg if not wgmma else sm_scale * LOG2E,
+        *(() if wgmma else (logit_cap * LOG2E, v_scale)),
         q.stride(0),
         q.stride(1),
         k_buffer.stride(0),
@@ -436,11 +516,47 @@ def pack_attention(
             dtype=q.dtype,
             wgmma=wgmma,
             trace=trace is not None,
+            kv_cast=kv_cast,
+            softcap=bool(logit_cap),
+            sinks=sinks is not None,
+            window=entry_lo is not None,
         ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **options,
     )
+
+
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_kv_dtypes(q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> bool:
+    """Raise ValueError unless K and V are q's dtype, or one fp8 dtype under a 16-bit q; True for fp8 K/V."""
+    if k_dtype != v_dtype:
+        raise ValueError(f"k_buffer and v_buffer must have one dtype, got {k_dtype} and {v_dtype}")
+    if k_dtype == q_dtype:
+        return False
+    if k_dtype in FP8_KV_DTYPES and q_dtype in (torch.float16, torch.bfloat16):
+        return True
+    raise ValueError(
+        f"k_buffer dtype must be q's ({q_dtype}) or, under a 16-bit q, one of {FP8_KV_DTYPES}; got {k_dtype}"
+    )
+
+
+def check_epilogue(
+    *, logit_cap: float, k_scale: float, v_scale: float, sinks: torch.Tensor | None, num_heads: int
+) -> None:
+    """Raise ValueError naming the argument unless the soft-cap, the KV scales and the sinks are usable."""
+    if not (isinstance(logit_cap, int | float) and math.isfinite(logit_cap) and logit_cap >= 0):
+        raise ValueError(f"logit_cap must be a finite number >= 0 (0: off), got {logit_cap!r}")
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise ValueError(f"sinks must be a float tensor of [{num_heads}] (one logit per q head)")
+        if sinks.dim() != 1 or sinks.shape[0] != num_heads or sinks.stride(0) != 1:
+            raise ValueError(f"sinks must be a contiguous [{num_heads}] tensor, got shape {list(sinks.shape)}")
 
 
 # Gluon is Triton's experimental frontend: its API changes between releases, so the wgmma kernel runs only on the
@@ -483,10 +599,18 @@ def kernel_constexprs(
     dtype: torch.dtype,
     wgmma: bool = False,
     trace: bool = False,
+    kv_cast: bool = False,
+    softcap: bool = False,
+    sinks: bool = False,
+    window: bool = False,
 ) -> dict[str, int | bool | str]:
     """The pack kernel's compile-time arguments for ``config`` on heads of this shape and dtype (with the config's
     warps, stages and register cap, its specialization; scripts/compile_sm90.py compiles the same one); with
-    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead; ``trace``: the program-tracing build."""
+    ``wgmma``, those of the Gluon kernel (kernels/wide_pack_sm90.py) instead; ``trace``: the program-tracing build;
+    ``kv_cast``, ``softcap``, ``sinks``, ``window``: the Triton kernel's feature paths (fp8 KV, soft-cap, attention
+    sinks, sliding window), which the Gluon kernel does not take."""
+    if wgmma and (kv_cast or softcap or sinks or window):
+        raise ValueError("the Gluon kernel takes no fp8 KV, soft-cap, sinks or window: use the Triton kernel")
     common = dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
@@ -502,6 +626,10 @@ def kernel_constexprs(
         # bf16 tl.dot is wrong under the CPU interpreter (triton issue 11584): upcast there, never on the GPU.
         UPCAST=interpreting() and dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        KV_CAST=kv_cast,
+        SOFTCAP=softcap,
+        HAS_SINKS=sinks,
+        WINDOW=window,
     )
 
 

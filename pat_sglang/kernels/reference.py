@@ -35,26 +35,49 @@ def decode_attention_reference(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     sm_scale: float | None = None,
+    *,
+    logit_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain per-request decode attention in fp32, ignoring any sharing.
 
-    Request ``i`` attends slots ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
+    Request ``i`` attends slots ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``; with ``window``, only the last
+    ``window`` of them (SGLang's sliding window for decode).
 
     Args:
-        q: ``[B, Hq, D]``; k_buffer, v_buffer: ``[num_slots, Hkv, D]``.
+        q: ``[B, Hq, D]``; k_buffer, v_buffer: ``[num_slots, Hkv, D]`` (any float dtype, fp8 included: stored values
+            times ``k_scale`` / ``v_scale`` are the keys and values).
         kv_indptr: int ``[B + 1]``; kv_indices: int ``[nnz]``.
+        logit_cap: 0, or scores ``s`` (scaled) become ``logit_cap * tanh(s / logit_cap)``.
+        sinks: None, or ``[Hq]``: a logit per head that joins every request's softmax denominator (no value).
     Returns:
         fp32 ``[B, Hq, D]``.
     """
-    head_dim = q.shape[-1]
+    num_heads, head_dim = q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     indptr = kv_indptr.tolist()
     indices = kv_indices.long()
+    num_kv_heads = k_buffer.shape[1]
+    group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for i in range(q.shape[0]):
-        slots = indices[indptr[i] : indptr[i + 1]]
-        o, _ = attention_reference(q[i : i + 1], k_buffer[slots], v_buffer[slots], scale)
-        out[i] = o[0]
+        start, end = indptr[i], indptr[i + 1]
+        if window is not None:
+            start = max(start, end - window)
+        slots = indices[start:end]
+        k = k_buffer[slots].float() * k_scale
+        v = v_buffer[slots].float() * v_scale
+        qf = q[i].float().view(num_kv_heads, group, head_dim)
+        scores = torch.einsum("kgd,lkd->kgl", qf, k).reshape(num_heads, -1) * scale
+        if logit_cap:
+            scores = logit_cap * torch.tanh(scores / logit_cap)
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.float().view(num_heads, 1)], dim=1)
+        probs = torch.softmax(scores, dim=-1)[:, : len(slots)].view(num_kv_heads, group, -1)
+        out[i] = torch.einsum("kgl,lkd->kgd", probs, v).reshape(num_heads, head_dim)
     return out
 
 
