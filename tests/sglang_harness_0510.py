@@ -78,13 +78,16 @@ def make_runner(
     max_reqs: int = MAX_REQS,
     max_context: int = MAX_CONTEXT,
     pool_tokens: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ):
     """A model runner with the attributes TritonAttnBackend and PatAttnBackend read, and real pools
-    (``max_reqs`` rows of ``max_context`` slots; ``pool_tokens`` KV slots, by default enough for every row)."""
+    (``max_reqs`` rows of ``max_context`` slots; ``pool_tokens`` KV slots, by default enough for every row; a KV
+    cache of ``kv_dtype``, by default ``dtype``)."""
+    kv_dtype = kv_dtype or dtype
     pool = MHATokenToKVPool(
         size=pool_tokens or max_reqs * max_context,
         page_size=page_size,
-        dtype=dtype,
+        dtype=kv_dtype,
         head_num=num_kv_heads,
         head_dim=head_dim,
         layer_num=1,
@@ -104,7 +107,7 @@ def make_runner(
         gpu_id=0,
         page_size=page_size,
         dtype=dtype,
-        kv_cache_dtype=dtype,
+        kv_cache_dtype=kv_dtype,
         hybrid_gdn_config=None,
         kimi_linear_config=None,
         use_mla_backend=False,

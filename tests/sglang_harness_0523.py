@@ -17,6 +17,7 @@ from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import checkpoint_kv_cache
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
@@ -52,7 +53,7 @@ class PeerRunner(MockModelRunner):
     """SGLang's mock runner with a real token allocator (the kit's only names the pool) and the components that
     ``ForwardBatch.init_new`` reads."""
 
-    def __init__(self, num_heads, num_kv_heads, head_dim, *, page_size, dtype, device, max_reqs, max_context):
+    def __init__(self, num_heads, num_kv_heads, head_dim, *, page_size, dtype, kv_dtype, device, max_reqs, max_context):
         case = DenseAttentionCase(
             name="pat-peer",
             backend="triton",
@@ -80,6 +81,19 @@ class PeerRunner(MockModelRunner):
             runner_batch_size=max_reqs,
         )
         pool = self.token_to_kv_pool
+        if kv_dtype != dtype:  # the kit's pool is in the model's dtype; an fp8 cache is a pool of its own
+            pool = self.token_to_kv_pool = MHATokenToKVPool(
+                size=pool.size,
+                page_size=page_size,
+                dtype=kv_dtype,
+                head_num=num_kv_heads,
+                head_dim=head_dim,
+                layer_num=1,
+                device=str(device),
+                enable_memory_saver=False,
+                enable_alt_stream=False,
+            )
+            self.kv_cache_dtype = kv_dtype
         if page_size == 1:
             self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(pool.size, dtype, str(device), pool, False)
         else:
@@ -103,9 +117,11 @@ def make_runner(
     max_reqs: int = MAX_REQS,
     max_context: int = MAX_CONTEXT,
     pool_tokens: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ):
     """A runner with ``max_reqs`` request rows of ``max_context`` slots; SGLang's mock runner sizes the KV pool for
-    every row, so ``pool_tokens`` (a smaller pool in the 0.5.10.post1 harness) is accepted and not needed."""
+    every row, so ``pool_tokens`` (a smaller pool in the 0.5.10.post1 harness) is accepted and not needed;
+    ``kv_dtype``: the KV cache's dtype (an fp8 cache), by default ``dtype``."""
     del pool_tokens
     return PeerRunner(
         num_heads,
@@ -113,6 +129,7 @@ def make_runner(
         head_dim,
         page_size=page_size,
         dtype=dtype,
+        kv_dtype=kv_dtype or dtype,
         device=device,
         max_reqs=max_reqs,
         max_context=max_context,

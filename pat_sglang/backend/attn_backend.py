@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 BACKEND_NAME = "pat"
+# 16-bit and fp32 caches, and SGLang's fp8 caches (--kv-cache-dtype fp8_e4m3 / fp8_e5m2, read with the layer's scales).
+KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
 INSTEAD = "use --attention-backend triton or flashinfer"
 LOG_EVERY_S = 10.0  # a sharing summary at the first planned decode step, then at most this often
 
@@ -61,9 +63,10 @@ def check_supported(model_runner: Any) -> None:
     if window is not None and window > 0:
         raise UnsupportedConfigError(f"pat does not support sliding-window attention (window {window}); {INSTEAD}")
     kv_dtype = getattr(model_runner, "kv_cache_dtype", None)
-    if kv_dtype is not None and kv_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES:
         raise UnsupportedConfigError(
-            f"pat does not support a {kv_dtype} KV cache (--kv-cache-dtype); use --kv-cache-dtype auto or {INSTEAD}"
+            f"pat does not support a {kv_dtype} KV cache (--kv-cache-dtype); use --kv-cache-dtype auto, fp8_e4m3 or "
+            f"fp8_e5m2, or {INSTEAD}"
         )
     dcp = compat.attn_dcp_size()
     if dcp > 1:
@@ -92,6 +95,15 @@ def _kv_buffer_rows(pool: Any) -> int | None:
     return min(b.shape[0] for b in buffers)
 
 
+def _kv_scales(layer: Any) -> tuple[float, float]:
+    """The layer's fp8 KV scales as host floats (stored values times them are K and V), as SGLang's Triton backend
+    reads them: both set or 1."""
+    if getattr(layer, "k_scale", None) is None or getattr(layer, "v_scale", None) is None:
+        return 1.0, 1.0
+    k, v = getattr(layer, "k_scale_float", None), getattr(layer, "v_scale_float", None)
+    return (1.0 if k is None else float(k)), (1.0 if v is None else float(v))
+
+
 def create_pat_backend(model_runner: Any) -> Any:
     """The factory registered as ``pat`` (see ``_pat_sglang_autoload``).
 
@@ -110,7 +122,7 @@ def create_pat_backend(model_runner: Any) -> Any:
         return decode
     from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
 
-    choice = choose_prefill_backend(model_runner)
+    choice = choose_prefill_backend(model_runner, sinks=compat.model_has_sinks(model_runner))
     logger.info("pat: decode on pat; prefill, extend and mixed batches on %s", choice.describe())
     hybrid = HybridAttnBackend(model_runner, prefill_backend=choice.backend, decode_backend=decode)
     hybrid.pat_prefill_backend = choice.name  # for logs and tests: which backend prefills
@@ -377,11 +389,16 @@ class PatAttnBackend(TritonAttnBackend):
             raise UnsupportedConfigError(
                 f"pat does not support {', '.join(set_extras)} in decode attention (layer {layer.layer_id}); {INSTEAD}"
             )
-        if sinks is not None:
-            raise UnsupportedConfigError(f"pat does not support attention sinks (layer {layer.layer_id}); {INSTEAD}")
-        if layer.logit_cap and layer.logit_cap > 0:
+        logit_cap = float(layer.logit_cap or 0.0)
+        method = getattr(layer, "logit_capping_method", "tanh")
+        if logit_cap > 0 and method != "tanh":
             raise UnsupportedConfigError(
-                f"pat does not support logit soft-capping (layer {layer.layer_id}, cap {layer.logit_cap}); {INSTEAD}"
+                f"pat soft-caps logits with tanh only, not {method!r} (layer {layer.layer_id}); {INSTEAD}"
+            )
+        if (getattr(layer, "xai_temperature_len", -1) or -1) > 0:
+            raise UnsupportedConfigError(
+                f"pat does not support position-dependent query temperature (xai_temperature_len, layer "
+                f"{layer.layer_id}); {INSTEAD}"
             )
         if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
             raise UnsupportedConfigError(
@@ -395,11 +412,16 @@ class PatAttnBackend(TritonAttnBackend):
         pool = self.pat_kv_pool
         if save_kv_cache:
             compat.write_kv(pool, layer, forward_batch, k, v)
+        k_scale, v_scale = _kv_scales(layer)
         wrapper.run(
             q,
             pool.get_key_buffer(layer.layer_id),
             pool.get_value_buffer(layer.layer_id),
             sm_scale=layer.scaling,
             out=o,
+            logit_cap=logit_cap,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            sinks=sinks,
         )
         return o.view(-1, num_heads * head_dim)

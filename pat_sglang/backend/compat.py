@@ -63,6 +63,7 @@ __all__ = [
     "attn_dcp_size",
     "build_full_backend",
     "metadata_glue_graph_enabled",
+    "model_has_sinks",
     "runtime_parallel",
     "cache_protected_len",
     "decode_tokens_per_request",
@@ -96,6 +97,17 @@ def build_full_backend(model_runner: Any, name: str) -> Any:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"SGLang has no attention backend {name!r}; it has {sorted(ATTENTION_BACKENDS)}")
     return ATTENTION_BACKENDS[name](model_runner)
+
+
+def model_has_sinks(model_runner: Any) -> bool:
+    """Whether the model's attention has sinks (``model_config.has_attention_sinks`` where the release has it, else
+    a GPT-OSS architecture), so that a prefill backend without them is passed over."""
+    model_config = model_runner.model_config
+    flag = getattr(model_config, "has_attention_sinks", None)
+    if isinstance(flag, bool):
+        return flag
+    architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
+    return any("GptOss" in name for name in architectures)
 
 
 def attn_dcp_size() -> int:
