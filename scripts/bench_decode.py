@@ -38,6 +38,7 @@ if not torch.cuda.is_available():
 from pat_sglang.bench.cases import (  # noqa: E402
     DTYPES,
     HEAD_CONFIGS,
+    KV_DTYPES,
     Case,
     case_pat,
     graphed,
@@ -93,7 +94,7 @@ class _FlashInferBaseline:
             case.head_dim,
             1,
             q_data_type=case.dtype,
-            kv_data_type=case.dtype,
+            kv_data_type=case.kv_dtype,
         )
         self.kv = (case.k.unsqueeze(1), case.v.unsqueeze(1))
         self.q = case.q
@@ -232,7 +233,7 @@ class SGLangTritonDecode:
 
 def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tuple[float, float]) -> Row:
     wl = case.workload
-    elt = torch.empty(0, dtype=case.dtype).element_size()
+    elt = torch.empty(0, dtype=case.kv_dtype).element_size()
     unique_bytes = wl.unique_kv_tokens() * case.num_kv_heads * case.head_dim * 2 * elt
     flops = 4 * case.head_dim * case.num_qo_heads * wl.request_kv_tokens()
     bandwidth, matmul = ceilings
@@ -240,7 +241,7 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
     row = Row(
         workload=wl.name,
         heads=heads_name,
-        dtype=args.dtype,
+        dtype=args.dtype if args.kv_dtype == "auto" else f"{args.dtype}/{args.kv_dtype}",
         batch=case.batch,
         unique_kv_tokens=wl.unique_kv_tokens(),
         request_kv_tokens=wl.request_kv_tokens(),
@@ -396,7 +397,18 @@ def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     for wl_name in args.workload:
         for heads_name, (hq, hkv, d) in args.heads:
             wl = args_workload(args, wl_name)
-            case = Case(wl, hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed, with_tensors=False)
+            case = Case(
+                wl,
+                hq,
+                hkv,
+                d,
+                DTYPES[args.dtype],
+                device,
+                args.page_size,
+                args.seed,
+                with_tensors=False,
+                kv_dtype=KV_DTYPES[args.kv_dtype],
+            )
             fresh, step = time_plans(case, args.plan_reps, args.graph)
             out.append((wl_name, heads_name, case.batch, fresh, step))
     mode = "graph mode" if args.graph else "eager"
@@ -415,6 +427,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--heads", nargs="+", type=parse_heads, default=[parse_heads("llama3-8b"), parse_heads("qwen2.5-7b")]
     )
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=list(KV_DTYPES), help="the KV cache's dtype (auto: --dtype), as SGLang's"
+    )
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--batch", type=int, help="override the workload's batch size (where it has one)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every token length (CPU smoke runs)")
@@ -461,7 +476,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cases = [(w, h) for w in args.workload for h in args.heads]
     rows = []
     for wl_name, (heads_name, (hq, hkv, d)) in tqdm(cases, desc="bench_decode", file=sys.stderr):
-        case = Case(args_workload(args, wl_name), hq, hkv, d, DTYPES[args.dtype], device, args.page_size, args.seed)
+        case = Case(
+            args_workload(args, wl_name),
+            hq,
+            hkv,
+            d,
+            DTYPES[args.dtype],
+            device,
+            args.page_size,
+            args.seed,
+            kv_dtype=KV_DTYPES[args.kv_dtype],
+        )
         rows.append(run_case(case, args, heads_name, ceilings))
         del case
         if device.type == "cuda":

@@ -31,6 +31,7 @@ HEAD_CONFIGS = {
     "head_dim-256": (8, 4, 256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+KV_DTYPES = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}  # as --kv-cache-dtype
 
 
 def time_us(fn: Callable[[], object], device: torch.device, *, warmup_ms: int, rep_ms: int) -> float:
@@ -76,7 +77,7 @@ def time_plans(case: Case, reps: int, graph_mode: bool) -> tuple[float, float]:
             slots = w.kv_indices_buffer
         step_paths = [[tuple(n) for n in p] for p in paths]  # new objects each step, as the SGLang backend reads them
         t0 = time.perf_counter()
-        w.plan(indptr, slots, prefix_paths=step_paths, kv_data_type=case.dtype)
+        w.plan(indptr, slots, prefix_paths=step_paths, kv_data_type=case.kv_dtype)
         return time.perf_counter() - t0
 
     base = step_layout(0)
@@ -102,7 +103,7 @@ def case_pat(
 def plan_case(pat: PatDecodeWrapper, case: Case) -> None:
     """``pat.plan`` for ``case``'s batch, its radix paths given (as the SGLang backend gives them)."""
     indptr = torch.from_numpy(case.kv_indptr_np)
-    pat.plan(indptr, case.kv_indices, prefix_paths=case.workload.prefix_paths, kv_data_type=case.dtype)
+    pat.plan(indptr, case.kv_indices, prefix_paths=case.workload.prefix_paths, kv_data_type=case.kv_dtype)
 
 
 def slot_check(pat: PatDecodeWrapper, case: Case) -> Callable[[], None]:
@@ -169,8 +170,10 @@ class Case:
     seed: int
     notes: dict[str, str] = field(default_factory=dict)
     with_tensors: bool = True  # False: the layout only (plan timing), no q / KV pool
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype (an fp8 cache, read with scales 1); None: ``dtype``
 
     def __post_init__(self) -> None:
+        self.kv_dtype = self.kv_dtype or self.dtype
         layout = self.workload.materialize(page_size=self.page_size, seed=self.seed)
         self.batch = self.workload.batch_size
         self.kv_indptr_np = layout.kv_indptr
@@ -182,8 +185,8 @@ class Case:
             return
         g = torch.Generator(device=self.device).manual_seed(self.seed)
         shape = (layout.num_slots, self.num_kv_heads, self.head_dim)
-        self.k = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
-        self.v = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
+        self.k = torch.randn(shape, generator=g, device=self.device).to(self.kv_dtype)
+        self.v = torch.randn(shape, generator=g, device=self.device).to(self.kv_dtype)
         q_shape = (self.batch, self.num_qo_heads, self.head_dim)
         self.q = torch.randn(q_shape, generator=g, device=self.device, dtype=self.dtype)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
