@@ -9,6 +9,7 @@ It never synchronises with the device. The wrapper holds the buffers, the upload
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ from pat_sglang.packing import PatPlan, Policy, PrefixPath
 from pat_sglang.packing.plan import shared_checks, shared_entries
 from pat_sglang.packing.planner import GraphLayout, Planner
 from pat_sglang.packing.tuning import DEFAULT_TUNING, MIN_SPLIT_TOKENS, PlanTuning
+from pat_sglang.packing.window import WindowView, check_window, window_view
 
 # Side streams for tile-config launches; more configs than this share them round-robin. A config dispatched first
 # (Launch.first) takes one more side stream, of the highest priority.
@@ -161,6 +163,10 @@ class PatDecodeWrapper:
         self._captured_rows: int | None = None
         self._plan: PatPlan | None = None
         self._items: PackItems | None = None
+        # A sliding-window view of the plan (plan(sliding_window=W)): its items and each entry's first key seen.
+        self._window: int | None = None
+        self._window_items: PackItems | None = None
+        self._entry_lo: torch.Tensor | None = None
         self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._kv_indices: torch.Tensor | None = None
         self._partial_o = torch.empty(0, num_qo_heads, head_dim, dtype=torch.float32, device=self.device)
@@ -200,6 +206,7 @@ class PatDecodeWrapper:
         if layout is not None:
             graph = self._graph = _GraphBuffers(layout, num_qo_heads, head_dim, self.device)
             self._bind(graph.views)
+            self._window_views = graph.window_views
             self._kv_indices = graph.kv_indices
             self._partial_o, self._partial_lse = graph.partial_o, graph.partial_lse
             self._work_queues = graph.work_queues
@@ -235,6 +242,7 @@ class PatDecodeWrapper:
         *,
         prefix_paths: Sequence[PrefixPath] | None = None,
         kv_data_type: torch.dtype = torch.bfloat16,
+        sliding_window: int | None = None,
     ) -> None:
         """Plan one decode step.
 
@@ -251,6 +259,9 @@ class PatDecodeWrapper:
             prefix_paths: per request ``[(node_id, num_tokens), ...]`` from the root; None derives the sharing from
                 equal leading slots.
             kv_data_type: dtype of the KV cache, for the byte model only.
+            sliding_window: None, or W >= 1: also make the plan's sliding-window view, so that ``run(...,
+                windowed=True)`` attends each request's last W keys only (``packing.window``); plain ``run`` calls
+                of the same plan still attend every key (models with full and windowed layers).
         """
         self._slot_guard.raise_pending()  # a device-side check of an earlier plan that failed
         if not isinstance(kv_indptr, torch.Tensor) or kv_indptr.dim() != 1 or kv_indptr.dtype not in INDEX_DTYPES:
@@ -282,8 +293,10 @@ class PatDecodeWrapper:
             self._check_host_slots(indptr, host_indices)
             if self.page_size > 1:
                 _check_page_runs(indptr, host_indices, self.page_size)
+        window = None if sliding_window is None else check_window(sliding_window)
         plan = self._planner.plan(indptr, lens, prefix_paths, host_indices, kv_data_type)
-        self._install(plan, kv_indices, indptr, host_indices is not None)
+        view = None if window is None else window_view(plan, lens, window)
+        self._install(plan, kv_indices, indptr, host_indices is not None, view)
 
     def _plan_bound(self) -> int:
         """The bound a plan checks its slots against (see ``num_kv_slots``)."""
@@ -300,9 +313,11 @@ class PatDecodeWrapper:
             _raise_out_of_range(slots, indptr, bound)
         self._checked_bound, self._bound_exact = hi + 1, True
 
-    def _install(self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray, checked: bool) -> None:
-        """Upload ``plan`` and the step's slots. Slots not ``checked`` on the host are checked on the device on their
-        way into the wrapper's slot buffer (see ``_SlotGuard``)."""
+    def _install(
+        self, plan: PatPlan, kv_indices: torch.Tensor, indptr: np.ndarray, checked: bool, window: WindowView | None
+    ) -> None:
+        """Upload ``plan`` (and its ``window`` view) and the step's slots. Slots not ``checked`` on the host are
+        checked on the device on their way into the wrapper's slot buffer (see ``_SlotGuard``)."""
         nnz = int(indptr[-1])
         checks = None
         if not checked and plan.step is not None:
@@ -311,11 +326,14 @@ class PatDecodeWrapper:
                 self._shared_entries_of = plan.entry_req
             checks = shared_checks(plan, indptr, self._shared_entries)
         if self._graph is not None:
-            view = self._graph.upload(plan, kv_indices if checked else None, nnz, checks)
+            view = self._graph.upload(plan, kv_indices if checked else None, nnz, checks, window)
             self._plan = plan
             dst = self._graph.kv_indices
+            window_views = self._window_views
         else:
-            view = self._upload(plan, checks)
+            view, window_views = self._upload(plan, checks, window)
+        self._bind_window(window, window_views)
+        if self._graph is None:
             if checked:
                 self._kv_indices = kv_indices.to(self.device, non_blocking=True)
                 dst = None
@@ -358,27 +376,51 @@ class PatDecodeWrapper:
         self._launch_info = view["launch_info"]
         self._num_merge = view["num_merge"]
 
-    def _upload(self, plan: PatPlan, checks: np.ndarray | None) -> torch.Tensor | None:
-        """Copy the plan's arrays (and the slot checks' ``[3, E]`` array after them) to the device in one copy;
-        returns the device view of the checks."""
+    def _bind_window(self, window: WindowView | None, views: dict[str, torch.Tensor] | None) -> None:
+        """Point windowed launches at the window view's device arrays (the plan's own for the rest)."""
+        self._window = None if window is None else window.window
+        if window is None or views is None:
+            self._window_items = self._entry_lo = None
+            return
+        assert self._items is not None
+        self._window_items = dataclasses.replace(
+            self._items, item_kv_start=views["item_kv_start"], item_kv_len=views["item_kv_len"]
+        )
+        self._entry_lo = views["entry_lo"]
+
+    def _upload(
+        self, plan: PatPlan, checks: np.ndarray | None, window: WindowView | None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Copy the plan's arrays (then the slot checks' ``[3, E]`` array and the window view's arrays) to the
+        device in one copy; returns the device views of the checks and of the window arrays."""
         flat, offsets = plan.flat_int32()
+        end = len(flat)
+        parts = [flat]
         if checks is not None:
-            flat = np.concatenate([flat, checks.reshape(-1)])
-        host = torch.from_numpy(flat)
+            parts.append(checks.reshape(-1))
+        window_offsets = {}
+        if window is not None:
+            pos = end + (checks.size if checks is not None else 0)
+            for name in WindowView.ARRAY_FIELDS:
+                a = getattr(window, name)
+                window_offsets[name] = (pos, len(a))
+                parts.append(a)
+                pos += len(a)
+        host = torch.from_numpy(np.concatenate(parts).astype(np.int32, copy=False) if len(parts) > 1 else flat)
         if self.device.type == "cuda":
             host = host.pin_memory()
         buf = host.to(self.device, non_blocking=True)
         self._bind({name: buf[o : o + n] for name, (o, n) in offsets.items()})
         view = None
         if checks is not None:
-            end = sum(n for _, n in offsets.values())
-            view = buf[end:].view(3, -1)
+            view = buf[end : end + checks.size].view(3, -1)
+        window_views = {name: buf[o : o + n] for name, (o, n) in window_offsets.items()} if window else None
         if plan.num_partials > self._partial_o.shape[0]:
             n = plan.num_partials
             self._partial_o = torch.empty(n, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
             self._partial_lse = torch.empty(n, self.num_qo_heads, dtype=torch.float32, device=self.device)
         self._plan = plan
-        return view
+        return view, window_views
 
     def run(
         self,
@@ -392,6 +434,7 @@ class PatDecodeWrapper:
         k_scale: float = 1.0,
         v_scale: float = 1.0,
         sinks: torch.Tensor | None = None,
+        windowed: bool = False,
     ) -> torch.Tensor:
         """Decode attention for the planned batch.
 
@@ -407,6 +450,8 @@ class PatDecodeWrapper:
                 a 16-bit cache.
             sinks: None, or a contiguous float ``[Hq]`` on q's device: each head's sink logit, which joins every
                 request's softmax denominator once (GPT-OSS).
+            windowed: attend each request's last ``sliding_window`` keys only (the plan's window view; a layer of
+                a sliding-window model), else every key.
         Returns:
             ``[B, Hq, D]`` in q's dtype.
         """
@@ -421,6 +466,10 @@ class PatDecodeWrapper:
         if sinks is not None and sinks.device != self.device:
             raise ValueError(f"sinks is on {sinks.device}; the wrapper computes on {self.device}")
         features = dict(logit_cap=float(logit_cap), k_scale=float(k_scale), v_scale=float(v_scale), sinks=sinks)
+        if windowed:
+            if self._window is None:
+                raise ValueError("windowed=True needs a plan made with sliding_window=W")
+            features |= dict(items=self._window_items, entry_lo=self._entry_lo)
         if out is None:
             out = torch.empty_like(q)
         assert self._items is not None and self._merge is not None and self._kv_indices is not None
@@ -464,12 +513,13 @@ class PatDecodeWrapper:
         """The pack kernel over launch ``i`` of the plan, in tile ``config`` (a subclass may change the config and
         add launch arguments: the program tracer of pat_sglang.bench.trace passes ``trace=``; ``run`` passes the
         soft-cap, KV scales and sinks)."""
+        items = launch_kwargs.pop("items", None) or self._items
         pack_attention(
             q,
             k_buffer,
             v_buffer,
             self._kv_indices,
-            self._items,
+            items,
             out,
             self._partial_o,
             self._partial_lse,
@@ -683,8 +733,15 @@ class _GraphBuffers:
         cap = layout.capacity
         self.checks_offset = pos
         pos += 3 * cap.max_entries
+        # Then a plan's sliding-window view (packing.window): per item its clipped start and length, per entry lo.
+        window_sizes = {"item_kv_start": cap.max_items, "item_kv_len": cap.max_items, "entry_lo": cap.max_entries}
+        self.window_offsets = {}
+        for name in WindowView.ARRAY_FIELDS:
+            self.window_offsets[name] = pos
+            pos += window_sizes[name]
         self.buffer = torch.zeros(pos, dtype=torch.int32, device=device)
         self.views = {name: self.buffer[o : o + sizes[name]] for name, o in self.offsets.items()}
+        self.window_views = {name: self.buffer[o : o + window_sizes[name]] for name, o in self.window_offsets.items()}
         # Two pinned staging copies of the buffer, used in turn: a plan is written into the one whose last copy to
         # the device has completed (its event), so no plan overwrites bytes still in flight and nothing waits unless
         # the device is two plans behind. Entries past a plan's counts are never read, so nothing is zeroed.
@@ -704,11 +761,16 @@ class _GraphBuffers:
         self.work_queues = torch.zeros(2 * len(layout.configs), dtype=torch.int32, device=device)
 
     def upload(
-        self, plan: PatPlan, kv_indices: torch.Tensor | None, nnz: int, checks: np.ndarray | None
+        self,
+        plan: PatPlan,
+        kv_indices: torch.Tensor | None,
+        nnz: int,
+        checks: np.ndarray | None,
+        window: WindowView | None = None,
     ) -> torch.Tensor | None:
-        """Stage and copy the plan (and the slot checks) into the fixed buffers; ``kv_indices`` (slots checked on
-        the host) into the fixed slot buffer, unless it is that buffer or None (the slot check copies them).
-        Returns the device view of the checks."""
+        """Stage and copy the plan (and the slot checks, and the ``window`` view) into the fixed buffers;
+        ``kv_indices`` (slots checked on the host) into the fixed slot buffer, unless it is that buffer or None (the
+        slot check copies them). Returns the device view of the checks."""
         turn = self.turn
         self.turn ^= 1
         if self.staged[turn] is not None:
@@ -726,6 +788,10 @@ class _GraphBuffers:
             size = checks.size
             host[self.checks_offset : self.checks_offset + size] = checks.reshape(-1)
             view = self.buffer[self.checks_offset : self.checks_offset + size].view(3, -1)
+        if window is not None:
+            for name in WindowView.ARRAY_FIELDS:
+                a = getattr(window, name)
+                host[self.window_offsets[name] : self.window_offsets[name] + len(a)] = a
         self.buffer.copy_(staging, non_blocking=True)
         if self.staged[turn] is not None:
             self.staged[turn].record()

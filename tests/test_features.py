@@ -25,7 +25,7 @@ def _kv(num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, se
     return k.to(dtype).to(DEVICE), v.to(DEVICE).to(dtype)
 
 
-def _plan_and_run(rf, q_dtype, kv_dtype, *, graph: bool, page_size: int, seed: int, **features):
+def _plan_and_run(rf, q_dtype, kv_dtype, *, graph: bool, page_size: int, seed: int, window=None, **features):
     num_kv_heads, group, head_dim = 2, 4, 64
     indptr, indices, num_slots = rf.layout(page_size=page_size, seed=seed)
     k, v = _kv(num_slots, num_kv_heads, head_dim, kv_dtype, seed)
@@ -35,9 +35,18 @@ def _plan_and_run(rf, q_dtype, kv_dtype, *, graph: bool, page_size: int, seed: i
         num_kv_heads * group, num_kv_heads, head_dim, page_size=page_size, device=DEVICE, shortest_split=16, **extra
     )
     indptr_t, indices_t = torch.from_numpy(indptr), torch.from_numpy(indices).to(DEVICE)
-    w.plan(indptr_t, indices_t, prefix_paths=rf.prefix_paths, kv_data_type=kv_dtype)
-    out = w.run(q, k, v, **features)
-    ref = decode_attention_reference(q, k, v, indptr_t.to(DEVICE), indices_t, **features)
+    w.plan(indptr_t, indices_t, prefix_paths=rf.prefix_paths, kv_data_type=kv_dtype, sliding_window=window)
+    out = w.run(q, k, v, windowed=window is not None, **features)
+    ref = decode_attention_reference(q, k, v, indptr_t.to(DEVICE), indices_t, window=window, **features)
+    if window is not None:  # the same plan serves the model's full-attention layers
+        full = w.run(q, k, v, **features)
+        atol, rtol = TOLERANCE[q_dtype]
+        torch.testing.assert_close(
+            full.float(),
+            decode_attention_reference(q, k, v, indptr_t.to(DEVICE), indices_t, **features),
+            atol=2 * atol,
+            rtol=rtol,
+        )
     return w, out, ref
 
 
@@ -45,8 +54,9 @@ def _plan_and_run(rf, q_dtype, kv_dtype, *, graph: bool, page_size: int, seed: i
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_features_match_reference(graph, data):
-    """Any mix of fp8 KV (non-unit scales), soft-cap and sinks, on forests that give both direct rows (one item per
-    request: the pack kernel applies the sink) and merged ones (the merge applies it)."""
+    """Any mix of fp8 KV (non-unit scales), soft-cap, sinks and a sliding window (shorter than, as long as and longer
+    than the shared nodes), on forests that give both direct rows (one item per request: the pack kernel applies the
+    sink) and merged ones (the merge applies it)."""
     page_size = data.draw(st.sampled_from([1, 16]))
     rf = data.draw(random_forests(max_reqs=6, max_nodes=5, max_len=48, page_size=page_size))
     q_dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]))
@@ -59,7 +69,10 @@ def test_features_match_reference(graph, data):
     if data.draw(st.booleans()):
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
         features["sinks"] = (2.0 * torch.randn(8, generator=g)).to(DEVICE)
-    w, out, ref = _plan_and_run(rf, q_dtype, kv_dtype, graph=graph, page_size=page_size, seed=3, **features)
+    window = data.draw(st.sampled_from([None, None, 1, 7, 16, 33, 200]))
+    w, out, ref = _plan_and_run(
+        rf, q_dtype, kv_dtype, graph=graph, page_size=page_size, seed=3, window=window, **features
+    )
     assert out.dtype == q_dtype
     atol, rtol = TOLERANCE[q_dtype]
     torch.testing.assert_close(out.float(), ref, atol=atol * 2, rtol=rtol)
@@ -142,6 +155,14 @@ class TestRefusals:
             kwargs = dict(kwargs, sinks=kwargs["sinks"].to(DEVICE))
         with pytest.raises(ValueError, match=match):
             w.run(q, k, v, **kwargs)
+
+    def test_window(self, planned):
+        w, q, k, v = planned
+        with pytest.raises(ValueError, match="windowed=True needs a plan made with sliding_window"):
+            w.run(q, k, v, windowed=True)
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(ValueError, match="sliding_window must be an int >= 1"):
+                w.plan(torch.tensor([0, 5, 9]), torch.arange(9, dtype=torch.int32, device=DEVICE), sliding_window=bad)
 
     def test_kv_dtypes(self, planned):
         w, q, k, v = planned
