@@ -331,6 +331,37 @@ def test_model_features_match_triton(feature):
         torch.testing.assert_close(out.float(), out_triton.float(), atol=0.5, rtol=0.0)
 
 
+class _SwaAllocator:
+    """Stands for SGLang's SWA allocator (hybrid SWA memory): what pat detects it by."""
+
+    def translate_loc_from_full_to_swa(self, loc):
+        return loc
+
+
+@pytest.mark.parametrize("window", [5, 19, 37, 56, 500])
+def test_sliding_window_matches_triton(window):
+    """A sliding-window model (Mistral-style: the runner's window, layers flagged with ``sliding_window_size``)
+    decodes through pat with SGLang's Triton backend's results: windows shorter than the private tails, ending inside
+    the role nodes, equal to the 37-token system node, reaching into it, and longer than every request. A full layer
+    of the same step (hybrid models) runs on the same plan."""
+    runner, sched = _radix_batch(51)
+    runner.sliding_window_size = window
+    pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
+    fb, _ = sched.decode_batch(pat)
+    q, k, v = _qkv(fb.batch_size, seed=52)
+    windowed = make_layer(HQ, HKV, D, scaling=D**-0.5)
+    windowed.sliding_window_size = window
+    full = make_layer(HQ, HKV, D, scaling=D**-0.5)
+    pat.init_forward_metadata(fb)
+    out = pat.forward_decode(q, k, v, windowed, fb)
+    out_full = pat.forward_decode(q, k, v, full, fb, save_kv_cache=False)
+    triton.init_forward_metadata(fb)
+    out_triton = triton.forward_decode(q, k, v, windowed, fb, save_kv_cache=False)
+    _assert_close(out, _reference(runner, fb, q, windowed.scaling, window=window))
+    _assert_close(out, out_triton)
+    _assert_close(out_full, _reference(runner, fb, q, full.scaling))
+
+
 class TestRefusals:
     def _runner(self, **overrides):
         runner = make_runner(HQ, HKV, D, page_size=1, dtype=DTYPE, device=DEVICE)
@@ -342,7 +373,7 @@ class TestRefusals:
         ("overrides", "match"),
         [
             ({"use_mla_backend": True}, "MLA"),
-            ({"sliding_window_size": 4096}, "sliding-window"),
+            ({"token_to_kv_pool_allocator": _SwaAllocator()}, "--disable-hybrid-swa-memory"),
             ({"kv_cache_dtype": torch.uint8}, "KV cache .*--kv-cache-dtype auto, fp8_e4m3 or fp8_e5m2"),
         ],
     )

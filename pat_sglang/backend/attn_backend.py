@@ -59,9 +59,14 @@ def check_supported(model_runner: Any) -> None:
         )
     if getattr(mc, "is_encoder_decoder", False):
         raise UnsupportedConfigError(f"pat does not support cross-attention (encoder-decoder models); {INSTEAD}")
-    window = getattr(model_runner, "sliding_window_size", None)
-    if window is not None and window > 0:
-        raise UnsupportedConfigError(f"pat does not support sliding-window attention (window {window}); {INSTEAD}")
+    if getattr(mc, "attention_chunk_size", None) is not None:
+        raise UnsupportedConfigError(f"pat does not support chunked local attention (attention_chunk_size); {INSTEAD}")
+    allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
+    if hasattr(allocator, "translate_loc_from_full_to_swa"):
+        raise UnsupportedConfigError(
+            "pat reads every layer's KV from the full pool, not SGLang's separate sliding-window pool (hybrid SWA "
+            f"memory); add --disable-hybrid-swa-memory, or {INSTEAD}"
+        )
     kv_dtype = getattr(model_runner, "kv_cache_dtype", None)
     if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES:
         raise UnsupportedConfigError(
@@ -183,6 +188,9 @@ class PatAttnBackend(TritonAttnBackend):
         self.head_dim = head_dim
         self.page_size = model_runner.page_size
         self.kv_data_type = model_runner.kv_cache_dtype
+        # The decode window of the model's sliding-window layers (SGLang's Triton decode reads the runner's), or None.
+        window = getattr(model_runner, "sliding_window_size", None)
+        self.pat_window = int(window) if window is not None and window > 0 else None
         # The KV buffers' rows, so that every plan checks its slots against them (None: the first run checks).
         self.pat_kv_rows = _kv_buffer_rows(self.pat_kv_pool)
         self.pat_eager = PatDecodeWrapper(
@@ -233,7 +241,13 @@ class PatAttnBackend(TritonAttnBackend):
         if paths is not None and len(paths) < bs:
             # Graph padding: rows past the real batch hold stale req_pool_indices; they share nothing.
             paths = list(paths) + [[] for _ in range(bs - len(paths))]
-        wrapper.plan(indptr_cpu, kv_indices[:nnz], prefix_paths=paths, kv_data_type=self.kv_data_type)
+        wrapper.plan(
+            indptr_cpu,
+            kv_indices[:nnz],
+            prefix_paths=paths,
+            kv_data_type=self.kv_data_type,
+            sliding_window=self.pat_window,
+        )
         self._pat_active = wrapper
         if not capture:
             self.decode_stats.add(wrapper.plan_info, radix=paths is not None)
@@ -400,9 +414,11 @@ class PatAttnBackend(TritonAttnBackend):
                 f"pat does not support position-dependent query temperature (xai_temperature_len, layer "
                 f"{layer.layer_id}); {INSTEAD}"
             )
-        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+        windowed = layer.sliding_window_size is not None and layer.sliding_window_size > -1
+        if windowed and self.pat_window is None:
             raise UnsupportedConfigError(
-                f"pat does not support sliding-window attention (layer {layer.layer_id}); {INSTEAD}"
+                f"layer {layer.layer_id} has a sliding window but the model runner names none "
+                f"(sliding_window_size); {INSTEAD}"
             )
         if getattr(layer, "is_cross_attention", False):
             raise UnsupportedConfigError(f"pat does not support cross-attention (layer {layer.layer_id}); {INSTEAD}")
@@ -423,5 +439,6 @@ class PatAttnBackend(TritonAttnBackend):
             k_scale=k_scale,
             v_scale=v_scale,
             sinks=sinks,
+            windowed=windowed,
         )
         return o.view(-1, num_heads * head_dim)
