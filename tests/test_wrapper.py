@@ -269,7 +269,7 @@ class TestBadInput:
             w.run(q.to(torch.float64), k, v)
         with pytest.raises(ValueError, match="k_buffer must have shape"):
             w.run(q, k[:, :1], v)
-        with pytest.raises(ValueError, match="v_buffer dtype"):
+        with pytest.raises(ValueError, match="k_buffer and v_buffer must have one dtype"):
             w.run(q, k, v.float())
         with pytest.raises(ValueError, match="v_buffer must be contiguous"):
             w.run(q, k, v.transpose(1, 2).contiguous().transpose(1, 2))
