@@ -86,7 +86,7 @@ class Row:
 class _FlashInferBaseline:
     """What both FlashInfer wrappers share: plan on page size 1, run on the (k, v) pool viewed as 1-token pages."""
 
-    def _plan(self, case: Case, *layout) -> None:
+    def _plan(self, case: Case, *layout, **window) -> None:
         self.w.plan(
             *layout,
             case.num_qo_heads,
@@ -95,6 +95,7 @@ class _FlashInferBaseline:
             1,
             q_data_type=case.dtype,
             kv_data_type=case.kv_dtype,
+            **window,
         )
         self.kv = (case.k.unsqueeze(1), case.v.unsqueeze(1))
         self.q = case.q
@@ -113,7 +114,9 @@ class FlashInferDecode(_FlashInferBaseline):
         ws = torch.zeros(256 << 20, dtype=torch.uint8, device=case.device)
         self.w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=group > 1)
         last_page_len = torch.ones(case.batch, dtype=torch.int32, device=case.device)
-        self._plan(case, case.kv_indptr, case.kv_indices, last_page_len)
+        # FlashInfer's window_left counts the keys before the query's own: a window of W keys is W - 1.
+        window = {} if case.window is None else {"window_left": case.window - 1}
+        self._plan(case, case.kv_indptr, case.kv_indices, last_page_len, **window)
 
 
 class FlashInferCascade(_FlashInferBaseline):
@@ -124,6 +127,8 @@ class FlashInferCascade(_FlashInferBaseline):
     def __init__(self, case: Case) -> None:
         import flashinfer
 
+        if case.window is not None:
+            raise ValueError("the cascade levels take no per-request window")
         levels = cascade_levels(case)
         dev = case.device
         ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
@@ -192,6 +197,8 @@ class SGLangTritonDecode:
     def __init__(self, case: Case) -> None:
         from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
+        if case.window is not None:
+            raise ValueError("run here on full rows only (SGLang's backend builds the window rows)")
         self.fwd = decode_attention_fwd
         bs, hq, d = case.batch, case.num_qo_heads, case.head_dim
         self.case = case
@@ -231,20 +238,44 @@ class SGLangTritonDecode:
         return self.out
 
 
+def seen_kv_tokens(case: Case) -> tuple[int, int]:
+    """(unique, per-request) KV tokens the batch attends: the workload's, or under ``case.window`` the tokens some
+    request's window still covers (per node: from the earliest member's window start to its end; tails: private)."""
+    if case.window is None:
+        return case.workload.unique_kv_tokens(), case.workload.request_kv_tokens()
+    forest = case.forest
+    lens = np.diff(case.kv_indptr_np)
+    lo = np.maximum(lens - case.window, 0)
+    node_start = {}  # node -> earliest position any member sees in it
+    for i in range(case.batch):
+        v = int(forest.tail_parent[i])
+        while v >= 0:
+            start = max(int(forest.node_offset[v]), int(lo[i]))
+            node_start[v] = min(node_start.get(v, start), start)
+            v = int(forest.node_parent[v])
+    nodes = sum(
+        max(0, int(forest.node_offset[v]) + int(forest.node_length[v]) - start) for v, start in node_start.items()
+    )
+    tails = sum(int(lens[i]) - max(int(forest.path_end[i]), int(lo[i])) for i in range(case.batch))
+    return nodes + tails, int(np.minimum(lens, case.window).sum())
+
+
 def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tuple[float, float]) -> Row:
     wl = case.workload
     elt = torch.empty(0, dtype=case.kv_dtype).element_size()
-    unique_bytes = wl.unique_kv_tokens() * case.num_kv_heads * case.head_dim * 2 * elt
-    flops = 4 * case.head_dim * case.num_qo_heads * wl.request_kv_tokens()
+    unique_tokens, request_tokens = seen_kv_tokens(case)
+    unique_bytes = unique_tokens * case.num_kv_heads * case.head_dim * 2 * elt
+    flops = 4 * case.head_dim * case.num_qo_heads * request_tokens
     bandwidth, matmul = ceilings
     mem_us, flop_us = 1e6 * unique_bytes / bandwidth, 1e6 * flops / matmul
     row = Row(
         workload=wl.name,
         heads=heads_name,
-        dtype=args.dtype if args.kv_dtype == "auto" else f"{args.dtype}/{args.kv_dtype}",
+        dtype=(args.dtype if args.kv_dtype == "auto" else f"{args.dtype}/{args.kv_dtype}")
+        + ("" if case.window is None else f"/window {case.window}"),
         batch=case.batch,
-        unique_kv_tokens=wl.unique_kv_tokens(),
-        request_kv_tokens=wl.request_kv_tokens(),
+        unique_kv_tokens=unique_tokens,
+        request_kv_tokens=request_tokens,
         unique_kv_bytes=unique_bytes,
         flops=flops,
         floor_us=max(mem_us, flop_us),
@@ -260,7 +291,8 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
     plan_case(pat, case)
     if case.device.type == "cuda":
         row.pat_check_us = time_us(slot_check(pat, case), case.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-    fns: dict[str, Callable[[], torch.Tensor]] = {"pat": lambda: pat.run(case.q, case.k, case.v)}
+    windowed = case.window is not None
+    fns: dict[str, Callable[[], torch.Tensor]] = {"pat": lambda: pat.run(case.q, case.k, case.v, windowed=windowed)}
 
     makers = {"flashinfer": FlashInferDecode, "cascade": FlashInferCascade, "sglang_triton": SGLangTritonDecode}
     for name in args.backends:
@@ -276,7 +308,9 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
         except ValueError as e:
             row.notes[name] = f"skipped: {e}"
 
-    ref = decode_attention_reference(case.q, case.k, case.v, case.kv_indptr, case.kv_indices) if args.refcheck else None
+    ref = None
+    if args.refcheck:
+        ref = decode_attention_reference(case.q, case.k, case.v, case.kv_indptr, case.kv_indices, window=case.window)
     timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     for name, fn in fns.items():
         if ref is not None:
@@ -292,7 +326,7 @@ def run_case(case: Case, args: argparse.Namespace, heads_name: str, ceilings: tu
     if graph_mode:
         eager = case_pat(case, graph_mode=False)
         plan_case(eager, case)
-        row.pat_eager_us = time_us(lambda: eager.run(case.q, case.k, case.v), case.device, **timing)
+        row.pat_eager_us = time_us(lambda: eager.run(case.q, case.k, case.v, windowed=windowed), case.device, **timing)
     return row
 
 
@@ -408,6 +442,7 @@ def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str
                 args.seed,
                 with_tensors=False,
                 kv_dtype=KV_DTYPES[args.kv_dtype],
+                window=args.window,
             )
             fresh, step = time_plans(case, args.plan_reps, args.graph)
             out.append((wl_name, heads_name, case.batch, fresh, step))
@@ -431,6 +466,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--kv-dtype", default="auto", choices=list(KV_DTYPES), help="the KV cache's dtype (auto: --dtype), as SGLang's"
     )
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--window", type=int, help="a sliding window of W keys per request (pat, FlashInfer decode)")
     p.add_argument("--batch", type=int, help="override the workload's batch size (where it has one)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every token length (CPU smoke runs)")
     p.add_argument("--page-size", type=int, default=1)
@@ -486,6 +522,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.page_size,
             args.seed,
             kv_dtype=KV_DTYPES[args.kv_dtype],
+            window=args.window,
         )
         rows.append(run_case(case, args, heads_name, ceilings))
         del case

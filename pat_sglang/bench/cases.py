@@ -103,7 +103,13 @@ def case_pat(
 def plan_case(pat: PatDecodeWrapper, case: Case) -> None:
     """``pat.plan`` for ``case``'s batch, its radix paths given (as the SGLang backend gives them)."""
     indptr = torch.from_numpy(case.kv_indptr_np)
-    pat.plan(indptr, case.kv_indices, prefix_paths=case.workload.prefix_paths, kv_data_type=case.kv_dtype)
+    pat.plan(
+        indptr,
+        case.kv_indices,
+        prefix_paths=case.workload.prefix_paths,
+        kv_data_type=case.kv_dtype,
+        sliding_window=case.window,
+    )
 
 
 def slot_check(pat: PatDecodeWrapper, case: Case) -> Callable[[], None]:
@@ -171,6 +177,7 @@ class Case:
     notes: dict[str, str] = field(default_factory=dict)
     with_tensors: bool = True  # False: the layout only (plan timing), no q / KV pool
     kv_dtype: torch.dtype | None = None  # the KV cache's dtype (an fp8 cache, read with scales 1); None: ``dtype``
+    window: int | None = None  # a sliding window of this many keys per request (pat plans its window view)
 
     def __post_init__(self) -> None:
         self.kv_dtype = self.kv_dtype or self.dtype
