@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,14 +70,20 @@ def build_tokenizer(model_dir: Path, vocab_size: int = 32000) -> None:
     )
 
 
-def prepare_model(model_path: Path, work_dir: Path) -> Path:
-    """A model folder with a config only (the repo's default, configs/llama3-8b): a copy of the config with a
-    tokenizer built offline. Folders that have a tokenizer (real models) are used as they are."""
+def prepare_model(model_path: Path, work_dir: Path, num_layers: int | None = None) -> Path:
+    """A model folder with a config only (the repo's default, configs/llama3-8b): a copy of the config (with
+    ``num_layers`` layers if given: a quick server check) with a tokenizer built offline. Folders that have a
+    tokenizer (real models) are used as they are."""
     if any((model_path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if num_layers is not None:
+            raise ValueError("--num-layers applies to config-only model folders, not to real models")
         return model_path
     target = work_dir / "model"
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model_path / "config.json", target / "config.json")
+    config = json.loads((model_path / "config.json").read_text())
+    if num_layers is not None:
+        config["num_hidden_layers"] = num_layers
+    (target / "config.json").write_text(json.dumps(config, indent=1))
     if not (target / "tokenizer.json").exists():
         # one word per model token id, so whatever the model generates decodes
         build_tokenizer(target, vocab_size=json.loads((target / "config.json").read_text())["vocab_size"])
@@ -297,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference", default="triton",
                    help="greedy reference, TPOT baseline; from an earlier --out if not in --backends")  # fmt: skip
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--num-layers", type=int, help="config-only models: this many layers (a quick server check)")
     p.add_argument("--port", type=int, default=30123)
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--server-args", default="", help="extra launch_server arguments, one string")
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         if not result_path(args.reference).exists():
             sys.exit(f"--reference {args.reference}: not in --backends and no {result_path(args.reference)} yet")
         reference = load_result(result_path(args.reference))[0]
-    model = prepare_model(args.model_path, args.out)
+    model = prepare_model(args.model_path, args.out, args.num_layers)
     datasets = {}
     for name in args.multi_level:
         path = args.out / f"{name}.jsonl"
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"traffic": name, "backend": backend} | {m: result[m] for m in METRICS})
             print(f"{backend}: checked and timed in {time.time() - start:.0f} s")
         pat_log = pat_log_lines(log)
-        for line in pat_log[-2:]:
+        for line in pat_log[:2] + pat_log[2:][-2:]:
             print(f"{backend} server log: {line}")
         save_result(result_path(backend), backend, greedy, why if ok else "DISAGREES: " + why, rows, pat_log)
     done = {b: load_result(result_path(b))[1] for b in ORDER + tuple(args.backends) if result_path(b).exists()}
