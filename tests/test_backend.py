@@ -142,6 +142,10 @@ def test_decode_steps_advance_the_plan():
         _assert_close(out, _reference(runner, fb, q, layer.scaling))
         _assert_close(out, out_triton)
     assert pat.decode_stats.steps == 4 and pat.decode_stats.radix_steps == 4
+    assert pat.pat_eager.planner.outcomes == {"first plan": 1, "followed": 3}
+    p50, p99 = pat.decode_stats.host_percentiles()
+    assert 0 < p50 <= p99, "the host time of each step's metadata"
+    assert "metadata host us p50" in str(pat.decode_stats)
 
 
 @pytest.mark.parametrize("tree_core", TREE_CORES)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -135,31 +137,51 @@ def create_pat_backend(model_runner: Any) -> Any:
 
 
 class DecodeStats:
-    """Running totals of the decode steps pat planned (capture excluded), logged now and then at INFO."""
+    """Running totals of the decode steps pat planned (capture excluded), logged now and then at INFO: the KV tokens
+    read against a per-request decode, the host time of the step's metadata (p50 / p99 over the last
+    ``HOST_WINDOW`` steps) and how the planner made each plan (followed, or why it planned afresh)."""
+
+    HOST_WINDOW = 4096
 
     def __init__(self) -> None:
         self.steps = 0
         self.radix_steps = 0
         self.request_kv_tokens = 0
         self.unique_kv_tokens = 0
+        self.host_us: deque[float] = deque(maxlen=self.HOST_WINDOW)
+        self.outcomes: Counter[str] | None = None  # the planners' (eager and graph), summed when logged
         self.last_log = -float("inf")
 
-    def add(self, plan: Any, *, radix: bool) -> None:
+    def add(self, plan: Any, *, radix: bool, host_s: float, outcomes: list[Counter[str]]) -> None:
         self.steps += 1
         self.radix_steps += radix
         self.request_kv_tokens += plan.request_kv_tokens
         self.unique_kv_tokens += plan.unique_kv_tokens
+        self.host_us.append(1e6 * host_s)
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY_S:
             self.last_log = now
+            self.outcomes = sum(outcomes, Counter())
             logger.info("pat: %s (last step: %d requests)", self, plan.num_reqs)
+
+    def host_percentiles(self) -> tuple[float, float]:
+        """(p50, p99) host µs of the step's metadata over the last ``HOST_WINDOW`` steps (nan before any)."""
+        if not self.host_us:
+            return float("nan"), float("nan")
+        p50, p99 = np.percentile(np.fromiter(self.host_us, dtype=np.float64), [50, 99])
+        return float(p50), float(p99)
 
     def __str__(self) -> str:
         ratio = self.request_kv_tokens / max(1, self.unique_kv_tokens)
-        return (
+        p50, p99 = self.host_percentiles()
+        text = (
             f"{self.steps} decode steps ({self.radix_steps} with radix paths); KV tokens read "
-            f"{self.unique_kv_tokens} vs {self.request_kv_tokens} per request ({ratio:.2f}x fewer)"
+            f"{self.unique_kv_tokens} vs {self.request_kv_tokens} per request ({ratio:.2f}x fewer); metadata host "
+            f"us p50 {p50:.0f} p99 {p99:.0f} (last {len(self.host_us)} steps)"
         )
+        if self.outcomes:
+            text += "; plans: " + ", ".join(f"{n} {why}" for why, n in self.outcomes.most_common())
+        return text
 
 
 class PatAttnBackend(TritonAttnBackend):
@@ -230,7 +252,9 @@ class PatAttnBackend(TritonAttnBackend):
         """The one decode metadata builder (eager, graph capture, graph replay).
 
         ``kv_loc_plan`` is the batch's plan where the release has one (the KV index translator reads through it).
+        Its host time (launches asynchronous) is what ``DecodeStats`` reports per step.
         """
+        start = time.perf_counter()
         seq_cpu = seq_lens_cpu[:bs].to(torch.int64)
         indptr_cpu = torch.zeros(bs + 1, dtype=torch.int64)
         torch.cumsum(seq_cpu, 0, out=indptr_cpu[1:])
@@ -250,7 +274,10 @@ class PatAttnBackend(TritonAttnBackend):
         )
         self._pat_active = wrapper
         if not capture:
-            self.decode_stats.add(wrapper.plan_info, radix=paths is not None)
+            planners = [w.planner.outcomes for w in (self.pat_eager, self.pat_graph) if w is not None]
+            self.decode_stats.add(
+                wrapper.plan_info, radix=paths is not None, host_s=time.perf_counter() - start, outcomes=planners
+            )
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         mode = forward_batch.forward_mode

@@ -10,6 +10,7 @@ copies slots to the host where needed, uploads the plan and launches the kernels
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 
@@ -164,6 +165,9 @@ class Planner:
         self.graph = graph
         self.step_cache: StepCache | None = None
         self.degraded_plans = 0  # graph-mode plans packed with fewer partials to fit the buffers (fresh_plan)
+        # Steps by outcome: "followed", or why the step planned afresh ("first plan", "no paths", "replan_every",
+        # "new branch", "join share", "rebatch refused", ...; StepCache.miss).
+        self.outcomes: Counter[str] = Counter()
 
     @property
     def followed_steps(self) -> int:
@@ -188,6 +192,13 @@ class Planner:
         """
         cache = self.step_cache
         plan = cache.follow(prefix_paths, indptr, lens, kv_data_type) if cache is not None else None
+        if plan is not None:
+            self.outcomes["followed"] += 1
+        elif cache is not None:
+            self.outcomes[cache.miss] += 1
+        else:
+            first = "first plan" if self.replan_every > 0 else "following off"
+            self.outcomes["no paths" if prefix_paths is None else first] += 1
         if plan is not None:
             if host_indices is not None:  # the caller's paths against its slots (host indices only)
                 forest = cache.forest if cache.forest is not None else forest_from_paths(indptr, prefix_paths)

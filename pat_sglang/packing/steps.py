@@ -378,15 +378,25 @@ class StepCache:
         self.plan = plan
         self.steps = 0
         self.max_steps = max_steps
+        self.miss = ""  # why the last follow() returned None (MISS_REASONS)
 
     def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type) -> PatPlan | None:
-        """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due."""
-        if prefix_paths is None or self.steps >= self.max_steps or kv_data_type != self.kv_data_type:
+        """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due (``miss`` says
+        why)."""
+        if prefix_paths is None:
+            self.miss = "no paths"
+            return None
+        if self.steps >= self.max_steps:
+            self.miss = "replan_every"
+            return None
+        if kv_data_type != self.kv_data_type:
+            self.miss = "kv dtype"
             return None
         paths = list(prefix_paths)
         plan = None
         if self.paths == paths:  # element-wise, in C: node ids and token counts of every path
             plan = advance_plan(self.plan, indptr, lens)
+            self.miss = "a request shrank or grew without a tail item"
         # Other paths, or equal ones with a row shorter than planned (an equal request took a leaver's place).
         if plan is None and self._rebatch(paths, lens):
             plan = advance_plan(self.plan, indptr, lens)
@@ -401,8 +411,12 @@ class StepCache:
         keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
         join_lens = lens[len(keep) :]
         twins, path_ends = _twins(paths, len(keep))
-        if twins is None or (join_lens - path_ends).sum() > self.join_share * lens.sum():
-            return False  # a newcomer shares with no remaining request, or newcomers bring too many tokens
+        if twins is None:
+            self.miss = "new branch"  # a newcomer shares its path with no remaining request
+            return False
+        if (join_lens - path_ends).sum() > self.join_share * lens.sum():
+            self.miss = "join share"  # newcomers bring too many private tokens
+            return False
         plan_lens = np.concatenate([base[keep], join_lens])
         rebatched = rebatch_plan(
             self.plan,
@@ -415,6 +429,7 @@ class StepCache:
             join_path_end=path_ends,
         )
         if rebatched is None:
+            self.miss = "rebatch refused"  # (twin tiles full, graph buffers, a kept row shorter than planned)
             return False
         self.plan, self.forest = rebatched, None
         self.paths = _copy_paths(paths)
