@@ -246,7 +246,9 @@ def report(rows: list[dict], backends: list[str]) -> str:
             speed = f"{base / r['median_tpot_ms']:.2f}x" if base and r["median_tpot_ms"] else "-"
             lines.append([traffic, b, *vals, speed])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    out = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    steps = [f"{r['traffic']} / {r['backend']}: {r['pat_step']}" for r in rows if r.get("pat_step")]
+    return out + ("\npat's decode steps after each traffic (from its log):\n" + "\n".join(steps) if steps else "")
 
 
 def plot(rows: list[dict], backends: list[str], path: Path) -> None:
@@ -281,6 +283,16 @@ ORDER = ("pat", "pat-decode", "flashinfer", "triton")  # report order; the refer
 def pat_log_lines(log: Path) -> list[str]:
     """The lines PatAttnBackend logged in a server log (construction and decode sharing summaries)."""
     return [line.strip() for line in log.read_text(errors="replace").splitlines() if "pat: " in line]
+
+
+def step_breakdown(log: Path) -> dict:
+    """pat's step breakdown as its server logged it last (``DecodeStats``: the metadata host time per decode step,
+    p50 / p99 over its last 4096 steps, and how the plans were made, counted since the server started), or {}."""
+    lines = [line for line in pat_log_lines(log) if "metadata host us" in line]
+    if not lines:
+        return {}
+    text = lines[-1].split("pat: ", 1)[1]
+    return {"pat_step": text[text.index("metadata host us") :]}
 
 
 def save_result(path: Path, backend: str, greedy: Greedy, agreement: str, rows: list[dict], pat_log: list[str]) -> None:
@@ -370,12 +382,13 @@ def main(argv: list[str] | None = None) -> None:
             elif not args.no_bench:
                 result = bench_serving(srv.url, model, gsp, args.out / f"gsp_{backend}.jsonl")
                 row = {"traffic": "generated-shared-prefix", "backend": backend}
-                rows.append(row | {m: result[m] for m in METRICS})
+                rows.append(row | {m: result[m] for m in METRICS} | step_breakdown(log))
                 for name, (path, n) in datasets.items():
                     ml = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
                           "--sharegpt-output-len", str(args.ml_output_len)]  # fmt: skip
                     result = bench_serving(srv.url, model, ml, args.out / f"{name}_{backend}.jsonl")
-                    rows.append({"traffic": name, "backend": backend} | {m: result[m] for m in METRICS})
+                    row = {"traffic": name, "backend": backend} | {m: result[m] for m in METRICS}
+                    rows.append(row | step_breakdown(log))
             print(f"{backend}: checked and timed in {time.time() - start:.0f} s")
         pat_log = pat_log_lines(log)
         for line in pat_log[:2] + pat_log[2:][-2:]:
