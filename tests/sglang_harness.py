@@ -7,6 +7,8 @@ in-graph hooks), picked by what the installed SGLang has. Call ``sglang_env.prep
 - ``Scheduler(runner, seed=, tree_core=)``: ``prefill(token_ids) -> req`` through the release's radix cache (one of
   ``TREE_CORES``), ``decode_batch(backend, reqs=None) -> (ForwardBatch, batch)`` through SGLang's own
   ``ForwardBatch.init_new``; ``.reqs``, ``.tree``.
+- ``attention_tp(size)``: a context in which backends see an attention tensor-parallel group of ``size`` ranks
+  (with ``runner.model_config.set_total_heads(...)`` for the whole model's heads).
 - ``GraphRunner(runner, backend, max_bs)``: the calls the release's decode graph runner makes (``capture()``,
   ``in_graph(fb)``, ``prepare_replay(real_fb)``).
 """
@@ -16,8 +18,24 @@ from __future__ import annotations
 import importlib.util
 
 if importlib.util.find_spec("sglang.srt.runtime_context") is not None:
-    from sglang_harness_0523 import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner
+    from sglang_harness_0523 import (
+        RELEASE,
+        TREE_CORES,
+        GraphRunner,
+        Scheduler,
+        attention_tp,
+        make_layer,
+        make_runner,
+    )
 else:
-    from sglang_harness_0510 import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner
+    from sglang_harness_0510 import (
+        RELEASE,
+        TREE_CORES,
+        GraphRunner,
+        Scheduler,
+        attention_tp,
+        make_layer,
+        make_runner,
+    )
 
-__all__ = ["RELEASE", "TREE_CORES", "GraphRunner", "Scheduler", "make_layer", "make_runner"]
+__all__ = ["RELEASE", "TREE_CORES", "GraphRunner", "Scheduler", "attention_tp", "make_layer", "make_runner"]

@@ -7,6 +7,7 @@ Modelled on SGLang's own ``test/attention/test_flashattn_backend.py``. Test-only
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -45,7 +46,11 @@ class _ModelConfig:
         self.head_dim = head_dim
 
     def get_num_kv_heads(self, tp_size: int) -> int:
-        return self.num_kv_heads // tp_size
+        return max(1, self.num_kv_heads // tp_size)  # as ModelConfig: replicated when fewer than the ranks
+
+    def set_total_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """The whole model's head counts (a tensor-parallel rank's runner sees these; backends divide them)."""
+        self.num_attention_heads, self.num_kv_heads = num_heads, num_kv_heads
 
 
 class _SlotAllocator:
@@ -301,3 +306,16 @@ def decode_worker_batch(reqs: list, lens: list[int], out_loc: list[int], device)
         sampling_info=None,
         reqs=reqs,
     )
+
+
+@contextlib.contextmanager
+def attention_tp(size: int):
+    """Backends built inside see an attention tensor-parallel group of ``size`` ranks (this process one of them)."""
+    from sglang.srt.layers.attention import triton_backend
+
+    saved = triton_backend.get_attention_tp_size
+    triton_backend.get_attention_tp_size = lambda: size
+    try:
+        yield
+    finally:
+        triton_backend.get_attention_tp_size = saved

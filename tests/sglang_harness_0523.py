@@ -8,6 +8,7 @@ allocation), ``checkpoint_kv_cache`` (insert, node splits), ``merge_batch`` / ``
 
 from __future__ import annotations
 
+import contextlib
 from array import array
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
+from sglang.srt.runtime_context import get_parallel
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.test.kits.attention_unittest.attention_methods.dense_attention import (
@@ -47,6 +49,13 @@ class _ModelConfig(TinyModelConfig):
     use_ngram_embedding = False
     use_engram = False
     ngram_embedding_n = None
+
+    def get_num_kv_heads(self, tp_size: int, dcp_size: int = 1) -> int:
+        return max(1, self.num_key_value_heads // (tp_size // dcp_size))  # as ModelConfig: replicated when fewer
+
+    def set_total_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """The whole model's head counts (a tensor-parallel rank's runner sees these; backends divide them)."""
+        self.num_attention_heads, self.num_key_value_heads = num_heads, num_kv_heads
 
 
 class PeerRunner(MockModelRunner):
@@ -287,3 +296,10 @@ def make_layer(num_heads: int, num_kv_heads: int, head_dim: int, scaling: float)
     return RadixAttention(
         num_heads=num_heads, head_dim=head_dim, scaling=scaling, num_kv_heads=num_kv_heads, layer_id=0
     )
+
+
+@contextlib.contextmanager
+def attention_tp(size: int):
+    """Backends built inside see an attention tensor-parallel group of ``size`` ranks (this process one of them)."""
+    with get_parallel().override(tp_size=size, attn_tp_size=size, moe_tp_size=size):
+        yield

@@ -20,7 +20,15 @@ from conftest import DEVICE, ON_GPU, TOLERANCE
 sglang_env.require()
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
-from sglang_harness import RELEASE, TREE_CORES, GraphRunner, Scheduler, make_layer, make_runner  # noqa: E402
+from sglang_harness import (  # noqa: E402
+    RELEASE,
+    TREE_CORES,
+    GraphRunner,
+    Scheduler,
+    attention_tp,
+    make_layer,
+    make_runner,
+)
 
 from pat_sglang.backend import compat  # noqa: E402
 from pat_sglang.backend import prefill as prefill_mod  # noqa: E402
@@ -333,6 +341,33 @@ def test_model_features_match_triton(feature):
         worst_pat, worst_triton = ((o.float() - ref).abs().max().item() for o in (out, out_triton))
         assert worst_pat <= worst_triton
         torch.testing.assert_close(out.float(), out_triton.float(), atol=0.5, rtol=0.0)
+
+
+@pytest.mark.parametrize(("total_kv_heads", "tp"), [(2 * HKV, 2), (1, 2)], ids=["kv-split", "kv-replicated"])
+def test_tensor_parallel_rank(total_kv_heads, tp):
+    """One rank of ``--tp 2``: the runner names the whole model's heads, the backends divide them by the attention
+    TP size (q heads split; KV heads split, or replicated when fewer than the ranks), and pat plans that rank's own
+    batch with its own heads and no cross-rank traffic: equal to SGLang's Triton backend on the same rank."""
+    kv_per_rank = max(1, total_kv_heads // tp)
+    runner = make_runner(HQ, kv_per_rank, D, page_size=1, dtype=DTYPE, device=DEVICE)
+    runner.model_config.set_total_heads(HQ * tp, total_kv_heads)
+    sched = Scheduler(runner)
+    _two_level_batch(sched, seed=61, page_size=1)
+    _fill_pool(runner, seed=62)
+    with attention_tp(tp):
+        pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
+    assert (pat.num_head, pat.num_kv_head) == (HQ, kv_per_rank) == (triton.num_head, triton.num_kv_head)
+    assert (pat.pat_eager.num_qo_heads, pat.pat_eager.num_kv_heads) == (HQ, kv_per_rank)
+    fb, _ = sched.decode_batch(pat)
+    g = torch.Generator().manual_seed(63)
+    q = (2 * torch.randn(fb.batch_size, HQ * D, generator=g)).to(DTYPE).to(DEVICE)
+    k = torch.randn(fb.batch_size, kv_per_rank, D, generator=g).to(DTYPE).to(DEVICE)
+    layer = make_layer(HQ, kv_per_rank, D, scaling=D**-0.5)
+    pat.init_forward_metadata(fb)
+    out = pat.forward_decode(q, k, k.clone(), layer, fb)
+    triton.init_forward_metadata(fb)
+    out_triton = triton.forward_decode(q, k, k.clone(), layer, fb, save_kv_cache=False)
+    _assert_close(out, out_triton)
 
 
 class _SwaAllocator:
