@@ -165,6 +165,7 @@ class PatDecodeWrapper:
         self._items: PackItems | None = None
         # A sliding-window view of the plan (plan(sliding_window=W)): its items and each entry's first key seen.
         self._window: int | None = None
+        self._graph_window: object = _UNSET  # graph mode: the sliding window of every plan (that of the first)
         self._window_items: PackItems | None = None
         self._entry_lo: torch.Tensor | None = None
         self._merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -294,6 +295,14 @@ class PatDecodeWrapper:
             if self.page_size > 1:
                 _check_page_runs(indptr, host_indices, self.page_size)
         window = None if sliding_window is None else check_window(sliding_window)
+        if self._graph is not None:
+            # A captured graph replays the window view of whatever plan comes next: one window for the wrapper's life.
+            if self._graph_window is not _UNSET and window != self._graph_window:
+                raise ValueError(
+                    f"sliding_window={window}: in graph mode every plan takes the window of the first "
+                    f"({self._graph_window})"
+                )
+            self._graph_window = window
         plan = self._planner.plan(indptr, lens, prefix_paths, host_indices, kv_data_type)
         view = None if window is None else window_view(plan, lens, window)
         self._install(plan, kv_indices, indptr, host_indices is not None, view)
@@ -469,6 +478,7 @@ class PatDecodeWrapper:
         if windowed:
             if self._window is None:
                 raise ValueError("windowed=True needs a plan made with sliding_window=W")
+            assert self._window_items is not None and self._entry_lo is not None
             features |= dict(items=self._window_items, entry_lo=self._entry_lo)
         if out is None:
             out = torch.empty_like(q)
@@ -513,7 +523,8 @@ class PatDecodeWrapper:
         """The pack kernel over launch ``i`` of the plan, in tile ``config`` (a subclass may change the config and
         add launch arguments: the program tracer of pat_sglang.bench.trace passes ``trace=``; ``run`` passes the
         soft-cap, KV scales and sinks)."""
-        items = launch_kwargs.pop("items", None) or self._items
+        items = launch_kwargs.pop("items", self._items)
+        assert items is not None
         pack_attention(
             q,
             k_buffer,
@@ -609,6 +620,9 @@ class PatDecodeWrapper:
             raise ValueError("q must be contiguous in its last dimension")
         if out is not None and (tuple(out.shape) != expect_q or out.dtype != q.dtype or out.stride(-1) != 1):
             raise ValueError(f"out must be a {list(expect_q)} tensor of q's dtype, contiguous in its last dimension")
+
+
+_UNSET = object()
 
 
 def _check_page_runs(indptr: np.ndarray, indices: np.ndarray, page_size: int) -> None:

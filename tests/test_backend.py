@@ -377,12 +377,15 @@ class _SwaAllocator:
         return loc
 
 
-@pytest.mark.parametrize("window", [5, 19, 37, 56, 500])
-def test_sliding_window_matches_triton(window):
-    """A sliding-window model (Mistral-style: the runner's window, layers flagged with ``sliding_window_size``)
-    decodes through pat with SGLang's Triton backend's results: windows shorter than the private tails, ending inside
-    the role nodes, equal to the 37-token system node, reaching into it, and longer than every request. A full layer
-    of the same step (hybrid models) runs on the same plan."""
+@pytest.mark.parametrize("window", [5, 19, 36, 56, 500])
+def test_sliding_window(window):
+    """A sliding-window model (Gemma-style: the runner's window W, layers flagged with ``sliding_window_size``)
+    decodes through pat: each request attends its last W + 1 keys (W counts the keys before the query's, as fa3,
+    FlashInfer, SGLang's Triton extend kernel and the model's reference read it), for windows shorter than the
+    private tails, ending inside the role nodes, equal to the 37-token system node, reaching into it, and longer
+    than every request. A full layer of the same step (hybrid models) runs on the same plan. SGLang's Triton decode
+    reads only the last W keys (``update_sliding_window_buffer``: ``min(seq_lens, W)``), so it equals pat only where
+    the window covers every request."""
     runner, sched = _radix_batch(51)
     runner.sliding_window_size = window
     pat, triton = create_pat_backend(runner), TritonAttnBackend(runner)
@@ -396,9 +399,14 @@ def test_sliding_window_matches_triton(window):
     out_full = pat.forward_decode(q, k, v, full, fb, save_kv_cache=False)
     triton.init_forward_metadata(fb)
     out_triton = triton.forward_decode(q, k, v, windowed, fb, save_kv_cache=False)
-    _assert_close(out, _reference(runner, fb, q, windowed.scaling, window=window))
-    _assert_close(out, out_triton)
+    _assert_close(out, _reference(runner, fb, q, windowed.scaling, window=window + 1))
+    if window >= int(fb.seq_lens_cpu.max()):
+        _assert_close(out, out_triton)
     _assert_close(out_full, _reference(runner, fb, q, full.scaling))
+    other = make_layer(HQ, HKV, D, scaling=D**-0.5)
+    other.sliding_window_size = window + 7
+    with pytest.raises(UnsupportedConfigError, match="one window per model"):
+        pat.forward_decode(q, k, v, other, fb, save_kv_cache=False)
 
 
 class TestRefusals:

@@ -63,8 +63,9 @@ def test_features_match_reference(graph, data):
     kv_dtype = data.draw(st.sampled_from([q_dtype, *FP8]))
     features = dict(
         logit_cap=data.draw(st.sampled_from([0.0, 2.5, 30.0])),
-        k_scale=data.draw(st.sampled_from([1.0, 0.37])) if kv_dtype in FP8 else 1.0,
-        v_scale=data.draw(st.sampled_from([1.0, 1.9])) if kv_dtype in FP8 else 1.0,
+        # 16-bit caches may carry scales too (SGLang applies a checkpoint's): every launch must apply them.
+        k_scale=data.draw(st.sampled_from([1.0, 0.37])),
+        v_scale=data.draw(st.sampled_from([1.0, 1.9])),
     )
     if data.draw(st.booleans()):
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
@@ -163,6 +164,15 @@ class TestRefusals:
         for bad in (0, -3, 2.5, True):
             with pytest.raises(ValueError, match="sliding_window must be an int >= 1"):
                 w.plan(torch.tensor([0, 5, 9]), torch.arange(9, dtype=torch.int32, device=DEVICE), sliding_window=bad)
+
+    def test_graph_mode_keeps_one_window(self):
+        w = PatDecodeWrapper(8, 2, 64, device=DEVICE, use_cuda_graph=True, max_batch_size=4, max_num_kv_tokens=64)
+        indptr, indices = torch.tensor([0, 5, 9]), torch.arange(9, dtype=torch.int32, device=DEVICE)
+        w.plan(indptr, indices, sliding_window=4)
+        w.plan(indptr, indices, sliding_window=4)
+        for other in (None, 5):
+            with pytest.raises(ValueError, match="in graph mode every plan takes the window of the first"):
+                w.plan(indptr, indices, sliding_window=other)
 
     def test_kv_dtypes(self, planned):
         w, q, k, v = planned

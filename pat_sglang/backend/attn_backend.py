@@ -64,7 +64,8 @@ def check_supported(model_runner: Any) -> None:
     if getattr(mc, "attention_chunk_size", None) is not None:
         raise UnsupportedConfigError(f"pat does not support chunked local attention (attention_chunk_size); {INSTEAD}")
     allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
-    if hasattr(allocator, "translate_loc_from_full_to_swa"):
+    pool = getattr(model_runner, "token_to_kv_pool", None)
+    if hasattr(allocator, "translate_loc_from_full_to_swa") or type(pool).__name__ == "SWAKVPool":
         raise UnsupportedConfigError(
             "pat reads every layer's KV from the full pool, not SGLang's separate sliding-window pool (hybrid SWA "
             f"memory); add --disable-hybrid-swa-memory, or {INSTEAD}"
@@ -210,9 +211,12 @@ class PatAttnBackend(TritonAttnBackend):
         self.head_dim = head_dim
         self.page_size = model_runner.page_size
         self.kv_data_type = model_runner.kv_cache_dtype
-        # The decode window of the model's sliding-window layers (SGLang's Triton decode reads the runner's), or None.
+        # The window of the model's sliding-window layers, or None. SGLang's window size W counts the keys before the
+        # query's own (window_left: Gemma's sliding_window - 1), so a request attends its last W + 1 keys, as fa3,
+        # FlashInfer, SGLang's Triton extend kernel and the model's reference do. (SGLang's Triton decode reads W.)
         window = getattr(model_runner, "sliding_window_size", None)
-        self.pat_window = int(window) if window is not None and window > 0 else None
+        self.sliding_window_size = int(window) if window is not None and window > 0 else None
+        self.pat_window = None if self.sliding_window_size is None else self.sliding_window_size + 1
         # The KV buffers' rows, so that every plan checks its slots against them (None: the first run checks).
         self.pat_kv_rows = _kv_buffer_rows(self.pat_kv_pool)
         self.pat_eager = PatDecodeWrapper(
@@ -442,10 +446,10 @@ class PatAttnBackend(TritonAttnBackend):
                 f"{layer.layer_id}); {INSTEAD}"
             )
         windowed = layer.sliding_window_size is not None and layer.sliding_window_size > -1
-        if windowed and self.pat_window is None:
+        if windowed and layer.sliding_window_size != self.sliding_window_size:
             raise UnsupportedConfigError(
-                f"layer {layer.layer_id} has a sliding window but the model runner names none "
-                f"(sliding_window_size); {INSTEAD}"
+                f"layer {layer.layer_id} has a sliding window of {layer.sliding_window_size}, the model runner "
+                f"{self.sliding_window_size} (pat plans one window per model); {INSTEAD}"
             )
         if getattr(layer, "is_cross_attention", False):
             raise UnsupportedConfigError(f"pat does not support cross-attention (layer {layer.layer_id}); {INSTEAD}")

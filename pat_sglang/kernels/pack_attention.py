@@ -471,7 +471,8 @@ def pack_attention(
         raise ValueError(f"trace must be an int64 tensor of [num_programs, {TRACE_RECORD}]")
     # The interpreter takes no register cap.
     options = {"maxnreg": config.max_regs} if config.max_regs is not None and not interpreting() else {}
-    plain = not (kv_cast or logit_cap or sinks is not None or entry_lo is not None)
+    # The Gluon kernel takes plain launches only: no feature, and unit KV scales (a 16-bit cache may carry scales).
+    plain = not (kv_cast or logit_cap or sinks is not None or entry_lo is not None or k_scale != 1 or v_scale != 1)
     wgmma = config.kernel == "wgmma" and plain and wgmma_supported(q.dtype, head_dim, q.device)
     sm_scale_arg = sm_scale * k_scale / logit_cap if logit_cap else sm_scale * k_scale * LOG2E
     if sinks is not None and sinks.device != q.device:

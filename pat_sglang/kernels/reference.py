@@ -45,7 +45,7 @@ def decode_attention_reference(
     """Plain per-request decode attention in fp32, ignoring any sharing.
 
     Request ``i`` attends slots ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``; with ``window``, only the last
-    ``window`` of them (SGLang's sliding window for decode).
+    ``window`` of them (a sliding window of ``window`` keys, the query's own included).
 
     Args:
         q: ``[B, Hq, D]``; k_buffer, v_buffer: ``[num_slots, Hkv, D]`` (any float dtype, fp8 included: stored values

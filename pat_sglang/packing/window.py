@@ -2,12 +2,13 @@
 window still sees and each entry told the first key of the item its request sees.
 
 In decode, request ``r`` of length ``L`` under a window ``W`` attends its last ``min(L, W)`` keys, positions
-``[L - W, L)`` (SGLang's Triton decode reads the same). A shared item covers the same positions for every member
-(radix nodes sit at one depth in every row), so one plan serves full and windowed layers alike: a windowed layer
-launches the same items with ``item_kv_start`` / ``item_kv_len`` moved past the keys no member sees, and the kernel
-masks, per row, the keys before its request's window (``entry_lo``). An item no member sees at all keeps length 0;
-its rows write empty partials (LSE -inf), which the merge weighs 0. The load balance is the full plan's: windowed
-layers read fewer keys than it was split for, never more.
+``[L - W, L)`` (the SGLang backend passes its window size + 1: SGLang's counts the keys before the query's). A
+shared item covers the same positions for every member (radix nodes sit at one depth in every row), so one plan
+serves full and windowed layers alike: a windowed layer launches the same items with ``item_kv_start`` /
+``item_kv_len`` moved past the keys no member sees, and the kernel masks, per row, the keys before its request's
+window (``entry_lo``). An item no member sees at all keeps length 0; its rows write empty partials (LSE -inf),
+which the merge weighs 0. The load balance is the full plan's: windowed layers read fewer keys than it was split
+for, never more.
 """
 
 from __future__ import annotations
