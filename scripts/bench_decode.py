@@ -423,27 +423,35 @@ def args_workload(args: argparse.Namespace, name: str):
     return make_workload(name, seed=args.seed, scale=args.scale, page_size=args.page_size, **params)
 
 
+def args_case(
+    args: argparse.Namespace, name: str, heads: tuple[int, int, int], device: torch.device, *, with_tensors: bool
+) -> Case:
+    """The case of workload ``name`` on ``heads`` (Hq, Hkv, D) as the command line asks for it (dtypes, page size,
+    seed, window); ``with_tensors=False``: the layout only, for plan timing."""
+    hq, hkv, d = heads
+    return Case(
+        args_workload(args, name),
+        hq,
+        hkv,
+        d,
+        DTYPES[args.dtype],
+        device,
+        args.page_size,
+        args.seed,
+        with_tensors=with_tensors,
+        kv_dtype=KV_DTYPES[args.kv_dtype],
+        window=args.window,
+    )
+
+
 def plan_times(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, int, float, float]]:
     """``--plan-only``: the fresh and the followed-step plan time of every case (``time_plans``), printed as a table.
     The slots stay on the wrapper's device, as on a GPU run, so ``plan`` never checks the radix paths against them on
     the host (that check is O(KV tokens) and runs only for slots handed over on the host)."""
     out = []
     for wl_name in args.workload:
-        for heads_name, (hq, hkv, d) in args.heads:
-            wl = args_workload(args, wl_name)
-            case = Case(
-                wl,
-                hq,
-                hkv,
-                d,
-                DTYPES[args.dtype],
-                device,
-                args.page_size,
-                args.seed,
-                with_tensors=False,
-                kv_dtype=KV_DTYPES[args.kv_dtype],
-                window=args.window,
-            )
+        for heads_name, heads in args.heads:
+            case = args_case(args, wl_name, heads, device, with_tensors=False)
             fresh, step = time_plans(case, args.plan_reps, args.graph)
             out.append((wl_name, heads_name, case.batch, fresh, step))
     mode = "graph mode" if args.graph else "eager"
@@ -511,19 +519,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         tqdm = lambda it, **_: it  # noqa: E731
     cases = [(w, h) for w in args.workload for h in args.heads]
     rows = []
-    for wl_name, (heads_name, (hq, hkv, d)) in tqdm(cases, desc="bench_decode", file=sys.stderr):
-        case = Case(
-            args_workload(args, wl_name),
-            hq,
-            hkv,
-            d,
-            DTYPES[args.dtype],
-            device,
-            args.page_size,
-            args.seed,
-            kv_dtype=KV_DTYPES[args.kv_dtype],
-            window=args.window,
-        )
+    for wl_name, (heads_name, heads) in tqdm(cases, desc="bench_decode", file=sys.stderr):
+        case = args_case(args, wl_name, heads, device, with_tensors=True)
         rows.append(run_case(case, args, heads_name, ceilings))
         del case
         if device.type == "cuda":

@@ -416,6 +416,16 @@ class TestRefusals:
             setattr(runner, key, value)
         return runner
 
+    def _planned(self):
+        """pat with the two-level batch's decode step planned: (backend, forward batch)."""
+        runner = self._runner()
+        sched = Scheduler(runner)
+        _two_level_batch(sched, seed=0, page_size=1)
+        pat = create_pat_backend(runner)
+        fb, _ = sched.decode_batch(pat)
+        pat.init_forward_metadata(fb)
+        return pat, fb
+
     @pytest.mark.parametrize(
         ("overrides", "match"),
         [
@@ -444,12 +454,7 @@ class TestRefusals:
         [("logit_capping_method", "clip", "tanh only"), ("xai_temperature_len", 1024, "query temperature")],
     )
     def test_first_decode_of_a_layer(self, attr, value, match):
-        runner = self._runner()
-        sched = Scheduler(runner)
-        _two_level_batch(sched, seed=0, page_size=1)
-        pat = create_pat_backend(runner)
-        fb, _ = sched.decode_batch(pat)
-        pat.init_forward_metadata(fb)
+        pat, fb = self._planned()
         layer = make_layer(HQ, HKV, D, scaling=0.1)
         layer.logit_cap = 30.0
         setattr(layer, attr, value)
@@ -460,12 +465,7 @@ class TestRefusals:
     @pytest.mark.parametrize("extra", ["score_mod", "aux_tensors"])
     def test_decode_extras(self, extra):
         """SGLang 0.5.23's decode takes a score modifier and auxiliary tensors; pat refuses either."""
-        runner = self._runner()
-        sched = Scheduler(runner)
-        _two_level_batch(sched, seed=0, page_size=1)
-        pat = create_pat_backend(runner)
-        fb, _ = sched.decode_batch(pat)
-        pat.init_forward_metadata(fb)
+        pat, fb = self._planned()
         q, k, v = _qkv(fb.batch_size, seed=0)
         with pytest.raises(UnsupportedConfigError, match=f"{extra}.*triton"):
             pat.forward_decode(q, k, v, make_layer(HQ, HKV, D, scaling=0.1), fb, **{extra: object()})

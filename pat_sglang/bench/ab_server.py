@@ -86,7 +86,7 @@ def prepare_model(model_path: Path, work_dir: Path, num_layers: int | None = Non
     (target / "config.json").write_text(json.dumps(config, indent=1))
     if not (target / "tokenizer.json").exists():
         # one word per model token id, so whatever the model generates decodes
-        build_tokenizer(target, vocab_size=json.loads((target / "config.json").read_text())["vocab_size"])
+        build_tokenizer(target, vocab_size=config["vocab_size"])
     return target
 
 

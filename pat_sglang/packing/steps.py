@@ -378,7 +378,7 @@ class StepCache:
         self.plan = plan
         self.steps = 0
         self.max_steps = max_steps
-        self.miss = ""  # why the last follow() returned None (MISS_REASONS)
+        self.miss = ""  # why the last follow() returned None (a short phrase; Planner.outcomes counts them)
 
     def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type) -> PatPlan | None:
         """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due (``miss`` says
