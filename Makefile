@@ -26,7 +26,7 @@ SGLANG_0523_SPEC ?= sglang==0.5.23
 TRITON_EXTRA ?= 3.7.0 3.9.0
 TRITON_STAMPS := $(foreach v,$(TRITON_EXTRA),.venv-triton$(v)/.installed)
 
-PEER_TESTS := tests/test_backend.py tests/test_paths.py tests/test_registration.py
+PEER_TESTS := tests/test_backend.py tests/test_paths.py tests/test_registration.py tests/test_traffic.py
 KERNEL_TESTS := tests/test_kernels.py tests/test_wrapper.py
 
 .PHONY: venv venv-0523 venv-triton install install-0523 install-triton test test-main test-0523 test-triton fuzz \

@@ -147,7 +147,6 @@ class PatDecodeWrapper:
         if tuning is not None and not isinstance(tuning, PlanTuning):
             raise ValueError(f"tuning must be a PlanTuning, got {type(tuning).__name__}")
         self.tuning = tuning or DEFAULT_TUNING
-        self.replan_every = replan_every
         if sync_checks is None:
             sync_checks = os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
         self.sync_checks = bool(sync_checks)

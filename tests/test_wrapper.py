@@ -151,13 +151,13 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         return list(range((next_page - 1) * page_size, next_page * page_size))
 
     fresh_plans = []
-    for step in range(11):
+    for step in range(12):
         if step:  # every request decodes one token (three for request 0): the last page's next slot, or a new page
             for i, row in enumerate(rows):
                 for _ in range(3 if i == 0 else 1):
                     row.append(row[-1] + 1 if len(row) % page_size else new_page()[0])
         if step == 5:
-            w.replan_every = 10  # from the fresh plan of this step on: only changes of the tree plan afresh
+            w.planner.replan_every = 10  # from the fresh plan of this step on: only changes of the tree plan afresh
         if step == 6:  # the last request finishes
             rows, paths = rows[:-1], paths[:-1]
         if step == 7:  # request 1 finishes
@@ -168,9 +168,12 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         if step == 9:  # a request joins on request 0's shared prefix (its twin)
             rows.append(rows[0][: sum(n for _, n in paths[0])] + new_page())
             paths.append(list(paths[0]))
-        if step == 10:  # a request joins on a new branch: planned afresh
-            rows.append(new_page() + new_page())
-            paths.append([("new branch", 2 * page_size)])
+        if step == 10:  # a request joins on a new branch below request 0's path: it shares that path's nodes
+            rows.append(rows[0][: sum(n for _, n in paths[0])] + new_page() + new_page())
+            paths.append(list(paths[0]) + [("new branch", page_size)])
+        if step == 11:  # a request joins whose path no running request shares: it reads its row alone
+            rows.append(new_page() + new_page() + new_page())
+            paths.append([("new root", 2 * page_size)])
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
         indices = torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE)
         w.plan(indptr, indices, prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
@@ -180,8 +183,9 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
         assert w.plan_info.request_kv_tokens == int(indptr[-1])
         assert w.plan_info.unique_kv_tokens == forest_from_paths(indptr.numpy(), paths).unique_kv_tokens()
     # 0 plans; 1-4 follow; 5 is past replan_every = 4; 6, 7 drop finished requests; 8 adds an unshared request, 9 a
-    # twin; 10 a request on a new branch of the tree
-    assert fresh_plans == [True, False, False, False, False, True, False, False, False, False, True]
+    # twin, 10 a request on a new branch of the tree, 11 one on a new root
+    assert fresh_plans == [True, False, False, False, False, True, False, False, False, False, False, False]
+    assert w.planner.outcomes == {"first plan": 1, "replan_every": 1, "followed": 10}
 
 
 def test_kept_positions_match_paths_and_lengths():
@@ -197,11 +201,30 @@ def test_kept_positions_match_paths_and_lengths():
     twins, ends = _twins(new, 5)
     assert [t.tolist() for t in twins] == [[], [2]] and ends.tolist() == [0, 12]
     assert [t.tolist() for t in _twins([a, b, a, a], 3)[0]] == [[0, 2]], "every remaining request on that path"
-    assert _twins([a, [(3, 5)]], 1)[0] is None, "a newcomer on a new branch has no twin"
+    assert _twins([a, [(3, 5)]], 1)[0][0].tolist() == [], "a newcomer on a new branch has no twin"
     assert _kept_positions(old, [b, a], old_lens, [21, 9]).tolist() == [2], "a row shorter than planned: a newcomer"
     # Unhashable path entries (lists instead of tuples) find the same twins, by comparison instead of by hash.
     listed = [[list(e) for e in p] for p in new]
     assert [t.tolist() for t in _twins(listed, 5)[0]] == [[], [2]]
+
+
+def test_prefixes_list_the_requests_that_share_a_leading_part():
+    """A newcomer's longest shared leading part: the remaining requests whose path starts with it (a node fixes its
+    ancestors in a radix tree; a path that says otherwise is not taken), and the tokens it covers."""
+    from pat_sglang.packing.steps import _prefixes
+
+    r, x, y, z = (1, 8), (2, 4), (3, 4), (4, 2)
+    kept = [[r, x], [r, y], [r], [], [z, x]]
+    got = _prefixes(kept + [[r, x, (9, 4)], [r, y], [(9, 4)], [], [r, z]], len(kept))
+    as_lists = [None if p is None else (p[0].tolist(), p[1]) for p in got]
+    assert as_lists == [
+        ([0], 12),  # a new branch below request 0: both its nodes
+        ([1], 12),  # request 1's twin: its whole path
+        None,  # a new root: nothing shared
+        None,  # an empty path
+        ([0, 1, 2], 8),  # a new branch below the root; request 4's x is not under r
+    ]
+    assert _prefixes([[[1, 8]], [[1, 8]]], 1) == [None], "unhashable entries: no prefixes"
 
 
 class TestBadInput:
@@ -424,3 +447,90 @@ def test_cuda_graph_capture_then_replay_new_plans():
         torch.testing.assert_close(out, eager.run(q, k, v), atol=1e-2, rtol=2e-2)
         ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices)
         assert_close(out, ref, torch.bfloat16)
+
+
+def test_prefix_fit_tiles_the_shared_part_from_several_requests_packs():
+    """A newcomer sharing [0, 12) with requests 0 and 1: request 0's root pack is full and request 1's branch pack
+    is, so it joins request 1's root pack and request 0's branch pack; with both full for both, nothing."""
+    from pat_sglang.packing.steps import _prefix_fit
+
+    # items: 0 = root pack of request 0, 1 = root pack of request 1, 2 = branch pack of 0, 3 = branch pack of 1,
+    # 4 = request 0's tail, 5 = request 1's tail (one entry per request and item)
+    e_item = np.asarray([0, 2, 4, 1, 3, 5])
+    e_req = np.asarray([0, 0, 0, 1, 1, 1])
+    rel, ln = np.asarray([0, 0, 8, 8, 12, 12]), np.asarray([8, 8, 4, 4, 3, 5])
+    tail = np.asarray([-1, -1, -1, -1, 0, 1])
+    args = (np.asarray([0, 1]), 12, 2, e_item, e_req, rel, ln, tail)
+    assert _prefix_fit(*args, np.asarray([0, 1, 1, 0, 1, 1])).tolist() == [1, 2]
+    assert _prefix_fit(*args, np.asarray([0, 0, 1, 1, 1, 1])) is None, "no root pack has room"
+    # A tail is never joined: a request whose row ended at [0, 12) when planned grows its last item.
+    ended = (np.asarray([0]), 12, 1, np.asarray([0, 1]), np.asarray([0, 0]), np.asarray([0, 8]),
+             np.asarray([8, 4]), np.asarray([-1, 0]))  # fmt: skip
+    assert _prefix_fit(*ended, np.asarray([1, 1])) is None
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
+def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph):
+    """What a server's newcomers look like (their radix path ends at their own prompt's node): one below a running
+    role's path shares the root and the role, one under the root alone shares the root, one on a new root shares
+    nothing and reads its long row in pieces no longer than the plan's longest unshared item. Every step is followed
+    from the first plan and exact; a newcomer whose shared part lies in full tiles plans afresh instead of reading
+    that part again."""
+    from plan_checks import check_plan_covers_every_pair_once, without_empty_launches
+
+    dtype = torch.float16
+    root, role_a, role_b = ("root", 256), ("a", 16), ("b", 16)  # a long root: its own pack, read once
+    rows, paths, next_slot = [], [], 0
+
+    def slots(n: int) -> list[int]:
+        nonlocal next_slot
+        next_slot += n
+        return list(range(next_slot - n, next_slot))
+
+    node_slots = {node: slots(node[1]) for node in (root, role_a, role_b)}
+
+    def join(path: list, own: int) -> None:
+        for node in path:
+            if node not in node_slots:  # a node of the newcomer's own (its prompt's)
+                node_slots[node] = slots(node[1])
+        rows.append([s for node in path for s in node_slots[node]] + slots(own))
+        paths.append(path)
+
+    for i in range(6):
+        join([root, role_a if i % 2 else role_b], 3 + i)
+    kw = {"use_cuda_graph": True, "max_batch_size": 16, "max_num_kv_tokens": 1 << 13} if graph else {}
+    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8, **kw)
+    k, v = random_kv(1 << 11, 2, 64, dtype, seed=2)
+    for step in range(5):
+        if step == 1:
+            join([root, role_a, ("own 1", 16)], 4)  # a new branch below role a
+        if step == 2:
+            join([root, ("own 2", 16)], 2)  # a new branch below the root
+        if step == 3:
+            join([("own 3", 16)], 150)  # a new root, a long row
+        if step:
+            for row in rows:
+                row.append(slots(1)[0])
+        indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
+        indices = torch.tensor(sum(rows, []), dtype=torch.int32)
+        w.plan(indptr, indices.to(DEVICE), prefix_paths=[list(p) for p in paths], kv_data_type=dtype)
+        plan = without_empty_launches(w.plan_info) if graph else w.plan_info
+        check_plan_covers_every_pair_once(plan, indptr.numpy(), indices.numpy(), dense=False)
+        q = random_q(len(rows), 8, 64, dtype, seed=step)
+        ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices.to(DEVICE))
+        assert_close(w.run(q, k, v), ref, dtype)
+        assert w.planner.followed_steps == step, f"step {step} planned afresh: {dict(w.planner.outcomes)}"
+        if step == 3:  # the new root's 150 + 1 tokens in pieces no longer than the longest unshared item
+            first = int(indptr[len(rows) - 1])
+            mine = (plan.item_kv_start >= first) & (plan.item_num_reqs == 1)
+            singles = plan.item_kv_len[(plan.item_kv_start < first) & (plan.item_num_reqs == 1)]
+            assert mine.sum() > 1 and plan.item_kv_len[mine].max() <= -(-singles.max() // 16) * 16
+    # Newcomers below role a until its tiles are full: a 16-row tile holds 4 requests of GQA 4, so some newcomer
+    # finds no room and the step plans afresh rather than reading root and role again.
+    for t in range(6):
+        join([root, role_a, (f"more {t}", 16)], 1)
+        for row in rows:
+            row.append(slots(1)[0])
+        indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
+        w.plan(indptr, torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE), prefix_paths=paths)
+    assert w.planner.outcomes["rebatch refused"] >= 1

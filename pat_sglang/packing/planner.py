@@ -221,6 +221,7 @@ class Planner:
                 max_steps=self.replan_every,
                 join_share=self.tuning.join_share,
                 capacity=self.graph.capacity if self.graph is not None else None,
+                page_size=self.page_size,
             )
         return plan
 

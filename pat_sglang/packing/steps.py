@@ -63,6 +63,8 @@ def rebatch_plan(
     capacity: PlanCapacity | None = None,
     join_twin: list | None = None,
     join_path_end: np.ndarray | None = None,
+    join_prefixes: list | None = None,
+    piece_align: int = 16,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
     by newcomers of ``join_lens`` tokens.
@@ -75,26 +77,41 @@ def rebatch_plan(
     requests ``join_twin[t]`` (new indices, candidates in order; the path covers ``join_path_end`` tokens) takes
     the first of them whose shared-range items all have room in their tiles: it joins those items and gets its own
     copies of the twin's private pieces, the last one reaching its own length.
+    A newcomer without such a twin (or whose twins have no room) may share the longest leading part of its path
+    that remaining requests share: ``join_prefixes[t]`` = (those requests, the tokens the part covers), or None. It
+    joins the first of them whose items inside that part tile it exactly and have room, and reads the rest of its
+    row alone, in pieces no longer than the plan's longest unshared item (multiples of ``piece_align`` tokens); a
+    newcomer that shares nothing reads its whole row alone that way.
     ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
-    (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, no twin
-    with room, a row shorter than the twin's pieces) or the result exceeds ``capacity``. Follow with
-    ``advance_plan``.
+    (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, no
+    request to share with that has room, or whose items do not end where the shared part ends) or the result exceeds
+    ``capacity``. Follow with ``advance_plan``.
     """
     step = plan.step
     assert step is not None, "only a plan made by build_plan can be rebatched"
     twins_of = (
         [np.zeros(0, dtype=np.int64)] * len(join_lens) if join_twin is None else [np.asarray(t) for t in join_twin]
     )
+    prefixes_of = [None] * len(join_lens) if join_prefixes is None else join_prefixes
     tables = _Tables(plan, keep)
     solo = _solo_launch(plan)
     for t, length in enumerate(join_lens.tolist()):
-        n = len(keep) + t
-        if len(twins_of[t]) == 0:  # shares nothing: one item over the whole row
-            if solo is None:
-                return None
-            tables.add_unshared(n, length, solo)
-        elif not tables.add_twin(n, length, twins_of[t], int(join_path_end[t])):
-            return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
+        n, twins, prefix = len(keep) + t, twins_of[t], prefixes_of[t]
+        if len(twins) and tables.add_twin(n, length, twins, int(join_path_end[t])):
+            continue
+        if solo is None:
+            return None  # no launch holds one request's rows
+        if prefix is None:
+            if len(twins):
+                return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
+            if join_prefixes is None:  # shares nothing (graph padding, an unshared request): one item over its row
+                tables.add_unshared(n, length, solo)
+            else:
+                tables.add_alone(n, 0, length, solo, piece_align)
+        elif not tables.add_prefix(n, length, *prefix, solo, piece_align):
+            # Reading a part that remaining requests share again, every later step, costs more than a fresh plan
+            # costs once (docs/PERF_NOTES.md, "Rebatching").
+            return None
     items = tables.by_launch()
     if capacity is not None and (
         len(items.row) > capacity.max_items
@@ -199,6 +216,7 @@ class _Tables:
         self.block_m = np.asarray([lc.config.block_m for lc in plan.launches])
         self.base_count = counts[items].copy()  # requests per remaining item, as newcomers join them
         self.by_req = None
+        self._cap: int | None = None
 
     def add_unshared(self, n: int, length: int, launch: int) -> None:
         """Newcomer ``n`` of ``length`` tokens, sharing nothing: one item over its whole row, written directly."""
@@ -215,10 +233,8 @@ class _Tables:
     def add_twin(self, n: int, length: int, candidates: np.ndarray, path_end: int) -> bool:
         """Newcomer ``n`` joins the shared items of the first of its ``candidates`` that has room (``_twin_fit``)
         and copies that twin's private pieces onto its own row; False when none fits."""
-        if self.by_req is None:  # the remaining requests' entries by request, once for all newcomers
-            order = np.argsort(self.en_req[0], kind="stable")
-            offsets = np.searchsorted(self.en_req[0][order], np.arange(self.num_kept + 1))
-            self.by_req = (order, offsets)
+        if self.by_req is None:
+            self._group_by_request()
         room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
         fit = _twin_fit(candidates, path_end, length, self.en_item[0], self.en_req[0], self.it_rel[0], self.it_len[0],
                         self.it_tail[0], room, self.by_req)  # fmt: skip
@@ -234,7 +250,57 @@ class _Tables:
         self.it_tail.append(np.where(last, n, -1))
         self.it_cfg.append(self.it_cfg[0][own])
         self.num_items += len(own)
-        where = np.concatenate([joined, copies])
+        self._add_entries(n, np.concatenate([joined, copies]))
+        return True
+
+    def add_prefix(self, n: int, length: int, candidates: np.ndarray, end: int, launch: int, align: int) -> bool:
+        """Newcomer ``n`` shares ``[0, end)`` of its row with ``candidates``, joining items of theirs that tile it
+        exactly and have room (``_prefix_fit``); the rest of its row it reads alone (``add_alone``)."""
+        if end >= length:
+            return False
+        room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
+        joined = _prefix_fit(candidates, end, self.num_kept, self.en_item[0], self.en_req[0], self.it_rel[0], self.it_len[0],
+                             self.it_tail[0], room)  # fmt: skip
+        if joined is None:
+            return False
+        self.base_count[joined] += 1
+        self.add_alone(n, end, length, launch, align, joined=joined)
+        return True
+
+    def add_alone(self, n: int, start: int, length: int, launch: int, align: int, joined=None) -> None:
+        """Newcomer ``n`` reads ``[start, length)`` of its row alone, in pieces of at most ``piece_cap`` tokens
+        (the last one its growing tail), besides the shared items ``joined`` it has joined."""
+        cap = self.piece_cap(launch, align)
+        starts = np.arange(start, length, cap, dtype=np.int64)
+        lens = np.minimum(cap, length - starts)
+        copies = self.num_items + np.arange(len(starts))
+        tail = np.full(len(starts), -1, dtype=np.int64)
+        tail[-1] = n
+        self.it_row.append(np.full(len(starts), n))
+        self.it_rel.append(starts)
+        self.it_len.append(lens)
+        self.it_tail.append(tail)
+        self.it_cfg.append(np.full(len(starts), launch))
+        self.num_items += len(starts)
+        where = copies if joined is None else np.concatenate([joined, copies])
+        self._add_entries(n, where)
+
+    def piece_cap(self, launch: int, align: int) -> int:
+        """The longest piece a newcomer reads alone: the plan's longest item of one request in ``launch`` (else of
+        any launch), a multiple of ``align``; longer pieces would outlast the plan's own longest work."""
+        if self._cap is None:
+            lens, cfg = self.it_len[0], self.it_cfg[0]
+            alone = self.base_count == 1
+            pick = lens[alone & (cfg == launch)]
+            if not len(pick):
+                pick = lens[alone] if alone.any() else lens
+            longest = int(pick.max()) if len(pick) else align
+            self._cap = max(align, -(-longest // align) * align)
+        return self._cap
+
+    def _add_entries(self, n: int, where: np.ndarray) -> None:
+        """Newcomer ``n``'s entries in items ``where``: written directly when one, else into new partial slots
+        that its merge entry lists."""
         self.en_item.append(where)
         self.en_req.append(np.full(len(where), n))
         if len(where) == 1:
@@ -245,7 +311,12 @@ class _Tables:
             self.en_dest.append(slots)
             self.merge_extra_req.append(n)
             self.merge_extra_slots.append(slots)
-        return True
+
+    def _group_by_request(self) -> None:
+        """The remaining requests' entries by request, once for all newcomers."""
+        order = np.argsort(self.en_req[0], kind="stable")
+        offsets = np.searchsorted(self.en_req[0][order], np.arange(self.num_kept + 1))
+        self.by_req = (order, offsets)
 
     def by_launch(self) -> _Rebatched:
         """The tables as arrays, items regrouped by launch (stable) and entries by item."""
@@ -339,6 +410,40 @@ def _twin_fit(candidates, path_end, length, e_item, e_req, rel, ln, tail, room, 
     return None
 
 
+def _prefix_fit(candidates, end, num_reqs, e_item, e_req, rel, ln, tail, room):
+    """The items a newcomer sharing ``[0, end)`` of its row with ``candidates`` joins: items of theirs inside that
+    range (none a candidate's growing tail) that have room and tile it exactly, taken from any of them; else None.
+
+    Every candidate holds the same slots over ``[0, end)`` (the shared part of its path), so the range may be
+    tiled from several candidates' packs (one whose root pack is full, another whose branch pack is)."""
+    is_candidate = np.zeros(num_reqs, dtype=bool)
+    is_candidate[candidates] = True
+    mask = is_candidate[e_req] & _shared(rel[e_item], ln[e_item], tail[e_item], e_req, end)
+    items = np.unique(e_item[mask])
+    items = items[room[items] >= 1]
+    if not len(items):
+        return None
+    # Per start offset the items that begin there (longest first); a walk from 0 to ``end`` along them.
+    order = np.lexsort((-ln[items], rel[items]))
+    items = items[order]
+    starts = rel[items]
+    chosen, at, tried = [], 0, set()
+    while at < end:
+        lo, hi = np.searchsorted(starts, at), np.searchsorted(starts, at, side="right")
+        for it in items[lo:hi].tolist():
+            nxt = at + int(ln[it])
+            if nxt <= end and nxt not in tried:
+                chosen.append(it)
+                at = nxt
+                break
+        else:
+            if not chosen:
+                return None
+            tried.add(at)  # a dead end: step back and take another piece there
+            at -= int(ln[chosen.pop()])
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def _shared(rel: np.ndarray, ln: np.ndarray, tail: np.ndarray, req, path_end: int) -> np.ndarray:
     """Whether items (offset ``rel``, length ``ln``, tail owner ``tail``) of request ``req`` lie wholly inside its
     radix path of ``path_end`` tokens and stay there: an item that ends ``req``'s tail grows with ``req``'s new,
@@ -352,8 +457,8 @@ class StepCache:
     Plans are by position: position i's items read row i of the step's ``kv_indices`` over its path. A step whose
     paths equal the cached ones advances the plan (rows grew). A step whose paths are the cached ones with some
     removed (requests finished; the rest keep their order), followed by newcomers whose paths are empty (CUDA-graph
-    padding, unshared requests) or equal to a remaining request's (a twin), is rebatched first (``rebatch_plan``).
-    Anything else (a newcomer on a new branch of the tree, changed paths) plans afresh.
+    padding, unshared requests), equal to a remaining request's (a twin) or sharing a leading part of one (a new
+    branch of the tree), is rebatched first (``rebatch_plan``). Anything else (changed paths) plans afresh.
     """
 
     def __init__(
@@ -366,6 +471,7 @@ class StepCache:
         max_steps: int,
         join_share: float,
         capacity: PlanCapacity | None,
+        page_size: int = 1,
     ) -> None:
         """``plan``, made for ``prefix_paths`` (``forest``) and a KV cache of ``kv_data_type``, followed for at most
         ``max_steps`` steps. ``join_share``: ``PlanTuning.join_share``; ``capacity``: graph mode's buffers (a
@@ -373,6 +479,7 @@ class StepCache:
         self.paths = _copy_paths(prefix_paths)
         self.join_share = join_share
         self.capacity = capacity
+        self.page_size = page_size
         self.kv_data_type = kv_data_type
         self.forest: Forest | None = forest  # of the batch as planned; None once rebatched
         self.plan = plan
@@ -411,11 +518,13 @@ class StepCache:
         keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
         join_lens = lens[len(keep) :]
         twins, path_ends = _twins(paths, len(keep))
-        if twins is None:
-            self.miss = "new branch"  # a newcomer shares its path with no remaining request
-            return False
-        if (join_lens - path_ends).sum() > self.join_share * lens.sum():
-            self.miss = "join share"  # newcomers bring too many private tokens
+        prefixes = _prefixes(paths, len(keep))
+        shared = np.asarray(
+            [e if len(t) else (p[1] if p else 0) for t, e, p in zip(twins, path_ends.tolist(), prefixes)],
+            dtype=np.int64,
+        )
+        if (join_lens - shared).sum() > self.join_share * lens.sum():
+            self.miss = "join share"  # newcomers bring too many tokens that no remaining request shares
             return False
         plan_lens = np.concatenate([base[keep], join_lens])
         rebatched = rebatch_plan(
@@ -427,6 +536,8 @@ class StepCache:
             capacity=self.capacity,
             join_twin=twins,
             join_path_end=path_ends,
+            join_prefixes=prefixes,
+            piece_align=max(self.page_size, 16),
         )
         if rebatched is None:
             self.miss = "rebatch refused"  # (twin tiles full, graph buffers, a kept row shorter than planned)
@@ -466,9 +577,9 @@ def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[in
     return np.asarray(keep, dtype=np.int64)
 
 
-def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray] | None, np.ndarray]:
+def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Per newcomer (``paths[num_kept:]``): the remaining requests with the same path, in order (none for an empty
-    path), and the tokens its path covers; None for the twins when a newcomer's path matches no remaining request."""
+    path or one that no remaining request has), and the tokens its path covers."""
     kept = paths[:num_kept]
     joining = paths[num_kept:]
     try:  # one pass over the remaining requests, grouped by path (paths of hashable entries, as the backend makes)
@@ -480,10 +591,35 @@ def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray] | None, np.ndar
         found = [wanted[tuple(p)] if p else [] for p in joining]
     except TypeError:  # unhashable entries: compare with each remaining request
         found = [[k for k, p in enumerate(kept) if p == path] if path else [] for path in joining]
-    twins, ends = [], []
-    for path, same in zip(joining, found):
-        if path and not same:
-            return None, np.zeros(0, dtype=np.int64)
-        twins.append(np.asarray(same, dtype=np.int64))
-        ends.append(sum(n for _, n in path))
-    return twins, np.asarray(ends, dtype=np.int64)
+    twins = [np.asarray(same, dtype=np.int64) for same in found]
+    ends = np.asarray([sum(n for _, n in path) for path in joining], dtype=np.int64)
+    return twins, ends
+
+
+def _prefixes(paths: list, num_kept: int) -> list[tuple[np.ndarray, int] | None]:
+    """Per newcomer (``paths[num_kept:]``), the longest leading part of its path that remaining requests share: those
+    requests and the tokens the part covers; None where no remaining request shares even its first node (or its path
+    is empty, or its entries cannot be hashed)."""
+    kept, joining = paths[:num_kept], paths[num_kept:]
+    try:
+        holders: dict = {node: [] for path in joining for node in path}
+    except TypeError:
+        return [None] * len(joining)
+    for k, path in enumerate(kept):
+        for node in path:
+            held = holders.get(node)
+            if held is not None:
+                held.append(k)
+    out = []
+    for path in joining:
+        best = None
+        ends = np.cumsum([n for _, n in path]).tolist()
+        for m in range(len(path), 0, -1):  # deepest first: the first level any remaining request holds
+            head = list(path[:m])
+            # In a radix tree a node fixes its ancestors; paths that say otherwise are not taken for a share.
+            same = [k for k in holders[path[m - 1]] if list(kept[k][:m]) == head]
+            if same:
+                best = (np.asarray(same, dtype=np.int64), int(ends[m - 1]))
+                break
+        out.append(best)
+    return out
