@@ -71,3 +71,22 @@ def test_newcomers_rarely_plan_afresh():
     assert set(s["fresh"]) <= {"rebatch refused", "replan_every", "join share"}, s
     mean, worst = s["followed bytes / fresh"]
     assert mean <= 1.05 and worst <= 1.25, s
+
+
+def test_plan_traffic_script_prints_its_table():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "plan_traffic.py"), "--workload", "system_prompt", "no_sharing",
+         "--rate", "1", "inf", "--max-running", "16", "--steps", "12", "--warmup", "8", "--scale", "0.03125"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["workload", "rate", "B"] and len(lines) == 5, out.stdout
+    assert all(line.split()[0] in ("system_prompt", "no_sharing") and "%" in line for line in lines[1:]), out.stdout

@@ -189,42 +189,64 @@ def test_decode_steps_follow_the_last_plan(graph, page_size):
 
 
 def test_kept_positions_match_paths_and_lengths():
-    from pat_sglang.packing.steps import _kept_positions, _twins
+    from pat_sglang.packing.steps import _kept_positions
 
     a, b = [(1, 8)], [(1, 8), (2, 4)]
-    old, old_lens = [a, a, b, a, []], [10, 30, 20, 12, 5]
+    old, old_lens = [a, a, b, a, []], np.asarray([10, 30, 20, 12, 5])
+
+    def kept(new, lens):
+        return _kept_positions(old, new, old_lens, np.asarray(lens)).tolist()
+
     # request 1 (a, 30) left: the others grew by one; position 1 takes old position 3 (30 > 13 rules out old 1)
-    assert _kept_positions(old, [a, b, a, []], old_lens, [11, 21, 13, 6]).tolist() == [0, 2, 3, 4]
+    assert kept([a, b, a, []], [11, 21, 13, 6]) == [0, 2, 3, 4]
     # newcomers follow the kept ones: with an empty path, or with a remaining request's path (its twin)
-    new = [a, a, b, a, [], [], b]
-    assert _kept_positions(old, new, old_lens, [11, 31, 21, 13, 6, 1, 25]).tolist() == [0, 1, 2, 3, 4]
-    twins, ends = _twins(new, 5)
-    assert [t.tolist() for t in twins] == [[], [2]] and ends.tolist() == [0, 12]
-    assert [t.tolist() for t in _twins([a, b, a, a], 3)[0]] == [[0, 2]], "every remaining request on that path"
-    assert _twins([a, [(3, 5)]], 1)[0][0].tolist() == [], "a newcomer on a new branch has no twin"
-    assert _kept_positions(old, [b, a], old_lens, [21, 9]).tolist() == [2], "a row shorter than planned: a newcomer"
-    # Unhashable path entries (lists instead of tuples) find the same twins, by comparison instead of by hash.
-    listed = [[list(e) for e in p] for p in new]
-    assert [t.tolist() for t in _twins(listed, 5)[0]] == [[], [2]]
+    assert kept([a, a, b, a, [], [], b], [11, 31, 21, 13, 6, 1, 25]) == [0, 1, 2, 3, 4]
+    assert kept([b, a], [21, 9]) == [2], "a row shorter than planned: a newcomer"
+    assert kept([a, a, b, a, []], [10, 29, 20, 12, 5]) == [0, 3], "a run ends at the first row shorter than planned"
+    # Long runs between leavers are found by slice comparison; the result is the one-by-one greedy choice.
+    rng = np.random.default_rng(0)
+    paths = [[(int(x), 4)] for x in rng.integers(0, 3, size=300)]
+    lens = rng.integers(4, 50, size=300)
+    stay = np.flatnonzero(rng.random(300) > 0.05)
+    new = [paths[k] for k in stay] + [[(7, 4)]]
+    new_lens = np.concatenate([lens[stay] + 1, [9]])
+    greedy, j = [], 0
+    for path, n in zip(new, new_lens):
+        while j < len(paths) and (paths[j] != path or lens[j] > n):
+            j += 1
+        if j == len(paths):
+            break
+        greedy.append(j)
+        j += 1
+    assert _kept_positions(paths, new, lens, new_lens).tolist() == greedy
 
 
-def test_prefixes_list_the_requests_that_share_a_leading_part():
-    """A newcomer's longest shared leading part: the remaining requests whose path starts with it (a node fixes its
-    ancestors in a radix tree; a path that says otherwise is not taken), and the tokens it covers."""
-    from pat_sglang.packing.steps import _prefixes
+def test_path_index_finds_twins_shared_parts_and_unique_tokens():
+    """A newcomer's twins (the same path), its longest leading part that remaining requests share (a node fixes
+    its ancestors; a path that says otherwise is not taken), the tokens each covers, and the batch's distinct node
+    tokens, through a rebatch that drops a request; list entries compare as tuples."""
+    from pat_sglang.packing.steps import _PathIndex
 
     r, x, y, z = (1, 8), (2, 4), (3, 4), (4, 2)
-    kept = [[r, x], [r, y], [r], [], [z, x]]
-    got = _prefixes(kept + [[r, x, (9, 4)], [r, y], [(9, 4)], [], [r, z]], len(kept))
-    as_lists = [None if p is None else (p[0].tolist(), p[1]) for p in got]
+    index = _PathIndex([[r, x], [r, y], [r], [], [z, x], [r, y]])
+    keep = np.asarray([0, 1, 2, 3, 4])  # request 5 ([r, y]) left
+    joins = index.rebatched(keep, [[r, x, (9, 4)], [r, y], [(9, 4)], [], [r, z], [[1, 8], [2, 4]]])
+    assert [t.tolist() for t in joins.twins] == [[], [1], [], [], [], [0]]
+    assert joins.path_ends == [16, 12, 4, 0, 10, 12]
+    as_lists = [None if p is None else (p[0].tolist(), p[1]) for p in joins.prefixes]
     assert as_lists == [
         ([0], 12),  # a new branch below request 0: both its nodes
         ([1], 12),  # request 1's twin: its whole path
         None,  # a new root: nothing shared
         None,  # an empty path
         ([0, 1, 2], 8),  # a new branch below the root; request 4's x is not under r
+        ([0], 12),  # request 0's path, as lists
     ]
-    assert _prefixes([[[1, 8]], [[1, 8]]], 1) == [None], "unhashable entries: no prefixes"
+    # distinct nodes of the new batch: r, x, y, z, x under z, (9, 4) under r-x, (9, 4) alone, z under r
+    assert joins.node_tokens == 8 + 4 + 4 + 2 + 4 + 4 + 4 + 2
+    assert joins.index.covered.tolist() == [12, 12, 8, 0, 6, 16, 12, 4, 0, 10, 12]
+    again = joins.index.rebatched(np.asarray([1, 5]), [[r, x]])  # the index follows the batch
+    assert [t.tolist() for t in again.twins] == [[]] and (again.prefixes[0][0].tolist(), again.prefixes[0][1]) == ([1], 12)
 
 
 class TestBadInput:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 
-from pat_sglang.packing.forest import Forest, PrefixPath, forest_from_paths
+from pat_sglang.packing.forest import Forest, PrefixPath
 from pat_sglang.packing.items import launches_of, modelled_kv_bytes
 from pat_sglang.packing.plan import PatPlan, PlanCapacity, StepInfo
 from pat_sglang.packing.tiles import TileChoice
@@ -486,6 +485,7 @@ class StepCache:
         self.steps = 0
         self.max_steps = max_steps
         self.miss = ""  # why the last follow() returned None (a short phrase; Planner.outcomes counts them)
+        self.index: _PathIndex | None = None  # the paths as prefix codes, from the first rebatch on
 
     def follow(self, prefix_paths, indptr: np.ndarray, lens: np.ndarray, kv_data_type) -> PatPlan | None:
         """The cached plan (a PatPlan) advanced to ``indptr``, or None when a fresh plan is due (``miss`` says
@@ -515,12 +515,13 @@ class StepCache:
         """Make the cached plan the plan of ``paths`` at their planning-time lengths (leavers dropped, newcomers
         added); False when that cannot be done."""
         base = self.plan.step.seq_lens
-        keep = _kept_positions(self.paths, paths, base.tolist(), lens.tolist())
+        keep = _kept_positions(self.paths, paths, base, lens)
         join_lens = lens[len(keep) :]
-        twins, path_ends = _twins(paths, len(keep))
-        prefixes = _prefixes(paths, len(keep))
+        if self.index is None:  # once per fresh plan, at its first rebatch
+            self.index = _PathIndex(self.paths)
+        joins = self.index.rebatched(keep, paths[len(keep) :])
         shared = np.asarray(
-            [e if len(t) else (p[1] if p else 0) for t, e, p in zip(twins, path_ends.tolist(), prefixes)],
+            [e if len(t) else (p[1] if p else 0) for t, e, p in zip(joins.twins, joins.path_ends, joins.prefixes)],
             dtype=np.int64,
         )
         if (join_lens - shared).sum() > self.join_share * lens.sum():
@@ -531,18 +532,18 @@ class StepCache:
             self.plan,
             keep,
             join_lens,
-            unique_kv_tokens=_unique_tokens(paths, plan_lens),
+            unique_kv_tokens=int(plan_lens.sum()) + joins.node_tokens - int(joins.index.covered.sum()),
             fixed_launches=self.capacity is not None,
             capacity=self.capacity,
-            join_twin=twins,
-            join_path_end=path_ends,
-            join_prefixes=prefixes,
+            join_twin=joins.twins,
+            join_path_end=np.asarray(joins.path_ends, dtype=np.int64),
+            join_prefixes=joins.prefixes,
             piece_align=max(self.page_size, 16),
         )
         if rebatched is None:
             self.miss = "rebatch refused"  # (twin tiles full, graph buffers, a kept row shorter than planned)
             return False
-        self.plan, self.forest = rebatched, None
+        self.plan, self.forest, self.index = rebatched, None, joins.index
         self.paths = _copy_paths(paths)
         return True
 
@@ -553,73 +554,129 @@ def _copy_paths(paths) -> list:
     return [p if isinstance(p, tuple) else list(p) for p in paths]
 
 
-def _unique_tokens(paths: list, lens: np.ndarray) -> int:
-    """KV tokens of the batch counted once: every radix node once, plus each request's tokens past its path."""
-    try:
-        nodes = set(chain.from_iterable(paths))
-    except TypeError:  # unhashable entries: count through the forest
-        return forest_from_paths(np.concatenate([[0], np.cumsum(lens)]), paths).unique_kv_tokens()
-    return int(lens.sum()) + sum(n for _, n in nodes) - sum(n for path in paths for _, n in path)
-
-
-def _kept_positions(old: list, new: list, old_lens: list[int], new_lens: list[int]) -> np.ndarray | None:
+def _kept_positions(old: list, new: list, old_lens: np.ndarray, new_lens: np.ndarray) -> np.ndarray:
     """An increasing choice of ``old`` positions for the leading entries of ``new``: equal paths, and no row
     shorter than when planned (plans are by position, so any such choice is exact; the earliest one is found when
-    one exists). The entries of ``new`` past the chosen ones are newcomers (see ``_twins``)."""
-    keep, j = [], 0
-    for path, n in zip(new, new_lens):
-        while j < len(old) and (old[j] != path or old_lens[j] > n):
+    one exists). The entries of ``new`` past the chosen ones are newcomers (see ``_PathIndex.rebatched``).
+
+    Runs of equal paths are found by comparing list slices (in C, doubling then halving their length); only the
+    positions between runs (leavers) are stepped over one by one."""
+    keep: list[np.ndarray] = []
+    i = j = 0
+    while i < len(new) and j < len(old):
+        run = _equal_run(old, j, new, i)
+        if run:
+            fits = old_lens[j : j + run] <= new_lens[i : i + run]
+            if not fits.all():
+                run = int(np.argmin(fits))
+        if run:
+            keep.append(np.arange(j, j + run))
+            i, j = i + run, j + run
+            continue
+        path, n = new[i], new_lens[i]
+        while j < len(old) and (old[j] != path or old_lens[j] > n):  # a leaver (or a row shorter than planned)
             j += 1
         if j == len(old):
             break
-        keep.append(j)
-        j += 1
-    return np.asarray(keep, dtype=np.int64)
+        keep.append(np.asarray([j]))
+        i, j = i + 1, j + 1
+    return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
 
 
-def _twins(paths: list, num_kept: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per newcomer (``paths[num_kept:]``): the remaining requests with the same path, in order (none for an empty
-    path or one that no remaining request has), and the tokens its path covers."""
-    kept = paths[:num_kept]
-    joining = paths[num_kept:]
-    try:  # one pass over the remaining requests, grouped by path (paths of hashable entries, as the backend makes)
-        wanted = {tuple(p): [] for p in joining if p}
-        for k, p in enumerate(kept):
-            same = wanted.get(tuple(p))
-            if same is not None:
-                same.append(k)
-        found = [wanted[tuple(p)] if p else [] for p in joining]
-    except TypeError:  # unhashable entries: compare with each remaining request
-        found = [[k for k, p in enumerate(kept) if p == path] if path else [] for path in joining]
-    twins = [np.asarray(same, dtype=np.int64) for same in found]
-    ends = np.asarray([sum(n for _, n in path) for path in joining], dtype=np.int64)
-    return twins, ends
+def _equal_run(old: list, j: int, new: list, i: int) -> int:
+    """The largest r with ``old[j : j + r] == new[i : i + r]``."""
+    limit = min(len(old) - j, len(new) - i)
+    good, step = 0, 1
+    while good + step <= limit and old[j + good : j + good + step] == new[i + good : i + good + step]:
+        good += step
+        step *= 2
+    while step > 1:  # old[j + good] != new[i + good] lies within the next ``step`` entries (or past ``limit``)
+        step //= 2
+        if good + step <= limit and old[j + good : j + good + step] == new[i + good : i + good + step]:
+            good += step
+    return good
 
 
-def _prefixes(paths: list, num_kept: int) -> list[tuple[np.ndarray, int] | None]:
-    """Per newcomer (``paths[num_kept:]``), the longest leading part of its path that remaining requests share: those
-    requests and the tokens the part covers; None where no remaining request shares even its first node (or its path
-    is empty, or its entries cannot be hashed)."""
-    kept, joining = paths[:num_kept], paths[num_kept:]
-    try:
-        holders: dict = {node: [] for path in joining for node in path}
-    except TypeError:
-        return [None] * len(joining)
-    for k, path in enumerate(kept):
-        for node in path:
-            held = holders.get(node)
-            if held is not None:
-                held.append(k)
-    out = []
-    for path in joining:
-        best = None
-        ends = np.cumsum([n for _, n in path]).tolist()
-        for m in range(len(path), 0, -1):  # deepest first: the first level any remaining request holds
-            head = list(path[:m])
-            # In a radix tree a node fixes its ancestors; paths that say otherwise are not taken for a share.
-            same = [k for k in holders[path[m - 1]] if list(kept[k][:m]) == head]
-            if same:
-                best = (np.asarray(same, dtype=np.int64), int(ends[m - 1]))
-                break
-        out.append(best)
-    return out
+@dataclass(frozen=True)
+class _Joins:
+    """What a rebatch needs to know of its newcomers (``_PathIndex.rebatched``): per newcomer its twins (remaining
+    requests with the same path), the tokens its path covers, and its longest leading part that remaining requests
+    share (those requests, the tokens it covers) or None; the rebatched batch's index and the tokens of its
+    distinct radix nodes."""
+
+    twins: list[np.ndarray]
+    path_ends: list[int]
+    prefixes: list[tuple[np.ndarray, int] | None]
+    index: _PathIndex
+    node_tokens: int
+
+
+class _PathIndex:
+    """A followed batch's paths as integer prefix codes: one code per distinct leading part of a path (in a radix
+    tree, one per node, and a node fixes its ancestors), per path entry its request and code, per request the code
+    of its whole path and the tokens it covers. A rebatch finds twins, shared parts and the batch's unique tokens
+    with array operations on these instead of walking every path; the index follows the batch through rebatches.
+    Entries are compared by value (a list entry as the tuple of its items)."""
+
+    def __init__(self, paths: Sequence, codes: dict | None = None, code_len: list[int] | None = None) -> None:
+        self.codes: dict = {} if codes is None else codes  # (parent code, entry) -> code; the root's code is -1
+        self.code_len: list[int] = [] if code_len is None else code_len
+        pos, code, self.path_code, covered = [], [], [], []
+        for i, path in enumerate(paths):
+            c, n = self._walk(path)
+            pos += [i] * len(c)
+            code += c
+            self.path_code.append(c[-1] if c else -1)
+            covered.append(n)
+        self.entry_req = np.asarray(pos, dtype=np.int64)
+        self.entry_code = np.asarray(code, dtype=np.int64)
+        self.path_code = np.asarray(self.path_code, dtype=np.int64)
+        self.covered = np.asarray(covered, dtype=np.int64)
+
+    def _walk(self, path) -> tuple[list[int], int]:
+        """The codes of ``path``'s leading parts (new ones assigned) and the tokens it covers."""
+        codes, c, covered = [], -1, 0
+        for entry in path:
+            key = (c, entry if isinstance(entry, tuple) else tuple(entry))
+            c = self.codes.get(key)
+            if c is None:
+                c = self.codes[key] = len(self.code_len)
+                self.code_len.append(int(entry[1]))
+            codes.append(c)
+            covered += int(entry[1])
+        return codes, covered
+
+    def rebatched(self, keep: np.ndarray, joining: Sequence) -> _Joins:
+        """The batch of the requests ``keep`` (increasing positions) followed by newcomers of paths ``joining``."""
+        new_of_old = np.full(len(self.path_code), -1, dtype=np.int64)
+        new_of_old[keep] = np.arange(len(keep))
+        req = new_of_old[self.entry_req]
+        stay = req >= 0
+        kept_req, kept_code = req[stay], self.entry_code[stay]
+        kept_path = self.path_code[keep]
+        twins, ends, prefixes, parts = [], [], [], [kept_code]
+        index = object.__new__(_PathIndex)
+        index.codes, index.code_len = self.codes, self.code_len
+        new_req, path_code, covered = [kept_req], [kept_path], [self.covered[keep]]
+        for t, path in enumerate(joining):
+            codes, n = self._walk(path)
+            twins.append(np.flatnonzero(kept_path == codes[-1]) if codes else np.zeros(0, dtype=np.int64))
+            ends.append(n)
+            best = None
+            for m in range(len(codes), 0, -1):  # deepest first: the first part a remaining request holds
+                holders = kept_req[kept_code == codes[m - 1]]
+                if len(holders):
+                    best = (holders, sum(int(e[1]) for e in path[:m]))
+                    break
+            prefixes.append(best)
+            parts.append(np.asarray(codes, dtype=np.int64))
+            new_req.append(np.full(len(codes), len(keep) + t, dtype=np.int64))
+            path_code.append(np.asarray([codes[-1] if codes else -1]))
+            covered.append(np.asarray([n]))
+        index.entry_code = np.concatenate(parts)
+        index.entry_req = np.concatenate(new_req)
+        index.path_code = np.concatenate(path_code).astype(np.int64)
+        index.covered = np.concatenate(covered).astype(np.int64)
+        lens = np.asarray(self.code_len, dtype=np.int64)
+        present = np.bincount(index.entry_code, minlength=len(lens)) > 0
+        return _Joins(twins, ends, prefixes, index, int(lens[present].sum()))
