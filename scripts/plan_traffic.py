@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replan-every", type=int, default=None, help="the wrapper's replan_every (its default if unset)")
     p.add_argument("--no-compare", action="store_true", help="skip the fresh plan of each followed step")
     args = p.parse_args(argv)
     heads = HEAD_CONFIGS[args.heads]
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             t = Traffic(workload=name, rate=rate, max_running=args.max_running, output=tuple(args.output),
                         steps=args.steps, warmup=args.warmup, page_size=args.page_size, scale=args.scale,
                         seed=args.seed)  # fmt: skip
-            s = run_traffic(t, heads, compare_fresh=not args.no_compare).summary()
+            s = run_traffic(t, heads, compare_fresh=not args.no_compare, replan_every=args.replan_every).summary()
             ratio = lambda v: "-" if v is None else f"{v[0]:.3f}/{v[1]:.2f}"  # noqa: E731
             fresh = ", ".join(f"{n} {why}" for why, n in s["fresh"].items())
             print(f"{name:>16} {rate:>5g} {s['running']:>5.0f} {s['followed %']:>7.1f}% {s['host us p50']:>7.0f} "

@@ -159,3 +159,15 @@ def test_backends_across_invocations(tmp_path, monkeypatch):
     again, _ = ab_server.load_result(tmp_path / "result_triton.json")
     first = sum(ab_server.check_prompts(3, seed=0)[0]) % 1000
     assert again.logprobs[0][0] == {first: -0.1, first + 1: -2.5}
+
+
+def test_request_rates():
+    """--request-rates: each traffic runs at every rate in turn, its rows labelled by rate (inf: all at once)."""
+    import argparse
+
+    assert [ab_server._rate(x) for x in ("4", "16.5", "inf", "INF")] == ["4", "16.5", "inf", "inf"]
+    for bad in ("0", "-2", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ab_server._rate(bad)
+    assert ab_server.traffic_label("multi_agent", "inf") == "multi_agent"
+    assert ab_server.traffic_label("multi_agent", "16") == "multi_agent @16/s"

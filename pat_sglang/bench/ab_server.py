@@ -210,15 +210,32 @@ class Server:
         return Greedy(tokens=tokens, logprobs=logprobs)
 
 
-def bench_serving(url: str, tokenizer: Path, args: list[str], output: Path) -> dict:
-    """Run ``sglang.bench_serving`` against ``url``; return its result row (the last JSON line it appends)."""
+def bench_serving(url: str, tokenizer: Path, args: list[str], output: Path, rate: str = "inf") -> dict:
+    """Run ``sglang.bench_serving`` against ``url`` at ``rate`` requests/s (Poisson arrivals; "inf": all at once);
+    return its result row (the last JSON line it appends)."""
     host, port = url.removeprefix("http://").split(":")
     cmd = [
         sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", host, "--port", port,
-        "--tokenizer", str(tokenizer), "--request-rate", "inf", "--output-file", str(output), "--seed", "0", *args,
+        "--tokenizer", str(tokenizer), "--request-rate", rate, "--output-file", str(output), "--seed", "0", *args,
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads(output.read_text().strip().splitlines()[-1])
+
+
+def _rate(text: str) -> str:
+    """A --request-rates value: a positive number of requests/s, or inf."""
+    try:
+        ok = float(text) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"a request rate is a positive number or inf, not {text!r}")
+    return "inf" if float(text) == float("inf") else text
+
+
+def traffic_label(name: str, rate: str) -> str:
+    """A report row's traffic: the workload, and its request rate where arrivals are spread out."""
+    return name if rate == "inf" else f"{name} @{rate}/s"
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -327,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multi-level", nargs="*", default=["multi_agent", "tree_of_thought"], choices=sorted(WORKLOADS))
     p.add_argument("--ml-scale", type=float, default=1.0, help="token lengths of the multi-level workloads x this")
     p.add_argument("--ml-output-len", type=int, default=128)
+    p.add_argument("--request-rates", nargs="+", default=["inf"], type=_rate,
+                   help="requests/s of every traffic, each in turn (inf: all at once), e.g. 4 16 64 inf")  # fmt: skip
     p.add_argument("--check-prompts", type=int, default=8)
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--logprob-tol", type=float, default=0.05, help="near-tie: logprob gap that may flip a token")
@@ -380,15 +399,17 @@ def main(argv: list[str] | None = None) -> None:
             if not ok:
                 failed.append(backend)
             elif not args.no_bench:
-                result = bench_serving(srv.url, model, gsp, args.out / f"gsp_{backend}.jsonl")
-                row = {"traffic": "generated-shared-prefix", "backend": backend}
-                rows.append(row | {m: result[m] for m in METRICS} | step_breakdown(log))
-                for name, (path, n) in datasets.items():
-                    ml = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
-                          "--sharegpt-output-len", str(args.ml_output_len)]  # fmt: skip
-                    result = bench_serving(srv.url, model, ml, args.out / f"{name}_{backend}.jsonl")
-                    row = {"traffic": name, "backend": backend} | {m: result[m] for m in METRICS}
-                    rows.append(row | step_breakdown(log))
+                traffics = [("generated-shared-prefix", "gsp", gsp)] + [
+                    (name, name, ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
+                                  "--sharegpt-output-len", str(args.ml_output_len)])  # fmt: skip
+                    for name, (path, n) in datasets.items()
+                ]
+                for rate in args.request_rates:
+                    for name, tag, bench_args in traffics:
+                        out = args.out / f"{tag}{'' if rate == 'inf' else '_r' + rate}_{backend}.jsonl"
+                        result = bench_serving(srv.url, model, bench_args, out, rate)
+                        row = {"traffic": traffic_label(name, rate), "backend": backend}
+                        rows.append(row | {m: result[m] for m in METRICS} | step_breakdown(log))
             print(f"{backend}: checked and timed in {time.time() - start:.0f} s")
         pat_log = pat_log_lines(log)
         for line in pat_log[:2] + pat_log[2:][-2:]:

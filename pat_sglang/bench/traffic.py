@@ -251,16 +251,20 @@ def _longest(plan: PatPlan) -> int:
     return int(plan.item_kv_len.max()) if plan.num_items else 0
 
 
-def run_traffic(traffic: Traffic, heads: tuple[int, int, int], *, compare_fresh: bool = True) -> TrafficResult:
+def run_traffic(
+    traffic: Traffic, heads: tuple[int, int, int], *, compare_fresh: bool = True, replan_every: int | None = None
+) -> TrafficResult:
     """Serve ``traffic`` for ``warmup + steps`` steps through a graph-mode planner of ``heads`` (q heads, KV heads,
     head_dim) on the GPU's 132 SMs; record the last ``steps``. The planner's host time is that of
     ``Planner.plan`` with the slots on the device (as the backend's are), so the paths are not checked against
-    them here; ``compare_fresh`` also makes a fresh plan of every followed step (untimed)."""
+    them here; ``compare_fresh`` also makes a fresh plan of every followed step (untimed). ``replan_every``: the
+    wrapper's (its default where None)."""
     hq, hkv, d = heads
     stream = ServedStream(traffic)
     wrapper = PatDecodeWrapper(hq, hkv, d, device="cpu", use_cuda_graph=True, num_sms=132,
                                page_size=traffic.page_size, max_batch_size=stream.sizes[-1],
-                               max_num_kv_tokens=1 << 30)  # fmt: skip
+                               max_num_kv_tokens=1 << 30,
+                               **({} if replan_every is None else {"replan_every": replan_every}))  # fmt: skip
     planner = wrapper.planner
     result = TrafficResult(traffic)
     dtype = torch.bfloat16
