@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 
 try:  # a CPU-only machine: SGLang imports with the test-only stand-ins for sgl_kernel and torchvision
     import sglang_env
@@ -26,6 +27,7 @@ except ImportError:  # a GPU machine with SGLang installed
 from pat_sglang.bench.cases import HEAD_CONFIGS
 from pat_sglang.bench.traffic import Traffic, run_traffic
 from pat_sglang.bench.workloads import WORKLOADS
+from pat_sglang.packing.tuning import DEFAULT_TUNING
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replan-every", type=int, default=None, help="the wrapper's replan_every (its default if unset)")
+    p.add_argument("--reread-share", type=float, default=None, help="PlanTuning.reread_share (its default if unset)")
     p.add_argument("--no-compare", action="store_true", help="skip the fresh plan of each followed step")
     args = p.parse_args(argv)
     heads = HEAD_CONFIGS[args.heads]
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
             t = Traffic(workload=name, rate=rate, max_running=args.max_running, output=tuple(args.output),
                         steps=args.steps, warmup=args.warmup, page_size=args.page_size, scale=args.scale,
                         seed=args.seed)  # fmt: skip
-            s = run_traffic(t, heads, compare_fresh=not args.no_compare, replan_every=args.replan_every).summary()
+            tuning = None if args.reread_share is None else replace(DEFAULT_TUNING, reread_share=args.reread_share)
+            s = run_traffic(t, heads, compare_fresh=not args.no_compare, replan_every=args.replan_every,
+                            tuning=tuning).summary()  # fmt: skip
             ratio = lambda v: "-" if v is None else f"{v[0]:.3f}/{v[1]:.2f}"  # noqa: E731
             fresh = ", ".join(f"{n} {why}" for why, n in s["fresh"].items())
             print(f"{name:>16} {rate:>5g} {s['running']:>5.0f} {s['followed %']:>7.1f}% {s['host us p50']:>7.0f} "

@@ -4,6 +4,8 @@ the Hypothesis profile: "ci" (a short run in every `make test`) or "fuzz" (`make
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from plan_checks import DecodeBatch, check_plan_covers_every_pair_once, random_steps, without_empty_launches
 
 from pat_sglang import PatDecodeWrapper
+from pat_sglang.packing.tuning import DEFAULT_TUNING
 
 D = 64
 HEADS = [(4, 1), (8, 2), (8, 8), (32, 8), (28, 4)]
@@ -66,7 +69,9 @@ def test_fuzz_plan_following(data, graph, page_size):
     """Twelve decode steps of random growth, leavers, joins (twins, rows that end at their path, prefixes, new
     branches) and node splits: every followed plan covers every pair once."""
     batch = DecodeBatch(page_size=page_size)
-    w = _wrapper(data, graph=graph, page_size=page_size, max_batch_size=24, replan_every=data.draw(st.integers(1, 12)))
+    reread = data.draw(st.sampled_from([0.0, 0.25, 1.0]))  # newcomers may read a full shared part again alone
+    w = _wrapper(data, graph=graph, page_size=page_size, max_batch_size=24, replan_every=data.draw(st.integers(1, 12)),
+                 tuning=replace(DEFAULT_TUNING, reread_share=reread))  # fmt: skip
     followed = 0
     for _ in random_steps(data, st, batch, num_steps=12, max_reqs=24, max_len=48):
         indptr, indices, paths = batch.layout()

@@ -3,6 +3,8 @@ the slot-check kernel against its reference, and plan following as a property te
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from pat_sglang import PatDecodeWrapper
 from pat_sglang.kernels import decode_attention_reference
 from pat_sglang.kernels.slot_check import INT32_LIMIT, check_slots, check_slots_reference
 from pat_sglang.packing import forest_from_paths
+from pat_sglang.packing.tuning import DEFAULT_TUNING
 
 H, HK, D = 4, 1, 64
 
@@ -226,6 +229,7 @@ def _following_wrappers(data, graph: bool) -> tuple[PatDecodeWrapper, PatDecodeW
     if graph:
         kw |= _graph_kw(max_batch_size=16, max_partials_per_request=data.draw(st.sampled_from([2, 4, 16])))
     heads = data.draw(st.sampled_from([(4, 1), (8, 2), (8, 8)]))
+    kw["tuning"] = replace(DEFAULT_TUNING, reread_share=data.draw(st.sampled_from([0.0, 1.0])))
     follow = PatDecodeWrapper(*heads, D, replan_every=data.draw(st.integers(1, 6)), **kw)
     return follow, PatDecodeWrapper(*heads, D, replan_every=0, **kw)
 

@@ -233,20 +233,21 @@ def test_path_index_finds_twins_shared_parts_and_unique_tokens():
     joins = index.rebatched(keep, [[r, x, (9, 4)], [r, y], [(9, 4)], [], [r, z], [[1, 8], [2, 4]]])
     assert [t.tolist() for t in joins.twins] == [[], [1], [], [], [], [0]]
     assert joins.path_ends == [16, 12, 4, 0, 10, 12]
-    as_lists = [None if p is None else (p[0].tolist(), p[1]) for p in joins.prefixes]
+    as_lists = [[(c.tolist(), end) for c, end in levels] for levels in joins.prefixes]
     assert as_lists == [
-        ([0], 12),  # a new branch below request 0: both its nodes
-        ([1], 12),  # request 1's twin: its whole path
-        None,  # a new root: nothing shared
-        None,  # an empty path
-        ([0, 1, 2], 8),  # a new branch below the root; request 4's x is not under r
-        ([0], 12),  # request 0's path, as lists
+        [([0], 12), ([0, 1, 2], 8)],  # a new branch below request 0: both its nodes, then the root
+        [([1], 12), ([0, 1, 2], 8)],  # request 1's twin: its whole path first
+        [],  # a new root: nothing shared
+        [],  # an empty path
+        [([0, 1, 2], 8)],  # a new branch below the root; request 4's x is not under r
+        [([0], 12), ([0, 1, 2], 8)],  # request 0's path, as lists
     ]
     # distinct nodes of the new batch: r, x, y, z, x under z, (9, 4) under r-x, (9, 4) alone, z under r
     assert joins.node_tokens == 8 + 4 + 4 + 2 + 4 + 4 + 4 + 2
     assert joins.index.covered.tolist() == [12, 12, 8, 0, 6, 16, 12, 4, 0, 10, 12]
     again = joins.index.rebatched(np.asarray([1, 5]), [[r, x]])  # the index follows the batch
-    assert [t.tolist() for t in again.twins] == [[]] and (again.prefixes[0][0].tolist(), again.prefixes[0][1]) == ([1], 12)
+    assert [t.tolist() for t in again.twins] == [[]]
+    assert [(c.tolist(), end) for c, end in again.prefixes[0]] == [([1], 12), ([0, 1], 8)]
 
 
 class TestBadInput:
@@ -492,13 +493,18 @@ def test_prefix_fit_tiles_the_shared_part_from_several_requests_packs():
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-mode"])
-def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph):
+@pytest.mark.parametrize("reread_share", [0.0, 0.5])
+def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph, reread_share):
     """What a server's newcomers look like (their radix path ends at their own prompt's node): one below a running
     role's path shares the root and the role, one under the root alone shares the root, one on a new root shares
     nothing and reads its long row in pieces no longer than the plan's longest unshared item. Every step is followed
     from the first plan and exact; a newcomer whose shared part lies in full tiles plans afresh instead of reading
-    that part again."""
+    that part again, unless ``PlanTuning.reread_share`` allows it (then it joins a shorter part, exactly)."""
+    from dataclasses import replace
+
     from plan_checks import check_plan_covers_every_pair_once, without_empty_launches
+
+    from pat_sglang.packing.tuning import DEFAULT_TUNING
 
     dtype = torch.float16
     root, role_a, role_b = ("root", 256), ("a", 16), ("b", 16)  # a long root: its own pack, read once
@@ -521,7 +527,8 @@ def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph):
     for i in range(6):
         join([root, role_a if i % 2 else role_b], 3 + i)
     kw = {"use_cuda_graph": True, "max_batch_size": 16, "max_num_kv_tokens": 1 << 13} if graph else {}
-    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8, **kw)
+    tuning = replace(DEFAULT_TUNING, reread_share=reread_share)
+    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, shortest_split=8, tuning=tuning, **kw)
     k, v = random_kv(1 << 11, 2, 64, dtype, seed=2)
     for step in range(5):
         if step == 1:
@@ -554,5 +561,11 @@ def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph):
         for row in rows:
             row.append(slots(1)[0])
         indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
-        w.plan(indptr, torch.tensor(sum(rows, []), dtype=torch.int32).to(DEVICE), prefix_paths=paths)
-    assert w.planner.outcomes["rebatch refused"] >= 1
+        indices = torch.tensor(sum(rows, []), dtype=torch.int32)
+        w.plan(indptr, indices.to(DEVICE), prefix_paths=paths, kv_data_type=dtype)
+        plan = without_empty_launches(w.plan_info) if graph else w.plan_info
+        check_plan_covers_every_pair_once(plan, indptr.numpy(), indices.numpy(), dense=False)
+    if reread_share:  # role a read again alone by the newcomers its full tiles cannot take: every step followed
+        assert w.planner.outcomes["rebatch refused"] == 0 and w.planner.followed_steps == 10, dict(w.planner.outcomes)
+    else:
+        assert w.planner.outcomes["rebatch refused"] >= 1

@@ -399,11 +399,10 @@ def main(argv: list[str] | None = None) -> None:
             if not ok:
                 failed.append(backend)
             elif not args.no_bench:
-                traffics = [("generated-shared-prefix", "gsp", gsp)] + [
-                    (name, name, ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", str(n),
-                                  "--sharegpt-output-len", str(args.ml_output_len)])  # fmt: skip
-                    for name, (path, n) in datasets.items()
-                ]
+                ml = lambda path, n: ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts",
+                                      str(n), "--sharegpt-output-len", str(args.ml_output_len)]  # fmt: skip  # noqa: E731
+                traffics = [("generated-shared-prefix", "gsp", gsp)]
+                traffics += [(name, name, ml(path, n)) for name, (path, n) in datasets.items()]
                 for rate in args.request_rates:
                     for name, tag, bench_args in traffics:
                         out = args.out / f"{tag}{'' if rate == 'inf' else '_r' + rate}_{backend}.jsonl"

@@ -6,8 +6,9 @@ last plan and why the others planned afresh, the planner's host time per step, a
 from a fresh plan of the same step (KV bytes read, longest work item). It models the scheduler's bookkeeping, not its
 timing: one step is one decode iteration of the running batch; newcomers are prefilled between steps (matched
 against the tree, then their prompt inserted, as ``cache_unfinished_req`` does) and join at the batch's end, finished
-requests leave it in order (arrivals beyond a queue of ``max_running`` are turned away), and the batch is padded to SGLang's CUDA-graph batch sizes with rows that share nothing.
-Finished requests unlock their nodes; their outputs are not inserted (no later prompt matches them).
+requests leave it in order (arrivals beyond a queue of ``max_running`` are turned away), and the batch is padded to
+SGLang's CUDA-graph batch sizes with rows that share nothing. Finished requests unlock their nodes; their outputs are
+not inserted (no later prompt matches them).
 
     python scripts/plan_traffic.py --workload multi_agent --rate 0.25 1 inf
 """
@@ -30,6 +31,7 @@ from pat_sglang.backend.paths import batch_paths
 from pat_sglang.bench.workloads import make_workload
 from pat_sglang.packing import forest_from_paths
 from pat_sglang.packing.plan import PatPlan
+from pat_sglang.packing.tuning import PlanTuning
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -138,10 +140,10 @@ def _radix_cache(page_size: int, allocator: _Alloc):
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    return RadixCache(
-        CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator,
-                        page_size=page_size)  # fmt: skip
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=page_size
     )
+    return RadixCache(params)
 
 
 class ServedStream:
@@ -252,18 +254,23 @@ def _longest(plan: PatPlan) -> int:
 
 
 def run_traffic(
-    traffic: Traffic, heads: tuple[int, int, int], *, compare_fresh: bool = True, replan_every: int | None = None
+    traffic: Traffic,
+    heads: tuple[int, int, int],
+    *,
+    compare_fresh: bool = True,
+    replan_every: int | None = None,
+    tuning: PlanTuning | None = None,
 ) -> TrafficResult:
     """Serve ``traffic`` for ``warmup + steps`` steps through a graph-mode planner of ``heads`` (q heads, KV heads,
     head_dim) on the GPU's 132 SMs; record the last ``steps``. The planner's host time is that of
     ``Planner.plan`` with the slots on the device (as the backend's are), so the paths are not checked against
     them here; ``compare_fresh`` also makes a fresh plan of every followed step (untimed). ``replan_every``: the
-    wrapper's (its default where None)."""
+    wrapper's (its default where None); ``tuning``: the planner's (``DEFAULT_TUNING`` where None)."""
     hq, hkv, d = heads
     stream = ServedStream(traffic)
     wrapper = PatDecodeWrapper(hq, hkv, d, device="cpu", use_cuda_graph=True, num_sms=132,
                                page_size=traffic.page_size, max_batch_size=stream.sizes[-1],
-                               max_num_kv_tokens=1 << 30,
+                               max_num_kv_tokens=1 << 30, tuning=tuning,
                                **({} if replan_every is None else {"replan_every": replan_every}))  # fmt: skip
     planner = wrapper.planner
     result = TrafficResult(traffic)

@@ -222,6 +222,7 @@ class Planner:
                 join_share=self.tuning.join_share,
                 capacity=self.graph.capacity if self.graph is not None else None,
                 page_size=self.page_size,
+                reread_share=self.tuning.reread_share,
             )
         return plan
 

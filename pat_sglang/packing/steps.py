@@ -64,6 +64,7 @@ def rebatch_plan(
     join_path_end: np.ndarray | None = None,
     join_prefixes: list | None = None,
     piece_align: int = 16,
+    reread_budget: int = 0,
 ) -> PatPlan | None:
     """``plan`` (at its planning-time lengths) for a batch of the requests ``keep`` (increasing old indices) followed
     by newcomers of ``join_lens`` tokens.
@@ -76,11 +77,13 @@ def rebatch_plan(
     requests ``join_twin[t]`` (new indices, candidates in order; the path covers ``join_path_end`` tokens) takes
     the first of them whose shared-range items all have room in their tiles: it joins those items and gets its own
     copies of the twin's private pieces, the last one reaching its own length.
-    A newcomer without such a twin (or whose twins have no room) may share the longest leading part of its path
-    that remaining requests share: ``join_prefixes[t]`` = (those requests, the tokens the part covers), or None. It
-    joins the first of them whose items inside that part tile it exactly and have room, and reads the rest of its
-    row alone, in pieces no longer than the plan's longest unshared item (multiples of ``piece_align`` tokens); a
-    newcomer that shares nothing reads its whole row alone that way.
+    A newcomer without such a twin (or whose twins have no room) may share a leading part of its path that
+    remaining requests share: ``join_prefixes[t]`` lists, longest first, (those requests, the tokens the part
+    covers). It joins their items inside the longest part where they tile it exactly and have room, and reads the
+    rest of its row alone, in pieces no longer than the plan's longest unshared item (multiples of ``piece_align``
+    tokens); a newcomer that shares nothing reads its whole row alone that way. Where the longest part does not
+    fit, a shorter one (or none) may be taken while the newcomers' shared tokens read again alone stay within
+    ``reread_budget``.
     ``unique_kv_tokens`` is the caller's (it knows the tree); ``fixed_launches`` keeps launches left empty
     (CUDA-graph mode), otherwise they are dropped. None when a newcomer does not fit (no launch of its size, no
     request to share with that has room, or whose items do not end where the shared part ends) or the result exceeds
@@ -91,7 +94,7 @@ def rebatch_plan(
     twins_of = (
         [np.zeros(0, dtype=np.int64)] * len(join_lens) if join_twin is None else [np.asarray(t) for t in join_twin]
     )
-    prefixes_of = [None] * len(join_lens) if join_prefixes is None else join_prefixes
+    prefixes_of = [()] * len(join_lens) if join_prefixes is None else join_prefixes
     tables = _Tables(plan, keep)
     solo = _solo_launch(plan)
     for t, length in enumerate(join_lens.tolist()):
@@ -100,17 +103,26 @@ def rebatch_plan(
             continue
         if solo is None:
             return None  # no launch holds one request's rows
-        if prefix is None:
+        if not prefix:
             if len(twins):
                 return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
             if join_prefixes is None:  # shares nothing (graph padding, an unshared request): one item over its row
                 tables.add_unshared(n, length, solo)
             else:
                 tables.add_alone(n, 0, length, solo, piece_align)
-        elif not tables.add_prefix(n, length, *prefix, solo, piece_align):
-            # Reading a part that remaining requests share again, every later step, costs more than a fresh plan
-            # costs once (docs/PERF_NOTES.md, "Rebatching").
-            return None
+        elif not tables.add_prefix(n, length, *prefix[0], solo, piece_align):
+            # A shorter part, or none: what it leaves of the longest part is read again, alone, every later step;
+            # past the budget that costs more than a fresh plan costs once (docs/PERF_NOTES.md, "Rebatching").
+            longest = prefix[0][1]
+            for candidates, end in (*prefix[1:], (None, 0)):
+                if longest - end > reread_budget:
+                    return None
+                if candidates is None:
+                    tables.add_alone(n, 0, length, solo, piece_align)
+                elif not tables.add_prefix(n, length, candidates, end, solo, piece_align):
+                    continue
+                reread_budget -= longest - end
+                break
     items = tables.by_launch()
     if capacity is not None and (
         len(items.row) > capacity.max_items
@@ -258,8 +270,9 @@ class _Tables:
         if end >= length:
             return False
         room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
-        joined = _prefix_fit(candidates, end, self.num_kept, self.en_item[0], self.en_req[0], self.it_rel[0], self.it_len[0],
-                             self.it_tail[0], room)  # fmt: skip
+        entries = (self.en_item[0], self.en_req[0])
+        joined = _prefix_fit(candidates, end, self.num_kept, *entries, self.it_rel[0], self.it_len[0], self.it_tail[0],
+                             room)  # fmt: skip
         if joined is None:
             return False
         self.base_count[joined] += 1
@@ -471,12 +484,14 @@ class StepCache:
         join_share: float,
         capacity: PlanCapacity | None,
         page_size: int = 1,
+        reread_share: float = 0.0,
     ) -> None:
         """``plan``, made for ``prefix_paths`` (``forest``) and a KV cache of ``kv_data_type``, followed for at most
-        ``max_steps`` steps. ``join_share``: ``PlanTuning.join_share``; ``capacity``: graph mode's buffers (a
-        rebatched plan keeps its empty launches and fits them), else None."""
+        ``max_steps`` steps. ``join_share``, ``reread_share``: ``PlanTuning``'s; ``capacity``: graph mode's buffers
+        (a rebatched plan keeps its empty launches and fits them), else None."""
         self.paths = _copy_paths(prefix_paths)
         self.join_share = join_share
+        self.reread_share = reread_share
         self.capacity = capacity
         self.page_size = page_size
         self.kv_data_type = kv_data_type
@@ -521,7 +536,7 @@ class StepCache:
             self.index = _PathIndex(self.paths)
         joins = self.index.rebatched(keep, paths[len(keep) :])
         shared = np.asarray(
-            [e if len(t) else (p[1] if p else 0) for t, e, p in zip(joins.twins, joins.path_ends, joins.prefixes)],
+            [e if len(t) else (p[0][1] if p else 0) for t, e, p in zip(joins.twins, joins.path_ends, joins.prefixes)],
             dtype=np.int64,
         )
         if (join_lens - shared).sum() > self.join_share * lens.sum():
@@ -539,6 +554,7 @@ class StepCache:
             join_path_end=np.asarray(joins.path_ends, dtype=np.int64),
             join_prefixes=joins.prefixes,
             piece_align=max(self.page_size, 16),
+            reread_budget=int(self.reread_share * lens.sum()),
         )
         if rebatched is None:
             self.miss = "rebatch refused"  # (twin tiles full, graph buffers, a kept row shorter than planned)
@@ -600,13 +616,13 @@ def _equal_run(old: list, j: int, new: list, i: int) -> int:
 @dataclass(frozen=True)
 class _Joins:
     """What a rebatch needs to know of its newcomers (``_PathIndex.rebatched``): per newcomer its twins (remaining
-    requests with the same path), the tokens its path covers, and its longest leading part that remaining requests
-    share (those requests, the tokens it covers) or None; the rebatched batch's index and the tokens of its
-    distinct radix nodes."""
+    requests with the same path), the tokens its path covers, and the leading parts of its path that remaining
+    requests share, longest first (those requests, the tokens the part covers); the rebatched batch's index and the
+    tokens of its distinct radix nodes."""
 
     twins: list[np.ndarray]
     path_ends: list[int]
-    prefixes: list[tuple[np.ndarray, int] | None]
+    prefixes: list[tuple[tuple[np.ndarray, int], ...]]
     index: _PathIndex
     node_tokens: int
 
@@ -662,13 +678,14 @@ class _PathIndex:
             codes, n = self._walk(path)
             twins.append(np.flatnonzero(kept_path == codes[-1]) if codes else np.zeros(0, dtype=np.int64))
             ends.append(n)
-            best = None
-            for m in range(len(codes), 0, -1):  # deepest first: the first part a remaining request holds
+            levels, end = [], 0
+            for m, entry in enumerate(path, start=1):
+                end += int(entry[1])
                 holders = kept_req[kept_code == codes[m - 1]]
-                if len(holders):
-                    best = (holders, sum(int(e[1]) for e in path[:m]))
-                    break
-            prefixes.append(best)
+                if not len(holders):
+                    break  # a part no remaining request holds: neither does any longer one
+                levels.append((holders, end))
+            prefixes.append(tuple(reversed(levels)))
             parts.append(np.asarray(codes, dtype=np.int64))
             new_req.append(np.full(len(codes), len(keep) + t, dtype=np.int64))
             path_code.append(np.asarray([codes[-1] if codes else -1]))

@@ -146,6 +146,9 @@ class PlanTuning:
             rate it reaches); a wider pack's split cost per token grows with its rows.
         join_share: newcomers that join a followed plan may bring at most this share of the step's tokens (their own
             tokens are read in few pieces); more plans afresh.
+        reread_share: newcomers whose longest shared part lies in full tiles may read up to this share of the step's
+            tokens of it again, alone (joining a shorter shared part, or none), instead of the step planning afresh;
+            0 never re-reads shared tokens.
         degrade_partial_weights: graph mode, when a packing's plan does not fit the fixed buffers even without KV
             splits: it is packed again with partials weighted by these factors in turn (the merge-or-split choice
             then merges more: fewer partials per request), and at last without sharing, which always fits.
@@ -163,6 +166,7 @@ class PlanTuning:
     wave_slack: float = 0.125
     wide_pack_rows: int = 64
     join_share: float = 0.125
+    reread_share: float = 0.0
     degrade_partial_weights: tuple[int, ...] = (4, 32)
     vector_dp_min_nodes: int = 8
 
@@ -173,6 +177,9 @@ class PlanTuning:
         for name in ("max_split_partial_share", "underfilled_split_partial_share"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PlanTuning.{name} must be positive, got {getattr(self, name)}")
+        for name in ("join_share", "reread_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PlanTuning.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 DEFAULT_TUNING = PlanTuning()
