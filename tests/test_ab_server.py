@@ -171,3 +171,47 @@ def test_request_rates():
             ab_server._rate(bad)
     assert ab_server.traffic_label("multi_agent", "inf") == "multi_agent"
     assert ab_server.traffic_label("multi_agent", "16") == "multi_agent @16/s"
+
+
+def test_gpu_steps_from_a_trace():
+    """Busy time is the union of the kernels' intervals (side streams overlap), idle the gaps between them; each
+    attention family is timed by the union of its own kernels; CPU events and unknown kernels are not attention."""
+    from pat_sglang.bench.gpu_trace import gpu_steps
+
+    k = lambda name, ts, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    events = [
+        k("_pack_attn_kernel", 0, 100),
+        k("_pack_attn_kernel", 50, 100),  # beside the first on a side stream: 150 us of pat, not 200
+        k("_merge_kernel", 150, 20),
+        k("ampere_bf16_gemm", 170, 230),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000},
+        k("BatchDecodeWithPagedKVCacheKernel", 600, 100),  # after a 200 us gap
+    ]
+    got = gpu_steps({"traceEvents": events}, steps=2)
+    assert got.busy_us == (400 + 100) / 2 and got.idle_us == 200 / 2
+    assert got.attention_us == {"pat": 170 / 2, "flashinfer": 100 / 2}
+    assert abs(got.attention_share - 270 / 500) < 1e-9 and "idle 100" in str(got)
+    with pytest.raises(ValueError, match="no GPU kernels"):
+        gpu_steps({"traceEvents": events[4:5]}, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        gpu_steps({"traceEvents": events}, steps=0)
+
+
+def test_profile_through_the_server(tmp_path):
+    """--profile-steps: /start_profile asks for a GPU profile into the traffic's folder; the newest trace there is
+    read back as the row's GPU step breakdown (against the stand-in server, whose trace is known)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ab_server.Server(ROOT / ab_server.DEFAULT_MODEL, "pat", port, tmp_path / "server.log", [])
+    srv.cmd = [sys.executable, str(ROOT / "tests" / "fake_sglang_server.py"), "--port", str(port)]
+    prof = ab_server.Profile(steps=4, after=0.0, out_dir=tmp_path / "profile")
+    with srv:
+        srv.wait_ready(60)
+        ab_server.start_profile(srv.url, prof)
+    text = ab_server.profiled_steps(prof, wait_s=5)
+    want = "GPU us per step over 4 steps: busy 800, idle 150, attention 400 (50% of busy"  # idle: 3 gaps of 200
+    assert text.startswith(want), text
+    assert ab_server.profiled_steps(ab_server.Profile(1, 0.0, tmp_path / "empty"), wait_s=0).startswith("no trace")

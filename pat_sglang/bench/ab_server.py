@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pat_sglang.bench.gpu_trace import gpu_steps, load_trace
 from pat_sglang.bench.workloads import WORKLOADS, make_workload
 
 # Relative to the repository root, where scripts/ab_server.py runs.
@@ -210,16 +211,64 @@ class Server:
         return Greedy(tokens=tokens, logprobs=logprobs)
 
 
-def bench_serving(url: str, tokenizer: Path, args: list[str], output: Path, rate: str = "inf") -> dict:
+@dataclass(frozen=True)
+class Profile:
+    """A GPU profile of ``steps`` forward steps, taken ``after`` seconds into a traffic, into ``out_dir``."""
+
+    steps: int
+    after: float
+    out_dir: Path
+
+
+def bench_serving(
+    url: str, tokenizer: Path, args: list[str], output: Path, rate: str = "inf", profile: Profile | None = None
+) -> dict:
     """Run ``sglang.bench_serving`` against ``url`` at ``rate`` requests/s (Poisson arrivals; "inf": all at once);
-    return its result row (the last JSON line it appends)."""
+    return its result row (the last JSON line it appends), with the GPU step breakdown (``gpu_steps``) of a profile
+    taken meanwhile where ``profile`` asks for one."""
     host, port = url.removeprefix("http://").split(":")
     cmd = [
         sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", host, "--port", port,
         "--tokenizer", str(tokenizer), "--request-rate", rate, "--output-file", str(output), "--seed", "0", *args,
     ]  # fmt: skip
-    subprocess.run(cmd, check=True)
-    return json.loads(output.read_text().strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd)
+    if profile is not None:
+        time.sleep(profile.after)
+        start_profile(url, profile)
+    if proc.wait():
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    row = json.loads(output.read_text().strip().splitlines()[-1])
+    if profile is not None:
+        row["gpu_steps"] = profiled_steps(profile)
+    return row
+
+
+def start_profile(url: str, profile: Profile) -> None:
+    """Ask the server for a GPU-only torch profile of the next ``profile.steps`` forward steps (it stops by itself)."""
+    profile.out_dir.mkdir(parents=True, exist_ok=True)
+    body = {"output_dir": str(profile.out_dir.resolve()), "num_steps": profile.steps, "activities": ["GPU"]}
+    req = urllib.request.Request(
+        f"{url}/start_profile", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        resp.read()
+
+
+def profiled_steps(profile: Profile, wait_s: float = 60.0) -> str:
+    """The GPU step breakdown of the newest trace in ``profile.out_dir`` (waiting for the server to write it), or
+    why there is none."""
+    deadline = time.time() + wait_s
+    while True:
+        traces = sorted(profile.out_dir.glob("*.trace.json*"), key=lambda f: f.stat().st_mtime)
+        if traces or time.time() > deadline:
+            break
+        time.sleep(1)
+    if not traces:
+        return f"no trace in {profile.out_dir}"
+    try:
+        return str(gpu_steps(load_trace(traces[-1]), profile.steps))
+    except (ValueError, OSError, EOFError) as e:  # a trace still being written, or one without kernels
+        return f"{traces[-1].name}: {e}"
 
 
 def _rate(text: str) -> str:
@@ -265,7 +314,9 @@ def report(rows: list[dict], backends: list[str]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
     steps = [f"{r['traffic']} / {r['backend']}: {r['pat_step']}" for r in rows if r.get("pat_step")]
-    return out + ("\npat's decode steps after each traffic (from its log):\n" + "\n".join(steps) if steps else "")
+    gpu = [f"{r['traffic']} / {r['backend']}: {r['gpu_steps']}" for r in rows if r.get("gpu_steps")]
+    out += "\npat's decode steps after each traffic (from its log):\n" + "\n".join(steps) if steps else ""
+    return out + ("\nGPU time per forward step (a profile during each traffic):\n" + "\n".join(gpu) if gpu else "")
 
 
 def plot(rows: list[dict], backends: list[str], path: Path) -> None:
@@ -346,6 +397,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ml-output-len", type=int, default=128)
     p.add_argument("--request-rates", nargs="+", default=["inf"], type=_rate,
                    help="requests/s of every traffic, each in turn (inf: all at once), e.g. 4 16 64 inf")  # fmt: skip
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="per traffic, a GPU profile of this many forward steps: busy, idle and attention us per step",
+    )
+    p.add_argument("--profile-after", type=float, default=20.0, help="seconds into each traffic to start the profile")
     p.add_argument("--check-prompts", type=int, default=8)
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--logprob-tol", type=float, default=0.05, help="near-tie: logprob gap that may flip a token")
@@ -405,10 +463,14 @@ def main(argv: list[str] | None = None) -> None:
                 traffics += [(name, name, ml(path, n)) for name, (path, n) in datasets.items()]
                 for rate in args.request_rates:
                     for name, tag, bench_args in traffics:
-                        out = args.out / f"{tag}{'' if rate == 'inf' else '_r' + rate}_{backend}.jsonl"
-                        result = bench_serving(srv.url, model, bench_args, out, rate)
+                        stem = f"{tag}{'' if rate == 'inf' else '_r' + rate}_{backend}"
+                        prof = None
+                        if args.profile_steps:
+                            prof = Profile(args.profile_steps, args.profile_after, args.out / f"profile_{stem}")
+                        result = bench_serving(srv.url, model, bench_args, args.out / f"{stem}.jsonl", rate, prof)
                         row = {"traffic": traffic_label(name, rate), "backend": backend}
-                        rows.append(row | {m: result[m] for m in METRICS} | step_breakdown(log))
+                        row |= {m: result[m] for m in METRICS} | step_breakdown(log)
+                        rows.append(row | ({"gpu_steps": result["gpu_steps"]} if prof else {}))
             print(f"{backend}: checked and timed in {time.time() - start:.0f} s")
         pat_log = pat_log_lines(log)
         for line in pat_log[:2] + pat_log[2:][-2:]:
