@@ -166,7 +166,7 @@ class Planner:
         self.step_cache: StepCache | None = None
         self.degraded_plans = 0  # graph-mode plans packed with fewer partials to fit the buffers (fresh_plan)
         # Steps by outcome: "followed", or why the step planned afresh ("first plan", "no paths", "replan_every",
-        # "new branch", "join share", "rebatch refused", ...; StepCache.miss).
+        # "join share", "rebatch refused", ...; StepCache.miss).
         self.outcomes: Counter[str] = Counter()
 
     @property
