@@ -245,6 +245,8 @@ def _decode(data, *, graph: bool, run_kernels: bool, page_size: int, num_steps: 
         followed += follow.planner.followed_steps > 0
         plan = without_empty_launches(follow.plan_info) if graph else follow.plan_info
         check_plan_covers_every_pair_once(plan, indptr, indices, dense=False)
+        if graph:  # every item in a launch that run() makes for this batch size (it raises otherwise)
+            follow.planner.graph.launches_for(follow.plan_info)
         assert plan.unique_kv_tokens == forest_from_paths(indptr, paths).unique_kv_tokens()
         if run_kernels:
             fresh.plan(indptr_t, indices_t, prefix_paths=paths)

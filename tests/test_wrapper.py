@@ -569,3 +569,58 @@ def test_newcomers_on_new_branches_join_without_a_fresh_plan(graph, reread_share
         assert w.planner.outcomes["rebatch refused"] == 0 and w.planner.followed_steps == 10, dict(w.planner.outcomes)
     else:
         assert w.planner.outcomes["rebatch refused"] >= 1
+
+
+def test_followed_graph_plans_only_use_the_launches_their_batch_runs():
+    """Regression (graph mode, found in review): after requests leave, a followed plan kept its 8-request pack in a
+    32-row tile that a batch of 4 requests at GQA 4 never launches, so ``run`` raised "packs wider than BLOCK_M 16"
+    mid-serving. Such a step now plans afresh ("graph launches") and runs."""
+    w = PatDecodeWrapper(8, 2, 64, device=DEVICE, use_cuda_graph=True, max_batch_size=8, max_num_kv_tokens=1 << 14,
+                         max_partials_per_request=4, num_sms=4)  # fmt: skip
+    shared = list(range(64))
+
+    def step(n: int, grow: int):
+        rows = [shared + [1000 + 10 * i + t for t in range(grow)] for i in range(n)]
+        indptr = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32)
+        indices = torch.tensor(sum(rows, []), dtype=torch.int32)
+        w.plan(indptr, indices.to(DEVICE), prefix_paths=[[("A", 64)]] * n)
+        return indptr, indices
+
+    step(8, 1)
+    indptr, indices = step(4, 2)
+    w.planner.graph.launches_for(w.plan_info)  # raised before
+    assert w.planner.outcomes["graph launches"] == 1
+    q = random_q(4, 8, 64, torch.float16)
+    k, v = random_kv(2048, 2, 64, torch.float16)
+    ref = decode_attention_reference(q, k, v, indptr.to(DEVICE), indices.to(DEVICE))
+    if ON_GPU:  # eager run of a graph-mode plan needs the CUDA graph's device; on the CPU the plan check suffices
+        assert_close(w.run(q, k, v), ref, torch.float16)
+
+
+def test_rebatch_review_edge_cases():
+    """Regressions found in review: a newcomer of no tokens crashed ``add_alone``; an empty-path newcomer is one
+    direct item again (not capped pieces with partials); a zero-token entry does not count its node twice in
+    ``unique_kv_tokens``; a step whose rebatch succeeded but whose advance failed says why."""
+    from pat_sglang.packing import forest_from_paths
+    from pat_sglang.packing.planner import Planner
+
+    def planner():
+        return Planner(num_qo_heads=8, num_kv_heads=2, head_dim=64, num_sms=4, shortest_split=8)
+
+    a, b = ("A", 160), ("B", 32)
+    ind = lambda lens: np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)  # noqa: E731
+    plan_of = lambda p, lens, paths: p.plan(ind(lens), np.asarray(lens), paths, None, torch.float16)  # noqa: E731
+    p = planner()
+    plan_of(p, [200] * 6, [[a, b]] * 6)
+    plan = plan_of(p, [201] * 6 + [0], [[a, b]] * 6 + [[]])
+    assert p.outcomes["followed"] == 1 and plan.num_reqs == 7
+    long = plan_of(p, [202] * 6 + [1, 100], [[a, b]] * 6 + [[], []])
+    assert p.outcomes["followed"] == 2
+    mine = long.entry_req == 7
+    assert mine.sum() == 1 and long.entry_dest[mine][0] == -(7 + 1), "one direct item over the empty-path row"
+    q = planner()
+    plan_of(q, [200] * 6, [[a, b]] * 6)
+    paths = [[a, b]] * 6 + [[a, ("z", 0), b, ("c", 4)]]
+    got = plan_of(q, [201] * 6 + [210], paths)
+    assert q.outcomes["followed"] == 1
+    assert got.unique_kv_tokens == forest_from_paths(ind([201] * 6 + [210]), paths).unique_kv_tokens()

@@ -113,16 +113,26 @@ class GraphLayout:
     def launches_for(self, plan: PatPlan) -> tuple[int, ...]:
         """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,
         so wider tiles stay empty in every plan of that batch size (checked here on the host)."""
-        widest = block_m_for_rows(min(plan.num_reqs * self.group, BLOCK_M_CHOICES[-1]))
+        active = self._active(plan.num_reqs)
+        if not self.fits_launches(plan):
+            raise RuntimeError(f"a plan of {plan.num_reqs} requests has items in launches its batch size skips")
+        return active
+
+    def fits_launches(self, plan: PatPlan) -> bool:
+        """Whether every item of ``plan`` lies in a launch its batch size runs (``launches_for``). A fresh plan's
+        always do; a followed one's may not, where the batch shrank below its packs' tiles (a 64-row pack of a
+        batch now of 8 requests at GQA 4) or a newcomer's piece took the 16-row tile for plans with wider packs."""
+        active = self._active(plan.num_reqs)
+        return sum(lc.num_items for lc in plan.launches) == sum(plan.launches[i].num_items for i in active)
+
+    def _active(self, num_reqs: int) -> tuple[int, ...]:
+        widest = block_m_for_rows(min(num_reqs * self.group, BLOCK_M_CHOICES[-1]))
         # A config for plans with wider packs stays empty where none can be.
-        active = tuple(
+        return tuple(
             i
             for i, c in enumerate(self.configs)
             if c.block_m <= widest and not (c.when == "beside_wider" and widest == c.block_m)
         )
-        if sum(lc.num_items for lc in plan.launches) != sum(plan.launches[i].num_items for i in active):
-            raise RuntimeError(f"a plan of {plan.num_reqs} requests has packs wider than BLOCK_M {widest}")
-        return active
 
 
 class Planner:
@@ -166,7 +176,7 @@ class Planner:
         self.step_cache: StepCache | None = None
         self.degraded_plans = 0  # graph-mode plans packed with fewer partials to fit the buffers (fresh_plan)
         # Steps by outcome: "followed", or why the step planned afresh ("first plan", "no paths", "replan_every",
-        # "join share", "rebatch refused", ...; StepCache.miss).
+        # "join share", "rebatch refused", "graph launches", ...; StepCache.miss).
         self.outcomes: Counter[str] = Counter()
 
     @property
@@ -192,6 +202,8 @@ class Planner:
         """
         cache = self.step_cache
         plan = cache.follow(prefix_paths, indptr, lens, kv_data_type) if cache is not None else None
+        if plan is not None and self.graph is not None and not self.graph.fits_launches(plan):
+            cache.miss, plan = "graph launches", None  # items in launches a batch of this size skips
         if plan is not None:
             self.outcomes["followed"] += 1
         elif cache is not None:

@@ -106,9 +106,9 @@ def rebatch_plan(
         if not prefix:
             if len(twins):
                 return None  # no twin has room in its shared tiles, or the newcomer's row does not continue its pieces
-            if join_prefixes is None:  # shares nothing (graph padding, an unshared request): one item over its row
+            if join_prefixes is None or int(join_path_end[t]) == 0:  # an empty path (graph padding): one item
                 tables.add_unshared(n, length, solo)
-            else:
+            else:  # a path no remaining request shares: its row alone, in capped pieces
                 tables.add_alone(n, 0, length, solo, piece_align)
         elif not tables.add_prefix(n, length, *prefix[0], solo, piece_align):
             # A shorter part, or none: what it leaves of the longest part is read again, alone, every later step;
@@ -225,7 +225,8 @@ class _Tables:
         self.num_partials = plan.num_partials
         self.num_items = len(items)
         self.block_m = np.asarray([lc.config.block_m for lc in plan.launches])
-        self.base_count = counts[items].copy()  # requests per remaining item, as newcomers join them
+        self.kept_count = counts[items]  # requests per remaining item
+        self.base_count = self.kept_count.copy()  # and as newcomers join them
         self.by_req = None
         self._cap: int | None = None
 
@@ -283,7 +284,7 @@ class _Tables:
         """Newcomer ``n`` reads ``[start, length)`` of its row alone, in pieces of at most ``piece_cap`` tokens
         (the last one its growing tail), besides the shared items ``joined`` it has joined."""
         cap = self.piece_cap(launch, align)
-        starts = np.arange(start, length, cap, dtype=np.int64)
+        starts = np.arange(start, max(length, start + 1), cap, dtype=np.int64)  # a row of no tokens: one empty tail
         lens = np.minimum(cap, length - starts)
         copies = self.num_items + np.arange(len(starts))
         tail = np.full(len(starts), -1, dtype=np.int64)
@@ -302,7 +303,7 @@ class _Tables:
         any launch), a multiple of ``align``; longer pieces would outlast the plan's own longest work."""
         if self._cap is None:
             lens, cfg = self.it_len[0], self.it_cfg[0]
-            alone = self.base_count == 1
+            alone = self.kept_count == 1  # as planned, before newcomers joined: the same cap for every newcomer
             pick = lens[alone & (cfg == launch)]
             if not len(pick):
                 pick = lens[alone] if alone.any() else lens
@@ -516,12 +517,14 @@ class StepCache:
             return None
         paths = list(prefix_paths)
         plan = None
+        untailed = "a request shrank or grew without a tail item"
         if self.paths == paths:  # element-wise, in C: node ids and token counts of every path
             plan = advance_plan(self.plan, indptr, lens)
-            self.miss = "a request shrank or grew without a tail item"
+            self.miss = untailed
         # Other paths, or equal ones with a row shorter than planned (an equal request took a leaver's place).
         if plan is None and self._rebatch(paths, lens):
             plan = advance_plan(self.plan, indptr, lens)
+            self.miss = untailed
         if plan is not None:
             self.steps += 1
         return plan
@@ -632,35 +635,39 @@ class _PathIndex:
     tree, one per node, and a node fixes its ancestors), per path entry its request and code, per request the code
     of its whole path and the tokens it covers. A rebatch finds twins, shared parts and the batch's unique tokens
     with array operations on these instead of walking every path; the index follows the batch through rebatches.
-    Entries are compared by value (a list entry as the tuple of its items)."""
+    Entries are compared by value (a list entry as the tuple of its items); zero-token entries are skipped, as the
+    forest skips them."""
 
     def __init__(self, paths: Sequence, codes: dict | None = None, code_len: list[int] | None = None) -> None:
         self.codes: dict = {} if codes is None else codes  # (parent code, entry) -> code; the root's code is -1
         self.code_len: list[int] = [] if code_len is None else code_len
         pos, code, self.path_code, covered = [], [], [], []
         for i, path in enumerate(paths):
-            c, n = self._walk(path)
+            c, ends = self._walk(path)
             pos += [i] * len(c)
             code += c
             self.path_code.append(c[-1] if c else -1)
-            covered.append(n)
+            covered.append(ends[-1] if ends else 0)
         self.entry_req = np.asarray(pos, dtype=np.int64)
         self.entry_code = np.asarray(code, dtype=np.int64)
         self.path_code = np.asarray(self.path_code, dtype=np.int64)
         self.covered = np.asarray(covered, dtype=np.int64)
 
-    def _walk(self, path) -> tuple[list[int], int]:
-        """The codes of ``path``'s leading parts (new ones assigned) and the tokens it covers."""
-        codes, c, covered = [], -1, 0
+    def _walk(self, path) -> tuple[list[int], list[int]]:
+        """The codes of ``path``'s leading parts (new ones assigned) and the tokens each covers."""
+        codes, ends, c, covered = [], [], -1, 0
         for entry in path:
+            if not entry[1]:
+                continue  # a zero-token entry: the path goes on from the previous node (as in the forest)
             key = (c, entry if isinstance(entry, tuple) else tuple(entry))
             c = self.codes.get(key)
             if c is None:
                 c = self.codes[key] = len(self.code_len)
                 self.code_len.append(int(entry[1]))
-            codes.append(c)
             covered += int(entry[1])
-        return codes, covered
+            codes.append(c)
+            ends.append(covered)
+        return codes, ends
 
     def rebatched(self, keep: np.ndarray, joining: Sequence) -> _Joins:
         """The batch of the requests ``keep`` (increasing positions) followed by newcomers of paths ``joining``."""
@@ -675,13 +682,13 @@ class _PathIndex:
         index.codes, index.code_len = self.codes, self.code_len
         new_req, path_code, covered = [kept_req], [kept_path], [self.covered[keep]]
         for t, path in enumerate(joining):
-            codes, n = self._walk(path)
+            codes, part_ends = self._walk(path)
+            n = part_ends[-1] if part_ends else 0
             twins.append(np.flatnonzero(kept_path == codes[-1]) if codes else np.zeros(0, dtype=np.int64))
             ends.append(n)
-            levels, end = [], 0
-            for m, entry in enumerate(path, start=1):
-                end += int(entry[1])
-                holders = kept_req[kept_code == codes[m - 1]]
+            levels = []
+            for code, end in zip(codes, part_ends):
+                holders = kept_req[kept_code == code]
                 if not len(holders):
                     break  # a part no remaining request holds: neither does any longer one
                 levels.append((holders, end))
