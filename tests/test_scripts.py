@@ -32,6 +32,7 @@ def _script(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
         "tune_tiles.py",
         "profile_decode.py",
         "profile_plan.py",
+        "plan_traffic.py",
         "compile_sm90.py",
         "trace_programs.py",
     ],
