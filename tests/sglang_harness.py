@@ -15,27 +15,13 @@ in-graph hooks), picked by what the installed SGLang has. Call ``sglang_env.prep
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
-if importlib.util.find_spec("sglang.srt.runtime_context") is not None:
-    from sglang_harness_0523 import (
-        RELEASE,
-        TREE_CORES,
-        GraphRunner,
-        Scheduler,
-        attention_tp,
-        make_layer,
-        make_runner,
-    )
-else:
-    from sglang_harness_0510 import (
-        RELEASE,
-        TREE_CORES,
-        GraphRunner,
-        Scheduler,
-        attention_tp,
-        make_layer,
-        make_runner,
-    )
-
 __all__ = ["RELEASE", "TREE_CORES", "GraphRunner", "Scheduler", "attention_tp", "make_layer", "make_runner"]
+
+_NEW_RELEASE = importlib.util.find_spec("sglang.srt.runtime_context") is not None  # 0.5.23's runtime context
+_RELEASE_HARNESS = importlib.import_module("sglang_harness_0523" if _NEW_RELEASE else "sglang_harness_0510")
+RELEASE, TREE_CORES, GraphRunner, Scheduler, attention_tp, make_layer, make_runner = (
+    getattr(_RELEASE_HARNESS, name) for name in __all__
+)

@@ -51,7 +51,7 @@ class GpuSteps:
 
 def kernel_events(trace: dict) -> list[dict]:
     """The GPU kernels of a chrome trace (``ph`` "X", category "kernel"), each with ``name``, ``ts`` and ``dur``."""
-    events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
+    events = trace.get("traceEvents", [])
     return [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() == "kernel" and "dur" in e]
 
 

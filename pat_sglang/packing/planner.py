@@ -114,7 +114,7 @@ class GraphLayout:
         """The configs whose BLOCK_M a pack of ``plan``'s batch can need: a pack holds at most the batch's requests,
         so wider tiles stay empty in every plan of that batch size (checked here on the host)."""
         active = self._active(plan.num_reqs)
-        if not self.fits_launches(plan):
+        if not self._all_items_in(plan, active):
             raise RuntimeError(f"a plan of {plan.num_reqs} requests has items in launches its batch size skips")
         return active
 
@@ -122,7 +122,10 @@ class GraphLayout:
         """Whether every item of ``plan`` lies in a launch its batch size runs (``launches_for``). A fresh plan's
         always do; a followed one's may not, where the batch shrank below its packs' tiles (a 64-row pack of a
         batch now of 8 requests at GQA 4) or a newcomer's piece took the 16-row tile for plans with wider packs."""
-        active = self._active(plan.num_reqs)
+        return self._all_items_in(plan, self._active(plan.num_reqs))
+
+    @staticmethod
+    def _all_items_in(plan: PatPlan, active: tuple[int, ...]) -> bool:
         return sum(lc.num_items for lc in plan.launches) == sum(plan.launches[i].num_items for i in active)
 
     def _active(self, num_reqs: int) -> tuple[int, ...]:

@@ -247,9 +247,8 @@ class _Tables:
         and copies that twin's private pieces onto its own row; False when none fits."""
         if self.by_req is None:
             self._group_by_request()
-        room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
         fit = _twin_fit(candidates, path_end, length, self.en_item[0], self.en_req[0], self.it_rel[0], self.it_len[0],
-                        self.it_tail[0], room, self.by_req)  # fmt: skip
+                        self.it_tail[0], self._room(), self.by_req)  # fmt: skip
         if fit is None:
             return False
         j, joined, own, own_len = fit
@@ -270,10 +269,9 @@ class _Tables:
         exactly and have room (``_prefix_fit``); the rest of its row it reads alone (``add_alone``)."""
         if end >= length:
             return False
-        room = (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
         entries = (self.en_item[0], self.en_req[0])
         joined = _prefix_fit(candidates, end, self.num_kept, *entries, self.it_rel[0], self.it_len[0], self.it_tail[0],
-                             room)  # fmt: skip
+                             self._room())  # fmt: skip
         if joined is None:
             return False
         self.base_count[joined] += 1
@@ -324,6 +322,10 @@ class _Tables:
             self.en_dest.append(slots)
             self.merge_extra_req.append(n)
             self.merge_extra_slots.append(slots)
+
+    def _room(self) -> np.ndarray:
+        """Per remaining item, how many more requests its tile holds (newcomers joined so far included)."""
+        return (self.block_m[self.it_cfg[0]] // self.group) - self.base_count
 
     def _group_by_request(self) -> None:
         """The remaining requests' entries by request, once for all newcomers."""
@@ -538,10 +540,8 @@ class StepCache:
         if self.index is None:  # once per fresh plan, at its first rebatch
             self.index = _PathIndex(self.paths)
         joins = self.index.rebatched(keep, paths[len(keep) :])
-        shared = np.asarray(
-            [e if len(t) else (p[0][1] if p else 0) for t, e, p in zip(joins.twins, joins.path_ends, joins.prefixes)],
-            dtype=np.int64,
-        )
+        # Tokens each newcomer shares: its longest shared part (a twin's whole path, where it has twins).
+        shared = np.asarray([p[0][1] if p else 0 for p in joins.prefixes], dtype=np.int64)
         if (join_lens - shared).sum() > self.join_share * lens.sum():
             self.miss = "join share"  # newcomers bring too many tokens that no remaining request shares
             return False
@@ -638,9 +638,9 @@ class _PathIndex:
     Entries are compared by value (a list entry as the tuple of its items); zero-token entries are skipped, as the
     forest skips them."""
 
-    def __init__(self, paths: Sequence, codes: dict | None = None, code_len: list[int] | None = None) -> None:
-        self.codes: dict = {} if codes is None else codes  # (parent code, entry) -> code; the root's code is -1
-        self.code_len: list[int] = [] if code_len is None else code_len
+    def __init__(self, paths: Sequence) -> None:
+        self.codes: dict = {}  # (parent code, entry) -> code; the root's code is -1
+        self.code_len: list[int] = []
         pos, code, self.path_code, covered = [], [], [], []
         for i, path in enumerate(paths):
             c, ends = self._walk(path)
